@@ -1,0 +1,33 @@
+# featint: `make setup`, then `make run`; `make test` for the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= embedded
+ARGS ?=
+
+.PHONY: setup run test report bench sync lint
+
+setup:  ## create .venv and install the pinned requirements + this package (editable)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+
+run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/
+	$(PY) -m featint_utils run --profile $(PROFILE) $(ARGS)
+
+test:  ## unit tests + papermill smoke run of every notebook
+	$(PY) -m pytest
+
+report:  ## render the executed notebooks of runs/PROFILE/ to HTML, inputs hidden
+	$(PY) -m featint_utils report --profile $(PROFILE)
+
+bench:  ## side-by-side performance comparisons (see benchmarks/README.md)
+	$(PY) benchmarks/extraction.py
+
+sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
+	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py
+	touch notebooks/[0-9][0-9]_*.ipynb  # the derived file is never older than its source
+
+lint:
+	$(VENV)/bin/ruff check featint_utils tests benchmarks notebooks

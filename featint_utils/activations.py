@@ -1,0 +1,452 @@
+"""Extract one layer's activations into a sharded, memory-mapped store, and stream batches back out.
+
+Store layout (one directory)::
+
+    manifest.json            model, layer, hook, dtype, split record, shards, normalisation, provenance
+    texts.jsonl              every text: index, text_id, group, split, text
+    mean.npy                 train-split mean activation (float64)
+    {split}-{i:05d}.acts.npy [n, d_model] activations
+    {split}-{i:05d}.meta.npy [n, 3] int32: text index, token position in the text, token id
+
+A store is built in a ``.partial`` directory and renamed into place only when complete, so an
+interrupted extraction never leaves shards that a later run could take for a finished store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .corpus import Split
+from .io import read_json, write_json
+from .models import LoadedModel, forward_to_layer, hook_module, hook_name
+from .progress import progress
+
+FORMAT = "featint-activations"
+VERSION = 1
+SPLITS = ("train", "val")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class StoreError(ValueError):
+    """An activation store is missing, incomplete, or does not match its manifest."""
+
+
+def git_commit() -> str | None:
+    """The commit of this checkout (recorded with every artifact), or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenisation: chunks of real tokens framed by the tokenizer's own special tokens
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after content ([CLS]..[SEP], <s>.., or nothing)."""
+    content = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(content) + 1):
+        if full[start : start + len(content)] == content:
+            return full[:start], full[start + len(content) :]
+    raise ValueError("cannot locate content tokens among the tokenizer's special tokens")
+
+
+@dataclass
+class _Chunk:
+    text_index: int
+    start: int  # position of the chunk's first content token within the text's tokens
+    ids: list[int]
+
+
+def chunk_text(ids: list[int], text_index: int, chunk_len: int) -> list[_Chunk]:
+    return [_Chunk(text_index, s, ids[s : s + chunk_len]) for s in range(0, len(ids), chunk_len)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+class _ShardWriter:
+    """Fills fixed-size buffers and writes each as a shard pair; tracks train-split moments."""
+
+    def __init__(self, directory: Path, split: str, d_model: int, dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.acts = np.empty((shard_tokens, d_model), dtype=dtype)
+        self.meta = np.empty((shard_tokens, 3), dtype=np.int32)
+        self.fill = 0
+        self.shards: list[dict] = []
+        self.sum = np.zeros(d_model, dtype=np.float64)
+        self.sum_sq_norm = 0.0
+        self.n_tokens = 0
+
+    def add(self, acts: np.ndarray, meta: np.ndarray) -> None:
+        acts64 = acts.astype(np.float64)
+        self.sum += acts64.sum(0)
+        self.sum_sq_norm += float((acts64**2).sum())
+        self.n_tokens += len(acts)
+        while len(acts):
+            take = min(len(acts), len(self.acts) - self.fill)
+            self.acts[self.fill : self.fill + take] = acts[:take]
+            self.meta[self.fill : self.fill + take] = meta[:take]
+            self.fill += take
+            acts, meta = acts[take:], meta[take:]
+            if self.fill == len(self.acts):
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        stem = f"{self.split}-{len(self.shards):05d}"
+        entry = {"acts": f"{stem}.acts.npy", "meta": f"{stem}.meta.npy", "n_tokens": self.fill}
+        for key, array in (("acts", self.acts), ("meta", self.meta)):
+            np.save(self.directory / entry[key], array[: self.fill])
+            entry[f"{key}_sha256"] = _sha256(self.directory / entry[key])
+        self.shards.append(entry)
+        self.fill = 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def extract(
+    loaded: LoadedModel,
+    split: Split,
+    layer: int,
+    store_dir: str | Path,
+    corpus: str = "",
+    context_tokens: int = 128,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    shard_mb: float = 256.0,
+    window_texts: int = 2048,
+) -> ActivationStore:
+    """Run every text of ``split`` through the model and store ``hidden_states[layer]`` of its real tokens.
+
+    Texts are cut into chunks of ``context_tokens`` (special tokens included); padding and special
+    tokens are never stored. Only the blocks up to ``layer`` run. Returns the opened store.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    hook_module(model, layer)  # validates the layer before any work
+    prefix, suffix = special_frame(tokenizer)
+    chunk_len = context_tokens - len(prefix) - len(suffix)
+    if chunk_len < 1:
+        raise ValueError(
+            f"context_tokens={context_tokens} leaves no room beside {len(prefix) + len(suffix)} special tokens"
+        )
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and context_tokens > max_positions:
+        raise ValueError(f"context_tokens={context_tokens} exceeds the model's {max_positions} positions")
+    excluded = set(tokenizer.all_special_ids)
+    np_dtype = DTYPES[dtype]
+    d_model = loaded.d_model
+    shard_tokens = max(1, int(shard_mb * 2**20 // (d_model * np.dtype(np_dtype).itemsize)))
+    device = next(model.parameters()).device
+
+    store_dir = Path(store_dir)
+    partial = store_dir.with_name(store_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run are never reused
+    partial.mkdir(parents=True)
+
+    texts = [(name, t) for name in SPLITS for t in getattr(split, name)]
+    with open(partial / "texts.jsonl", "w") as f:
+        for index, (name, t) in enumerate(texts):
+            f.write(
+                json.dumps({"index": index, "text_id": t.text_id, "group": t.group, "split": name, "text": t.text})
+                + "\n"
+            )
+
+    writers = {name: _ShardWriter(partial, name, d_model, np_dtype, shard_tokens) for name in SPLITS}
+    started = time.perf_counter()
+    bar = progress(total=len(texts), desc=f"extract layer {layer}", unit="text")
+    for window_start in range(0, len(texts), window_texts):
+        window = texts[window_start : window_start + window_texts]
+        # verbose=False: long documents are chunked below, so the "longer than the model's maximum" warning is moot
+        encoded = tokenizer([t.text for _, t in window], add_special_tokens=False, verbose=False)["input_ids"]
+        by_split: dict[str, list[_Chunk]] = {name: [] for name in SPLITS}
+        for offset, ((name, _), ids) in enumerate(zip(window, encoded)):
+            by_split[name].extend(chunk_text(ids, window_start + offset, chunk_len))
+        for name, chunks in by_split.items():
+            chunks.sort(key=lambda c: len(c.ids))  # similar lengths share a batch: little padding
+            for b in range(0, len(chunks), batch_size):
+                batch = chunks[b : b + batch_size]
+                acts, meta = _run_batch(model, layer, batch, prefix, suffix, excluded, device)
+                writers[name].add(acts.astype(np_dtype, copy=False), meta)
+        bar.update(len(window))
+        n_done = sum(w.n_tokens for w in writers.values())
+        bar.set_postfix(tokens=n_done, tok_per_s=f"{n_done / (time.perf_counter() - started):.0f}")
+    bar.close()
+    for writer in writers.values():
+        writer.flush()
+    train = writers["train"]
+    if train.n_tokens == 0:
+        raise ValueError("the training split produced no tokens: is the corpus empty?")
+    mean = train.sum / train.n_tokens
+    mean_sq_norm = train.sum_sq_norm / train.n_tokens
+    np.save(partial / "mean.npy", mean)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": loaded.name,
+        "model_source": loaded.source,
+        "model_type": model.config.model_type,
+        "is_causal_lm": loaded.is_causal_lm,
+        "layer": layer,
+        "hook": hook_name(model, layer),
+        "d_model": d_model,
+        "dtype": dtype,
+        "context_tokens": context_tokens,
+        "special_frame": {"prefix": prefix, "suffix": suffix},
+        "excluded_token_ids": sorted(excluded),
+        "corpus": corpus,
+        "split": split.record(),
+        "splits": {
+            name: {"n_tokens": w.n_tokens, "n_texts": len(getattr(split, name)), "shards": w.shards}
+            for name, w in writers.items()
+        },
+        "normalisation": {
+            "mean_file": "mean.npy",
+            "mean_sq_norm": mean_sq_norm,
+            # Scalar so that E||scale * x||^2 = d_model on the training split (the SAE tools' convention).
+            "scale": float(np.sqrt(d_model / mean_sq_norm)),
+        },
+        "extraction_seconds": time.perf_counter() - started,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+    write_json(partial / "manifest.json", manifest)
+    _replace_dir(partial, store_dir)
+    return ActivationStore(store_dir)
+
+
+def _run_batch(model, layer, batch: list[_Chunk], prefix, suffix, excluded, device):
+    """Forward one padded batch; return the real tokens' activations and their (text, position, id)."""
+    seqs = [prefix + c.ids + suffix for c in batch]
+    width = max(map(len, seqs))
+    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    keep = torch.zeros((len(seqs), width), dtype=torch.bool)
+    meta_rows = []
+    for row, (chunk, seq) in enumerate(zip(batch, seqs)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+        for j, token in enumerate(chunk.ids):
+            if token not in excluded:
+                keep[row, len(prefix) + j] = True
+                meta_rows.append((chunk.text_index, chunk.start + j, token))
+    hidden = forward_to_layer(model, layer, input_ids=input_ids.to(device), attention_mask=attention.to(device))
+    acts = hidden[keep.to(hidden.device)].float().cpu().numpy()
+    return acts, np.asarray(meta_rows, dtype=np.int32).reshape(-1, 3)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+class ActivationStore:
+    """A finished activation store, opened read-only with every shard checked against the manifest."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.exists():
+            hint = (
+                " (an interrupted extraction? run the 00 stage again)"
+                if self.path.name.endswith(".partial") or self.path.exists()
+                else ""
+            )
+            raise StoreError(f"no activation store at {str(self.path)!r}: manifest.json is missing{hint}")
+        self.manifest = read_json(manifest_path)
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise StoreError(f"{manifest_path} is not a {FORMAT} v{VERSION} manifest")
+        self.d_model: int = self.manifest["d_model"]
+        self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
+        for split in SPLITS:
+            for shard in self.manifest["splits"][split]["shards"]:
+                self._check_shard(shard)
+
+    def _check_shard(self, shard: dict) -> None:
+        expected = {
+            "acts": ((shard["n_tokens"], self.d_model), self.dtype),
+            "meta": ((shard["n_tokens"], 3), np.dtype(np.int32)),
+        }
+        for key, (shape, dtype) in expected.items():
+            file = self.path / shard[key]
+            if not file.exists():
+                raise StoreError(f"store {str(self.path)!r}: shard {shard[key]} listed in the manifest is missing")
+            try:
+                array = np.load(file, mmap_mode="r")
+            except ValueError as err:
+                raise StoreError(f"store {str(self.path)!r}: shard {shard[key]} is unreadable ({err})") from err
+            if array.shape != shape or array.dtype != dtype:
+                raise StoreError(
+                    f"store {str(self.path)!r}: shard {shard[key]} has shape {array.shape} {array.dtype}, "
+                    f"the manifest says {shape} {dtype}; the store is corrupt: extract it again"
+                )
+
+    def verify(self) -> None:
+        """Check every shard's checksum (reads every byte; the constructor only checks shapes)."""
+        for split in SPLITS:
+            for shard in self.manifest["splits"][split]["shards"]:
+                for key in ("acts", "meta"):
+                    if _sha256(self.path / shard[key]) != shard[f"{key}_sha256"]:
+                        raise StoreError(f"store {str(self.path)!r}: shard {shard[key]} does not match its checksum")
+
+    # -- facts --------------------------------------------------------------------------------------
+    @property
+    def layer(self) -> int:
+        return self.manifest["layer"]
+
+    @property
+    def scale(self) -> float:
+        """Input normalisation: multiply raw activations by this so that E||x||^2 = d_model."""
+        return self.manifest["normalisation"]["scale"]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Train-split mean activation (float64)."""
+        return np.load(self.path / self.manifest["normalisation"]["mean_file"])
+
+    def n_tokens(self, split: str) -> int:
+        return self._split(split)["n_tokens"]
+
+    def _split(self, split: str) -> dict:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.manifest["splits"][split]
+
+    def shards(self, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(activations, meta) memory maps of each shard of a split."""
+        return [
+            (np.load(self.path / s["acts"], mmap_mode="r"), np.load(self.path / s["meta"], mmap_mode="r"))
+            for s in self._split(split)["shards"]
+        ]
+
+    def texts(self) -> pd.DataFrame:
+        """Every text with its index, id, group and split."""
+        return pd.read_json(self.path / "texts.jsonl", lines=True)
+
+    def tokens(self, split: str) -> pd.DataFrame:
+        """Provenance of every stored token of a split, in store order: text index, position, token id."""
+        parts = [np.asarray(meta) for _, meta in self.shards(split)]
+        meta = np.concatenate(parts) if parts else np.empty((0, 3), np.int32)
+        return pd.DataFrame(meta, columns=["text_index", "position", "token_id"])
+
+    def load(self, split: str, normalize: bool = False) -> np.ndarray:
+        """A whole split in memory as float32 (for small stores and evaluation)."""
+        parts = [np.asarray(acts, dtype=np.float32) for acts, _ in self.shards(split)]
+        out = np.concatenate(parts) if parts else np.empty((0, self.d_model), np.float32)
+        return out * np.float32(self.scale) if normalize else out
+
+    # -- streaming ----------------------------------------------------------------------------------
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        normalize: bool = True,
+        mix_shards: int = 4,
+    ):
+        """Yield float32 tensors of ``batch_size`` rows (the last may be smaller), one pass over a split.
+
+        Shuffling draws shards in random order and permutes rows across ``mix_shards`` shards at a time,
+        so memory holds at most that many shards' pages, whatever the store's size.
+        """
+        rng = np.random.default_rng(seed)
+        maps = [acts for acts, _ in self.shards(split)]
+        order = rng.permutation(len(maps)) if shuffle else np.arange(len(maps))
+        scale = np.float32(self.scale if normalize else 1.0)
+        carry = np.empty((0, self.d_model), np.float32)
+        for g in range(0, len(order), mix_shards):
+            group = [maps[i] for i in order[g : g + mix_shards]]
+            offsets = np.cumsum([0] + [len(a) for a in group])
+            rows = rng.permutation(offsets[-1]) if shuffle else np.arange(offsets[-1])
+            for start in range(0, len(rows), batch_size):
+                picked = np.sort(rows[start : start + batch_size])
+                owner = np.searchsorted(offsets, picked, side="right") - 1
+                parts = [np.asarray(group[s][picked[owner == s] - offsets[s]], np.float32) for s in np.unique(owner)]
+                batch = np.concatenate([carry, *parts]) if len(carry) else np.concatenate(parts)
+                if len(batch) < batch_size:
+                    carry = batch
+                    continue
+                carry = batch[batch_size:]
+                yield torch.from_numpy(batch[:batch_size] * scale)
+        if len(carry):
+            yield torch.from_numpy(carry * scale)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summaries for the notebook
+
+
+def summary(store: ActivationStore) -> pd.DataFrame:
+    """One row per split: texts, groups, tokens, shards, size on disk."""
+    rows = []
+    split_record = store.manifest["split"]
+    for split in SPLITS:
+        info = store.manifest["splits"][split]
+        size = sum((store.path / s[k]).stat().st_size for s in info["shards"] for k in ("acts", "meta"))
+        rows.append({
+            "split": split,
+            "texts": info["n_texts"],
+            "groups": len(split_record[f"{split}_groups"]),
+            "tokens": info["n_tokens"],
+            "shards": len(info["shards"]),
+            "MB on disk": round(size / 2**20, 2),
+        })  # fmt: skip
+    return pd.DataFrame(rows).set_index("split")
+
+
+def token_norms(store: ActivationStore, split: str = "train") -> pd.DataFrame:
+    """L2 norm (raw, un-normalised) of every stored token with its provenance."""
+    norms = np.concatenate(
+        [np.linalg.norm(np.asarray(a, np.float64), axis=1) for a, _ in store.shards(split)] or [np.empty(0)]
+    )
+    tokens = store.tokens(split)
+    tokens["norm"] = norms
+    return tokens
+
+
+def norm_outliers(store: ActivationStore, tokenizer, split: str = "train", n: int = 10) -> pd.DataFrame:
+    """The ``n`` tokens with the largest activation norm, traced back to their text."""
+    norms = token_norms(store, split)
+    top = norms.nlargest(n, "norm")
+    texts = store.texts().set_index("index")
+    top["token"] = tokenizer.convert_ids_to_tokens(top["token_id"].tolist())
+    top["text_id"] = texts.loc[top["text_index"], "text_id"].to_numpy()
+    top["text"] = texts.loc[top["text_index"], "text"].str.slice(0, 80).to_numpy()
+    return top[["norm", "token", "position", "text_id", "text"]].reset_index(drop=True)

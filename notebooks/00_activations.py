@@ -1,0 +1,82 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Activations
+#
+# Every later stage reads one layer's activations from disk. This notebook runs the corpus through the
+# model and stores `hidden_states[layer]` for every **real** token: padding and special tokens
+# (`[CLS]`, `[SEP]`, BOS) are never stored, and each stored vector keeps its provenance (text, position,
+# token id), so any activation can be traced back to the words that produced it.
+#
+# The split is by **document** (or by stimulus item: the four register × affect variants of an item stay
+# together), never by token, so held-out numbers in later stages are not inflated by leakage.
+
+# %% tags=["parameters"]
+run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+model: str = "embedded"  # "embedded" (bundled MiniLM), a local model directory, or a Hugging Face name
+layer: int = 3  # hidden_states index: 0 is the embedding output, L the output of block L-1
+corpus: str = "stimuli"  # "stimuli", a .txt/.jsonl/.parquet path, or "hf:NAME[:CONFIG[:SPLIT]]"
+max_groups: int = 0  # keep a seeded random subset of this many documents or items (0: all)
+val_fraction: float = 0.2  # fraction of documents/items held out for validation
+seed: int = 0  # seed of the split
+context_tokens: int = 128  # tokens per model context, special tokens included
+batch_size: int = 64  # contexts per forward pass
+dtype: str = "float32"  # storage dtype: float32 or float16
+device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+
+# %%
+from pathlib import Path
+
+from IPython.display import display
+
+from featint_utils import activations, models, plots
+from featint_utils.corpus import load_corpus, split_by_group
+
+# %% [markdown]
+# ## Model and corpus
+
+# %%
+loaded = models.load_model(model, device=models.resolve_device(device))
+texts = load_corpus(corpus)
+split = split_by_group(texts, val_fraction, seed, max_groups=max_groups or None)
+print(
+    f"{loaded.name}: {loaded.model.config.model_type}, {loaded.n_layers} layers, d_model={loaded.d_model}; "
+    f"hooking {models.hook_name(loaded.model, layer)} for hidden_states[{layer}]"
+)
+print(f"{len(texts)} texts; {len(split.train)} train / {len(split.val)} validation texts")
+
+# %% [markdown]
+# ## Extraction
+# Only the blocks up to `layer` run. The store is written to a `.partial` directory and moved into place
+# when complete, so an interrupted run never leaves a store that looks finished.
+
+# %%
+store = activations.extract(
+    loaded, split, layer, Path(run_dir) / "activations", corpus=corpus,
+    context_tokens=context_tokens, batch_size=batch_size, dtype=dtype,
+)  # fmt: skip
+display(activations.summary(store))
+print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
+
+# %% [markdown]
+# ## Activation norms
+# Outlier tokens (very large norms, often at the first position) would dominate an SAE's loss; the
+# per-position and per-text views show whether any exist.
+
+# %%
+norms = activations.token_norms(store, "train")
+fig = plots.activation_norms(norms, title=f"{loaded.name} · hidden_states[{layer}] · train split")
+
+# %%
+display(activations.norm_outliers(store, loaded.tokenizer, "train", n=10))

@@ -1,0 +1,157 @@
+import numpy as np
+import pytest
+import torch
+
+from featint_utils import activations, models
+from featint_utils.activations import ActivationStore, StoreError
+from featint_utils.corpus import Text, split_by_group
+
+from .conftest import CORPUS_SENTENCES
+
+TEXTS = [
+    "Short.",
+    "A rather longer sentence, with punctuation; and several clauses that run on for a while.",
+    "Numbers 123 and symbols % & appear here too.",
+    "Another item of medium length for the store.",
+    "Tiny one",
+    "The last text has enough tokens to be cut into more than one context window by the extractor.",
+]
+
+
+def _split(texts):
+    return split_by_group([Text(f"t{i}", f"g{i}", s) for i, s in enumerate(texts)], 0.34, seed=0)
+
+
+@pytest.fixture(scope="module")
+def minilm_store(embedded, tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "acts"
+    # 10-token contexts force chunking; a tiny shard size forces several shards per split.
+    store = activations.extract(embedded, _split(TEXTS), 3, path, context_tokens=10, batch_size=3, shard_mb=0.02)
+    return store
+
+
+def _expected_activations(loaded, store, layer):
+    """Recompute every stored token one context at a time, unbatched, straight from hidden_states."""
+    prefix, suffix = activations.special_frame(loaded.tokenizer)
+    chunk_len = store.manifest["context_tokens"] - len(prefix) - len(suffix)
+    expected = {}
+    for row in store.texts().itertuples():
+        ids = loaded.tokenizer(row.text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), chunk_len):
+            chunk = ids[start : start + chunk_len]
+            with torch.inference_mode():
+                hidden = loaded.model(input_ids=torch.tensor([prefix + chunk + suffix]), output_hidden_states=True)
+            states = hidden.hidden_states[layer][0, len(prefix) :]
+            for j, token in enumerate(chunk):
+                expected[(row.index, start + j)] = (token, states[j].numpy())
+    return expected
+
+
+def _assert_round_trip(loaded, store, layer):
+    expected = _expected_activations(loaded, store, layer)
+    specials = set(loaded.tokenizer.all_special_ids)
+    seen = set()
+    for split in ("train", "val"):
+        acts, tokens = store.load(split), store.tokens(split)
+        assert len(acts) == len(tokens) == store.n_tokens(split)
+        for vector, (text_index, position, token_id) in zip(acts, tokens.itertuples(index=False)):
+            exp_token, exp_vector = expected[(text_index, position)]
+            assert token_id == exp_token and token_id not in specials
+            np.testing.assert_allclose(vector, exp_vector, atol=2e-5, rtol=1e-4)
+            seen.add((text_index, position))
+    real = {k for k, (token, _) in expected.items() if token not in specials}
+    assert seen == real, "every real token stored exactly once, nothing else"
+
+
+def test_store_round_trip_values_and_provenance_minilm(embedded, minilm_store):
+    _assert_round_trip(embedded, minilm_store, 3)
+    assert len(minilm_store.manifest["splits"]["train"]["shards"]) > 1
+    assert minilm_store.manifest["hook"] == "encoder.layer.2"
+    texts = minilm_store.texts()
+    val_groups = set(texts.loc[texts["split"] == "val", "group"])
+    assert val_groups == set(minilm_store.manifest["split"]["val_groups"])
+    assert not val_groups & set(texts.loc[texts["split"] == "train", "group"])
+
+
+def test_store_round_trip_on_tiny_causal_models(causal_dir, tmp_path):
+    loaded = models.load_model(str(causal_dir))
+    store = activations.extract(loaded, _split(CORPUS_SENTENCES + ["zebra unknown words here"]), 1,
+                                tmp_path / "acts", context_tokens=6, batch_size=2)  # fmt: skip
+    _assert_round_trip(loaded, store, 1)
+    frame = store.manifest["special_frame"]
+    assert frame["prefix"] == ([2] if loaded.model.config.model_type == "llama" else [])
+
+
+def test_normalisation_scale_gives_mean_squared_norm_d_model(minilm_store):
+    x = minilm_store.load("train", normalize=True).astype(np.float64)
+    assert np.mean((x**2).sum(1)) == pytest.approx(minilm_store.d_model, rel=1e-4)
+    np.testing.assert_allclose(minilm_store.mean, minilm_store.load("train").astype(np.float64).mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_streaming_batches_cover_every_token_once(minilm_store, shuffle):
+    batches = list(minilm_store.batches("train", batch_size=7, shuffle=shuffle, seed=1, normalize=False, mix_shards=2))
+    assert all(len(b) == 7 for b in batches[:-1]) and 0 < len(batches[-1]) <= 7
+    streamed = torch.cat(batches).numpy()
+    stored = minilm_store.load("train")
+    assert streamed.shape == stored.shape
+    order = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
+    np.testing.assert_array_equal(order(streamed), order(stored))
+    if not shuffle:
+        np.testing.assert_array_equal(streamed, stored)
+
+
+def test_manifest_mismatch_is_a_clear_error(embedded, tmp_path):
+    store = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16, shard_mb=0.02)
+    shard = store.manifest["splits"]["train"]["shards"][0]
+    np.save(store.path / shard["acts"], np.zeros((3, store.d_model), np.float32))
+    with pytest.raises(StoreError, match=r"has shape \(3, 384\).*corrupt"):
+        ActivationStore(store.path)
+    (store.path / shard["acts"]).unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        ActivationStore(store.path)
+
+
+def test_checksum_catches_changed_bytes(embedded, tmp_path):
+    store = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
+    store.verify()
+    shard = store.path / store.manifest["splits"]["val"]["shards"][0]["acts"]
+    array = np.load(shard)
+    array[0, 0] += 1.0
+    np.save(shard, array)
+    with pytest.raises(StoreError, match="does not match its checksum"):
+        store.verify()
+
+
+def test_interrupted_extraction_leaves_no_store_that_reads_as_valid(embedded, tmp_path, monkeypatch):
+    path = tmp_path / "acts"
+    first = activations.extract(embedded, _split(TEXTS), 2, path, context_tokens=10, batch_size=2)
+    tokens_before = first.n_tokens("train")
+    real_run_batch, calls = activations._run_batch, []
+
+    def dying_run_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "_run_batch", dying_run_batch)
+    with pytest.raises(KeyboardInterrupt):
+        activations.extract(embedded, _split(TEXTS[:4]), 2, path, context_tokens=10, batch_size=2, shard_mb=1e-4)
+    partial = path.with_name("acts.partial")
+    assert any(partial.glob("*.acts.npy")), "the interrupted run had written shards"
+    with pytest.raises(StoreError, match="manifest.json is missing"):
+        ActivationStore(partial)
+    assert ActivationStore(path).n_tokens("train") == tokens_before, "the previous complete store is untouched"
+    monkeypatch.setattr(activations, "_run_batch", real_run_batch)
+    activations.extract(embedded, _split(TEXTS), 2, path, context_tokens=10)
+    assert not partial.exists()
+
+
+def test_missing_store_and_bad_arguments(embedded, tmp_path):
+    with pytest.raises(StoreError, match="no activation store"):
+        ActivationStore(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="valid layers are 0..6"):
+        activations.extract(embedded, _split(TEXTS), 9, tmp_path / "a")
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        activations.extract(embedded, _split(TEXTS), 2, tmp_path / "a", context_tokens=600)

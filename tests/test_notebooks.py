@@ -1,0 +1,50 @@
+"""Notebook conventions: one tagged parameters cell with typed, commented defaults; .py and .ipynb in step."""
+
+import ast
+
+import jupytext
+import nbformat
+import pytest
+
+from featint_utils.runner import NOTEBOOKS_DIR
+
+SOURCES = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
+
+
+def test_there_are_notebooks():
+    assert SOURCES, "no notebooks/NN_*.py found"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_exactly_one_parameters_cell_with_typed_commented_defaults(source):
+    nb = jupytext.read(source)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for line in cells[0].source.splitlines():
+        if not line.strip():
+            continue
+        statement = ast.parse(line.split("  #")[0]).body[0]
+        assert isinstance(statement, ast.AnnAssign), f"untyped parameter: {line!r}"
+        assert "  # " in line, f"parameter without a comment: {line!r}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_ipynb_is_in_sync_with_py_source_and_has_no_outputs(source):
+    paired = source.with_suffix(".ipynb")
+    assert paired.exists(), f"{paired.name} missing: run `make sync`"
+    expected = jupytext.read(source)
+    actual = nbformat.read(paired, as_version=4)
+    simplify = lambda nb: [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]  # noqa: E731
+    assert simplify(actual) == simplify(expected), f"{paired.name} differs from {source.name}: run `make sync`"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in actual.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_papermill_parses_every_parameter(source):
+    """papermill silently drops a parameter line it cannot parse (e.g. an '=' in its comment)."""
+    import papermill
+
+    cell = next(c for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", []))
+    names = [line.split(":")[0] for line in cell.source.splitlines() if line.strip()]
+    assert sorted(papermill.inspect_notebook(str(source.with_suffix(".ipynb")))) == sorted(names)
