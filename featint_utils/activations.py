@@ -23,12 +23,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from queue import Queue
+from threading import Thread
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .corpus import Split
+from .corpus import Split, Text
 from .io import read_json, write_json
 from .models import LoadedModel, forward_to_layer, hook_module, hook_name
 from .progress import progress
@@ -140,7 +142,7 @@ def extract(
     context_tokens: int = 128,
     batch_size: int = 32,
     dtype: str = "float32",
-    shard_mb: float = 256.0,
+    shard_mb: float = 64.0,
     window_texts: int = 2048,
 ) -> ActivationStore:
     """Run every text of ``split`` through the model and store ``hidden_states[layer]`` of its real tokens.
@@ -153,15 +155,13 @@ def extract(
     model, tokenizer = loaded.model, loaded.tokenizer
     hook_module(model, layer)  # validates the layer before any work
     prefix, suffix = special_frame(tokenizer)
-    chunk_len = context_tokens - len(prefix) - len(suffix)
-    if chunk_len < 1:
+    if context_tokens - len(prefix) - len(suffix) < 1:
         raise ValueError(
             f"context_tokens={context_tokens} leaves no room beside {len(prefix) + len(suffix)} special tokens"
         )
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and context_tokens > max_positions:
         raise ValueError(f"context_tokens={context_tokens} exceeds the model's {max_positions} positions")
-    excluded = set(tokenizer.all_special_ids)
     np_dtype = DTYPES[dtype]
     d_model = loaded.d_model
     shard_tokens = max(1, int(shard_mb * 2**20 // (d_model * np.dtype(np_dtype).itemsize)))
@@ -183,22 +183,16 @@ def extract(
     writers = {name: _ShardWriter(partial, name, d_model, np_dtype, shard_tokens) for name in SPLITS}
     started = time.perf_counter()
     bar = progress(total=len(texts), desc=f"extract layer {layer}", unit="text")
-    for window_start in range(0, len(texts), window_texts):
-        window = texts[window_start : window_start + window_texts]
-        # verbose=False: long documents are chunked below, so the "longer than the model's maximum" warning is moot
-        encoded = tokenizer([t.text for _, t in window], add_special_tokens=False, verbose=False)["input_ids"]
-        by_split: dict[str, list[_Chunk]] = {name: [] for name in SPLITS}
-        for offset, ((name, _), ids) in enumerate(zip(window, encoded)):
-            by_split[name].extend(chunk_text(ids, window_start + offset, chunk_len))
-        for name, chunks in by_split.items():
-            chunks.sort(key=lambda c: len(c.ids))  # similar lengths share a batch: little padding
-            for b in range(0, len(chunks), batch_size):
-                batch = chunks[b : b + batch_size]
-                acts, meta = _run_batch(model, layer, batch, prefix, suffix, excluded, device)
-                writers[name].add(acts.astype(np_dtype, copy=False), meta)
-        bar.update(len(window))
-        n_done = sum(w.n_tokens for w in writers.values())
-        bar.set_postfix(tokens=n_done, tok_per_s=f"{n_done / (time.perf_counter() - started):.0f}")
+    for batch in _prefetch(padded_batches(tokenizer, texts, context_tokens, batch_size, window_texts)):
+        hidden = forward_to_layer(
+            model, layer, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+        )
+        acts = hidden[batch.keep.to(hidden.device)].float().cpu().numpy()
+        writers[batch.split].add(acts.astype(np_dtype, copy=False), batch.meta)
+        if batch.texts_done:
+            n_done = sum(w.n_tokens for w in writers.values())
+            bar.update(batch.texts_done)
+            bar.set_postfix(tokens=n_done, tok_per_s=f"{n_done / (time.perf_counter() - started):.0f}")
     bar.close()
     for writer in writers.values():
         writer.flush()
@@ -221,7 +215,7 @@ def extract(
         "dtype": dtype,
         "context_tokens": context_tokens,
         "special_frame": {"prefix": prefix, "suffix": suffix},
-        "excluded_token_ids": sorted(excluded),
+        "excluded_token_ids": sorted(set(tokenizer.all_special_ids)),
         "corpus": corpus,
         "split": split.record(),
         "splits": {
@@ -243,24 +237,80 @@ def extract(
     return ActivationStore(store_dir)
 
 
-def _run_batch(model, layer, batch: list[_Chunk], prefix, suffix, excluded, device):
-    """Forward one padded batch; return the real tokens' activations and their (text, position, id)."""
-    seqs = [prefix + c.ids + suffix for c in batch]
-    width = max(map(len, seqs))
-    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    keep = torch.zeros((len(seqs), width), dtype=torch.bool)
-    meta_rows = []
-    for row, (chunk, seq) in enumerate(zip(batch, seqs)):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
-        for j, token in enumerate(chunk.ids):
-            if token not in excluded:
-                keep[row, len(prefix) + j] = True
-                meta_rows.append((chunk.text_index, chunk.start + j, token))
-    hidden = forward_to_layer(model, layer, input_ids=input_ids.to(device), attention_mask=attention.to(device))
-    acts = hidden[keep.to(hidden.device)].float().cpu().numpy()
-    return acts, np.asarray(meta_rows, dtype=np.int32).reshape(-1, 3)
+@dataclass
+class PaddedBatch:
+    """One forward pass worth of contexts, right-padded, with the mask and provenance of its real tokens."""
+
+    split: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keep: torch.Tensor
+    """True at real tokens: not padding, not special."""
+    meta: np.ndarray
+    """[n_kept, 3] int32: text index, position in the text, token id (in ``keep`` order)."""
+    texts_done: int
+    """Texts finished with this batch (for progress); 0 except on a window's last batch."""
+
+
+def padded_batches(tokenizer, texts: list[tuple[str, Text]], context_tokens: int, batch_size: int, window_texts=2048):
+    """The batches extraction runs, in order: texts tokenised a window at a time (memory stays flat),
+    cut into contexts of ``context_tokens`` framed by the tokenizer's special tokens, grouped by length."""
+    prefix, suffix = special_frame(tokenizer)
+    chunk_len = context_tokens - len(prefix) - len(suffix)
+    excluded = np.array(sorted(set(tokenizer.all_special_ids)))
+    for window_start in range(0, len(texts), window_texts):
+        window = texts[window_start : window_start + window_texts]
+        # verbose=False: long documents are chunked here, so the "longer than the maximum" warning is moot
+        encoded = tokenizer([t.text for _, t in window], add_special_tokens=False, verbose=False)["input_ids"]
+        by_split: dict[str, list[_Chunk]] = {name: [] for name in SPLITS}
+        for offset, ((name, _), ids) in enumerate(zip(window, encoded)):
+            by_split[name].extend(chunk_text(ids, window_start + offset, chunk_len))
+        plan = []
+        for name, chunks in by_split.items():
+            chunks.sort(key=lambda c: len(c.ids))  # similar lengths share a batch: little padding
+            plan += [(name, chunks[b : b + batch_size]) for b in range(0, len(chunks), batch_size)]
+        for i, (name, batch) in enumerate(plan):
+            done = len(window) if i == len(plan) - 1 else 0
+            yield _pad(name, batch, prefix, suffix, excluded, done)
+
+
+def _prefetch(batches, depth: int = 4):
+    """Build the next batches in a background thread while the model runs (tokenising and padding release
+    the GIL for most of their time), so the forward pass is rarely kept waiting."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for batch in batches:
+                queue.put(batch)
+        except BaseException as err:  # re-raised in the consumer, with its traceback
+            queue.put(err)
+        queue.put(done)
+
+    Thread(target=produce, daemon=True).start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _pad(split: str, batch: list[_Chunk], prefix, suffix, excluded: np.ndarray, texts_done: int) -> PaddedBatch:
+    lengths = np.array([len(c.ids) for c in batch])
+    width = len(prefix) + lengths.max() + len(suffix)
+    ids = np.zeros((len(batch), width), dtype=np.int64)
+    for row, chunk in enumerate(batch):
+        ids[row, : len(prefix) + len(chunk.ids) + len(suffix)] = prefix + chunk.ids + suffix
+    column = np.arange(width)
+    attention = column < (len(prefix) + lengths + len(suffix))[:, None]
+    content = (column >= len(prefix)) & (column < (len(prefix) + lengths)[:, None])
+    keep = content & ~np.isin(ids, excluded)
+    rows, cols = np.nonzero(keep)  # row-major, the order in which hidden[keep] lists the tokens
+    starts = np.array([c.start for c in batch]) - len(prefix)
+    text_index = np.array([c.text_index for c in batch])
+    meta = np.stack([text_index[rows], starts[rows] + cols, ids[rows, cols]], axis=1).astype(np.int32)
+    attention = torch.from_numpy(attention.astype(np.int64))
+    return PaddedBatch(split, torch.from_numpy(ids), attention, torch.from_numpy(keep), meta, texts_done)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

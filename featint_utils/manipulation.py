@@ -104,3 +104,72 @@ def cohens_d(a, b) -> float:
     if pooled == 0:
         raise ValueError("both groups are constant: Cohen's d is undefined")
     return float((a.mean() - b.mean()) / pooled)
+
+
+def score_texts(stimuli: pd.DataFrame) -> pd.DataFrame:
+    """The stimulus frame with ``emotion_score`` and ``formality_score`` columns added."""
+    return stimuli.assign(
+        emotion_score=emotion_scores(stimuli["text"]).to_numpy(),
+        formality_score=formality_scores(stimuli["text"]).to_numpy(),
+    )
+
+
+def _d_rows(x: np.ndarray, in_level: np.ndarray) -> np.ndarray:
+    """Cohen's d per row of ``x`` [b, n] between columns in and out of the level."""
+    a, b = x[:, in_level], x[:, ~in_level]
+    na, nb = a.shape[1], b.shape[1]
+    pooled = np.sqrt(((na - 1) * a.var(1, ddof=1) + (nb - 1) * b.var(1, ddof=1)) / (na + nb - 2))
+    return (a.mean(1) - b.mean(1)) / pooled
+
+
+def effect_table(scored: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Cohen's d of each factor on each text score with a 95% CI from resampling whole items.
+
+    Rows marked ``intended`` should be large; the others (cross effects) should be near zero.
+    """
+    from .corpus import CONDITIONS
+
+    wide = scored.pivot(index="item_id", columns="condition")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(wide), size=(n_boot, len(wide)))
+    rows = []
+    for score, intended in (("emotion_score", "emotion"), ("formality_score", "formality")):
+        values = wide[score][list(CONDITIONS)].to_numpy()  # [items, 4]
+        for factor, level in (("emotion", "emotional"), ("formality", "formal")):
+            in_level = np.tile([level in c.split("_") for c in CONDITIONS], len(wide))  # flattened [items*4]
+            d = _d_rows(values.reshape(1, -1), in_level)[0]
+            boots = _d_rows(values[picks].reshape(n_boot, -1), in_level)
+            low, high = np.percentile(boots, [2.5, 97.5])
+            rows.append({"score": score, "factor": f"{factor} ({level} - other)", "intended": factor == intended,
+                         "cohens_d": d, "ci_low": low, "ci_high": high})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def probe_accuracy(features, labels, groups, n_splits: int = 5, seeds=(0, 1, 2)) -> pd.Series:
+    """Held-out accuracy of a logistic-regression probe, cross-validated by group (item), one value per
+    fold and seed: no item's variants are ever on both sides of a fold."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels, groups = np.asarray(features), np.asarray(labels), np.asarray(groups)
+    scores = []
+    for seed in seeds:
+        folds = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        for train, test in folds.split(features, labels, groups):
+            probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+            probe.fit(features[train], labels[train])
+            scores.append(probe.score(features[test], labels[test]))
+    return pd.Series(scores, name="accuracy")
+
+
+def probe_table(embeddings, stimuli: pd.DataFrame, n_splits: int = 5, seeds=(0, 1, 2)) -> pd.DataFrame:
+    """Probe accuracy for each factor (mean, sd over folds x seeds) beside the majority-class chance level."""
+    rows = []
+    for factor in ("formality", "emotion"):
+        acc = probe_accuracy(embeddings, stimuli[factor], stimuli["item_id"], n_splits, seeds)
+        chance = stimuli[factor].value_counts(normalize=True).max()
+        rows.append({"factor": factor, "accuracy_mean": acc.mean(), "accuracy_sd": acc.std(ddof=1),
+                     "accuracy_min": acc.min(), "chance": chance, "n_folds": len(acc)})  # fmt: skip
+    return pd.DataFrame(rows)

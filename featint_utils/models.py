@@ -183,3 +183,19 @@ def resolve_device(device: str = "auto") -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is available; use 'auto' or 'cpu'")
     return device
+
+
+@torch.inference_mode()
+def sentence_embeddings(loaded: LoadedModel, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled final hidden states over each text's tokens (sentence-transformers' pooling), [n, d]."""
+    model, device = loaded.model, next(loaded.model.parameters()).device
+    if loaded.tokenizer.pad_token is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before pooling batches")
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = loaded.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(((hidden * mask).sum(1) / mask.sum(1)).float().cpu())
+    return torch.cat(out)

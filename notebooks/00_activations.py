@@ -77,6 +77,7 @@ print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 # %%
 norms = activations.token_norms(store, "train")
 fig = plots.activation_norms(norms, title=f"{loaded.name} · hidden_states[{layer}] · train split")
+plots.save(fig, run_dir, "00_activation_norms")
 
 # %%
 display(activations.norm_outliers(store, loaded.tokenizer, "train", n=10))

@@ -127,15 +127,15 @@ def test_interrupted_extraction_leaves_no_store_that_reads_as_valid(embedded, tm
     path = tmp_path / "acts"
     first = activations.extract(embedded, _split(TEXTS), 2, path, context_tokens=10, batch_size=2)
     tokens_before = first.n_tokens("train")
-    real_run_batch, calls = activations._run_batch, []
+    real_forward, calls = activations.forward_to_layer, []
 
-    def dying_run_batch(*args, **kwargs):
+    def dying_forward(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_run_batch(*args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(activations, "_run_batch", dying_run_batch)
+    monkeypatch.setattr(activations, "forward_to_layer", dying_forward)
     with pytest.raises(KeyboardInterrupt):
         activations.extract(embedded, _split(TEXTS[:4]), 2, path, context_tokens=10, batch_size=2, shard_mb=1e-4)
     partial = path.with_name("acts.partial")
@@ -143,7 +143,7 @@ def test_interrupted_extraction_leaves_no_store_that_reads_as_valid(embedded, tm
     with pytest.raises(StoreError, match="manifest.json is missing"):
         ActivationStore(partial)
     assert ActivationStore(path).n_tokens("train") == tokens_before, "the previous complete store is untouched"
-    monkeypatch.setattr(activations, "_run_batch", real_run_batch)
+    monkeypatch.setattr(activations, "forward_to_layer", real_forward)
     activations.extract(embedded, _split(TEXTS), 2, path, context_tokens=10)
     assert not partial.exists()
 
