@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= embedded
 ARGS ?=
 
-.PHONY: setup run test report bench sync lint
+.PHONY: setup run test report bench bench-setup sync lint
 
 setup:  ## create .venv and install the pinned requirements + this package (editable)
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ test:  ## unit tests + papermill smoke run of every notebook
 report:  ## render the executed notebooks of runs/PROFILE/ to HTML, inputs hidden
 	$(PY) -m featint_utils report --profile $(PROFILE)
 
-bench:  ## side-by-side performance comparisons (see benchmarks/README.md)
-	$(PY) benchmarks/extraction.py
+bench-setup:  ## a separate .venv-bench with featint + the peer libraries the benchmarks compare against
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet -r requirements.txt -r benchmarks/requirements.txt
+	.venv-bench/bin/python -m pip install --quiet --no-deps -e .
+
+bench:  ## side-by-side performance comparisons (see benchmarks/README.md); needs `make bench-setup`
+	.venv-bench/bin/python benchmarks/extraction.py
+	.venv-bench/bin/python benchmarks/sae_train.py
 
 sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
 	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py

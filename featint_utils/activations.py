@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -31,7 +30,7 @@ import pandas as pd
 import torch
 
 from .corpus import Split, Text
-from .io import read_json, write_json
+from .io import read_json, replace_dir, write_json
 from .models import LoadedModel, forward_to_layer, hook_module, hook_name
 from .progress import progress
 
@@ -144,16 +143,38 @@ def extract(
     dtype: str = "float32",
     shard_mb: float = 64.0,
     window_texts: int = 2048,
+    reuse: bool = True,
 ) -> ActivationStore:
     """Run every text of ``split`` through the model and store ``hidden_states[layer]`` of its real tokens.
 
     Texts are cut into chunks of ``context_tokens`` (special tokens included); padding and special
-    tokens are never stored. Only the blocks up to ``layer`` run. Returns the opened store.
+    tokens are never stored. Only the blocks up to ``layer`` run. Returns the opened store. With ``reuse``,
+    a complete store at ``store_dir`` made from the same request (model, layer, texts, split, context,
+    dtype) is returned as it is, so re-running a pipeline does not redo (or invalidate) this stage.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     model, tokenizer = loaded.model, loaded.tokenizer
     hook_module(model, layer)  # validates the layer before any work
+    request = {
+        "model_source": loaded.source,
+        "layer": layer,
+        "context_tokens": context_tokens,
+        "dtype": dtype,
+        "split": split.record(),
+        "texts_sha256": hashlib.sha256(
+            "\x00".join(f"{t.text_id}\x01{t.text}" for name in SPLITS for t in getattr(split, name)).encode()
+        ).hexdigest(),
+    }
+    if reuse and (Path(store_dir) / "manifest.json").exists():
+        try:
+            existing = ActivationStore(store_dir)
+            if existing.manifest.get("request") == request:
+                shutil.rmtree(Path(store_dir).with_name(Path(store_dir).name + ".partial"), ignore_errors=True)
+                print(f"reusing the activation store at {store_dir} (same model, layer, texts and split)")
+                return existing
+        except StoreError:
+            pass  # an unreadable old store is simply rebuilt
     prefix, suffix = special_frame(tokenizer)
     if context_tokens - len(prefix) - len(suffix) < 1:
         raise ValueError(
@@ -192,35 +213,49 @@ def extract(
         if batch.texts_done:
             n_done = sum(w.n_tokens for w in writers.values())
             bar.update(batch.texts_done)
-            bar.set_postfix(tokens=n_done, tok_per_s=f"{n_done / (time.perf_counter() - started):.0f}")
+            bar.set_postfix(tokens=n_done, tok_per_s=f"{n_done / (time.perf_counter() - started):.0f}", refresh=False)
     bar.close()
-    for writer in writers.values():
-        writer.flush()
-    train = writers["train"]
-    if train.n_tokens == 0:
-        raise ValueError("the training split produced no tokens: is the corpus empty?")
-    mean = train.sum / train.n_tokens
-    mean_sq_norm = train.sum_sq_norm / train.n_tokens
-    np.save(partial / "mean.npy", mean)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
+    info = {
+        "request": request,
         "model": loaded.name,
         "model_source": loaded.source,
         "model_type": model.config.model_type,
         "is_causal_lm": loaded.is_causal_lm,
         "layer": layer,
         "hook": hook_name(model, layer),
-        "d_model": d_model,
-        "dtype": dtype,
         "context_tokens": context_tokens,
         "special_frame": {"prefix": prefix, "suffix": suffix},
         "excluded_token_ids": sorted(set(tokenizer.all_special_ids)),
         "corpus": corpus,
         "split": split.record(),
+        "extraction_seconds": time.perf_counter() - started,
+    }
+    n_texts = {name: len(getattr(split, name)) for name in SPLITS}
+    return _finish_store(partial, store_dir, writers, dtype, n_texts, info)
+
+
+def _finish_store(partial: Path, store_dir: Path, writers: dict, dtype: str, n_texts: dict, info: dict):
+    """Flush the shards, write the normalisation and the manifest, and move the store into place."""
+    for writer in writers.values():
+        writer.flush()
+    train = writers["train"]
+    if train.n_tokens == 0:
+        raise ValueError("the training split produced no tokens: is the corpus empty?")
+    for name, writer in writers.items():
+        if not np.isfinite(writer.sum_sq_norm):
+            raise StoreError(f"non-finite activations (NaN/Inf) in the {name} split: refusing to write the store")
+    d_model = len(train.sum)
+    mean = train.sum / train.n_tokens
+    mean_sq_norm = train.sum_sq_norm / train.n_tokens
+    np.save(partial / "mean.npy", mean)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        **info,
+        "d_model": d_model,
+        "dtype": dtype,
         "splits": {
-            name: {"n_tokens": w.n_tokens, "n_texts": len(getattr(split, name)), "shards": w.shards}
-            for name, w in writers.items()
+            name: {"n_tokens": w.n_tokens, "n_texts": n_texts[name], "shards": w.shards} for name, w in writers.items()
         },
         "normalisation": {
             "mean_file": "mean.npy",
@@ -228,13 +263,43 @@ def extract(
             # Scalar so that E||scale * x||^2 = d_model on the training split (the SAE tools' convention).
             "scale": float(np.sqrt(d_model / mean_sq_norm)),
         },
-        "extraction_seconds": time.perf_counter() - started,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="microseconds"),
         "git_commit": git_commit(),
     }
     write_json(partial / "manifest.json", manifest)
-    _replace_dir(partial, store_dir)
+    replace_dir(partial, store_dir)
     return ActivationStore(store_dir)
+
+
+def store_from_arrays(
+    store_dir: str | Path,
+    arrays: dict[str, np.ndarray],
+    info: dict | None = None,
+    meta: dict[str, np.ndarray] | None = None,
+    dtype: str = "float32",
+    shard_mb: float = 64.0,
+):
+    """Write in-memory activations (``{"train": [n, d], "val": [m, d]}``) as a store, with the same
+    normalisation and manifest as extraction: for derived activations (the NFM embedding) and planted data.
+    ``meta`` gives each row's (text index, position, token id); ``info`` is merged into the manifest."""  # fmt: skip
+    store_dir = Path(store_dir)
+    partial = store_dir.with_name(store_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "texts.jsonl").write_text("")
+    d_model = arrays["train"].shape[1]
+    np_dtype = DTYPES[dtype]
+    shard_tokens = max(1, int(shard_mb * 2**20 // (d_model * np.dtype(np_dtype).itemsize)))
+    writers = {}
+    for name in SPLITS:
+        data = np.asarray(arrays[name], dtype=np.float32)
+        if data.ndim != 2 or data.shape[1] != d_model:
+            raise ValueError(f"{name} array has shape {data.shape}; expected [n, {d_model}]")
+        rows = meta[name] if meta else np.zeros((len(data), 3), np.int32)
+        writers[name] = _ShardWriter(partial, name, d_model, np_dtype, shard_tokens)
+        writers[name].add(data.astype(np_dtype, copy=False), np.asarray(rows, np.int32))
+    defaults = {"model": "", "layer": -1, "hook": "", "corpus": "", "split": {"train_groups": [], "val_groups": []}}
+    return _finish_store(partial, store_dir, writers, dtype, {n: 0 for n in SPLITS}, {**defaults, **(info or {})})
 
 
 @dataclass
@@ -313,15 +378,6 @@ def _pad(split: str, batch: list[_Chunk], prefix, suffix, excluded: np.ndarray, 
     return PaddedBatch(split, torch.from_numpy(ids), attention, torch.from_numpy(keep), meta, texts_done)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reading
 
@@ -343,6 +399,7 @@ class ActivationStore:
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise StoreError(f"{manifest_path} is not a {FORMAT} v{VERSION} manifest")
         self.d_model: int = self.manifest["d_model"]
+        self._maps: dict[str, list[np.ndarray]] = {}
         self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
         for split in SPLITS:
             for shard in self.manifest["splits"][split]["shards"]:
@@ -430,33 +487,52 @@ class ActivationStore:
         seed: int = 0,
         normalize: bool = True,
         mix_shards: int = 4,
+        skip: int = 0,
+        drop_last: bool = False,
     ):
-        """Yield float32 tensors of ``batch_size`` rows (the last may be smaller), one pass over a split.
+        """Yield float32 tensors of ``batch_size`` rows, one pass over a split.
 
         Shuffling draws shards in random order and permutes rows across ``mix_shards`` shards at a time,
-        so memory holds at most that many shards' pages, whatever the store's size.
+        so memory holds at most that many shards' pages, whatever the store's size. The order depends
+        only on ``seed``; ``skip`` passes over the first batches without reading them (to resume).
         """
-        rng = np.random.default_rng(seed)
-        maps = [acts for acts, _ in self.shards(split)]
-        order = rng.permutation(len(maps)) if shuffle else np.arange(len(maps))
         scale = np.float32(self.scale if normalize else 1.0)
-        carry = np.empty((0, self.d_model), np.float32)
+        for number, rows in enumerate(self.batch_rows(split, batch_size, shuffle, seed, mix_shards)):
+            if number < skip or (drop_last and len(rows) < batch_size):
+                continue
+            yield torch.from_numpy(self.gather(split, rows) * scale)
+
+    def batch_rows(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, mix_shards: int = 4):
+        """The row numbers (into the split, store order) of each batch :meth:`batches` yields."""
+        rng = np.random.default_rng(seed)
+        sizes = [s["n_tokens"] for s in self._split(split)["shards"]]
+        starts = np.cumsum([0] + sizes)
+        order = rng.permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+        carry = np.empty(0, dtype=np.int64)
         for g in range(0, len(order), mix_shards):
-            group = [maps[i] for i in order[g : g + mix_shards]]
-            offsets = np.cumsum([0] + [len(a) for a in group])
-            rows = rng.permutation(offsets[-1]) if shuffle else np.arange(offsets[-1])
-            for start in range(0, len(rows), batch_size):
-                picked = np.sort(rows[start : start + batch_size])
-                owner = np.searchsorted(offsets, picked, side="right") - 1
-                parts = [np.asarray(group[s][picked[owner == s] - offsets[s]], np.float32) for s in np.unique(owner)]
-                batch = np.concatenate([carry, *parts]) if len(carry) else np.concatenate(parts)
-                if len(batch) < batch_size:
-                    carry = batch
-                    continue
-                carry = batch[batch_size:]
-                yield torch.from_numpy(batch[:batch_size] * scale)
+            group = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order[g : g + mix_shards]])
+            rows = np.concatenate([carry, rng.permutation(group) if shuffle else group])
+            full = len(rows) // batch_size * batch_size
+            for start in range(0, full, batch_size):
+                yield rows[start : start + batch_size]
+            carry = rows[full:]
         if len(carry):
-            yield torch.from_numpy(carry * scale)
+            yield carry
+
+    def gather(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """Activations of the given split rows (any order), float32, read from the memory maps."""
+        if split not in self._maps:
+            self._maps[split] = [acts for acts, _ in self.shards(split)]
+        maps = self._maps[split]
+        starts = np.cumsum([0] + [len(a) for a in maps])
+        out = np.empty((len(rows), self.d_model), np.float32)
+        owner = np.searchsorted(starts, rows, side="right") - 1
+        for s in np.unique(owner):
+            mask = owner == s
+            local = rows[mask] - starts[s]
+            order = np.argsort(local)  # sorted reads from the memory map, then back to the batch's order
+            out[np.flatnonzero(mask)[order]] = maps[s][local[order]]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,3 +35,22 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text())
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the finished directory ``new`` onto ``target``; a crash leaves either the old or the new one."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def update_metrics(run_dir: str | os.PathLike, section: str, values: dict) -> dict:
+    """Merge ``values`` into section ``section`` of ``<run_dir>/metrics.json`` (every stage's headline numbers)."""
+    path = Path(run_dir) / "metrics.json"
+    metrics = read_json(path) if path.exists() else {}
+    metrics[section] = {**metrics.get(section, {}), **values}
+    write_json(path, metrics)
+    return metrics

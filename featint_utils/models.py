@@ -196,6 +196,11 @@ def sentence_embeddings(loaded: LoadedModel, texts: list[str], batch_size: int =
         batch = loaded.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
         batch = {k: v.to(device) for k, v in batch.items()}
         hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(((hidden * mask).sum(1) / mask.sum(1)).float().cpu())
+        out.append(mean_pool(hidden, batch["attention_mask"]).float().cpu())
     return torch.cat(out)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding as sentence-transformers pools it: the mean over attended tokens."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)

@@ -81,3 +81,37 @@ def manipulation_checks(scored: pd.DataFrame, effects: pd.DataFrame, probes: pd.
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def training_curves(history: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Training FVU (per batch) and held-out FVU, L0 and dead fraction against training tokens."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    ax = axes[0]
+    ax.plot(history["tokens"], history["fvu"], lw=0.8, alpha=0.6, label="train batch")
+    held_out = history.dropna(subset=["val_fvu"]) if "val_fvu" in history else history.iloc[:0]
+    ax.plot(held_out["tokens"], held_out["val_fvu"], "o-", ms=3, label="held-out")
+    ax.set(xlabel="training tokens", ylabel="FVU", yscale="log", title="fraction of variance unexplained")
+    ax.legend(fontsize=8)
+    axes[1].plot(history["tokens"], history["l0"], color="#55a868")
+    axes[1].set(xlabel="training tokens", ylabel="L0", title="active latents per token")
+    axes[2].plot(history["tokens"], 100 * history["dead_fraction"], color="#c44e52")
+    axes[2].set(xlabel="training tokens", ylabel="% of latents", title="dead latents (AuxK revives them)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def feature_density(firing_frequency: np.ndarray, title: str = "") -> plt.Figure:
+    """Histogram of log10 firing frequency; dead latents counted apart; 1% and 10% density lines."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    alive = firing_frequency[firing_frequency > 0]
+    ax.hist(np.log10(alive), bins=60, color="#4c72b0")
+    for level in (0.01, 0.1):
+        ax.axvline(np.log10(level), color="#c44e52", ls="--", lw=1)
+        ax.text(np.log10(level), ax.get_ylim()[1] * 0.95, f" {level:.0%}", color="#c44e52", va="top", fontsize=8)
+    dead = int((firing_frequency == 0).sum())
+    ax.set(xlabel="log10 firing frequency (held-out tokens)", ylabel="latents",
+           title=title or f"feature density ({dead} of {len(firing_frequency)} latents never fire)")  # fmt: skip
+    fig.tight_layout()
+    return fig

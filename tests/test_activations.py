@@ -155,3 +155,14 @@ def test_missing_store_and_bad_arguments(embedded, tmp_path):
         activations.extract(embedded, _split(TEXTS), 9, tmp_path / "a")
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
         activations.extract(embedded, _split(TEXTS), 2, tmp_path / "a", context_tokens=600)
+
+
+def test_same_request_reuses_the_store_and_a_new_one_rebuilds_it(embedded, tmp_path):
+    first = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
+    again = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
+    assert again.manifest["created"] == first.manifest["created"]
+    other_layer = activations.extract(embedded, _split(TEXTS), 3, tmp_path / "acts", context_tokens=16)
+    assert other_layer.manifest["created"] != first.manifest["created"] and other_layer.layer == 3
+    changed = _split(TEXTS[:-1] + ["changed"])
+    other_texts = activations.extract(embedded, changed, 3, tmp_path / "acts", context_tokens=16)
+    assert other_texts.manifest["created"] != other_layer.manifest["created"]

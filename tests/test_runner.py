@@ -62,7 +62,8 @@ def _raw_parameters(name):
 
 def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
     """The real pipeline through papermill: every notebook, tiny sizes, reports rendered."""
-    tiny = {"max_groups": "12", "batch_size": "16", "val_fraction": "0.25", "n_boot": "50", "probe_folds": "3"}
+    tiny = {"max_groups": "12", "batch_size": "16", "val_fraction": "0.25", "n_boot": "50", "probe_folds": "3",
+            "sae_latents": "256", "sae_train_tokens": "4096", "sae_batch_size": "256", "splice_texts": "8"}
     run_dir = runner.run("embedded", overrides=tiny, runs_dir=tmp_path)
     for nb in runner.notebooks():
         assert (run_dir / "notebooks" / nb.name).exists()

@@ -107,8 +107,8 @@ def test_formality_features_on_known_sentences():
     assert casual["exclamations"] == pytest.approx(0.5) and casual["personal_pronouns"] == pytest.approx(2 / 7)
     assert casual["sentence_length"] == pytest.approx(3.5)
     assert formal["latinate"] == pytest.approx(1 / 7)  # administrative (-ive); proposal (-al) is not listed
-    scores = manipulation.formality_scores(["Hey, we're gonna grab stuff! You'll see.",
-                                            "The committee subsequently approved the administrative proposal."])  # fmt: skip
+    casual_text, formal_text = "Hey, we're gonna grab stuff! You'll see.", "The committee approved the administration."
+    scores = manipulation.formality_scores([casual_text, formal_text])
     assert scores[1] > scores[0]
 
 

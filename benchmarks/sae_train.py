@@ -1,0 +1,197 @@
+"""Our TopK SAE training step vs SAELens's and EleutherAI sparsify's, on the same activations, side by side.
+
+    make bench-setup   # once: .venv-bench with sae-lens, eai-sparsify, deepctr-torch beside featint
+    .venv-bench/bin/python benchmarks/sae_train.py [--widths 4096 16384] [--tokens 1000000]
+
+Activations: all-MiniLM-L6-v2 hidden_states[3] on WikiText-2 validation (../shared/data), split by article,
+normalised to E||x||^2 = d_in. Every library trains on exactly the same batches in the same order, with the
+same width, k=32, batch 4096, token budget, Adam, learning-rate schedule and gradient clipping (no dead
+latents are injected, so no AuxK pass runs). The libraries take steps in turn, round robin, so drifts in
+machine load hit all of them alike; tokens/s counts only each library's own step time. Held-out FVU is
+measured for every library by the same float64 function on the same validation tokens, in float32.
+SAELens runs in its default dense mode: its ``use_sparse_activations=True`` fails in the backward pass on
+CPU with torch 2.13 (``aten::view`` has no SparseCPU kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from featint_utils import activations, models  # noqa: E402
+from featint_utils.activations import ActivationStore  # noqa: E402
+from featint_utils.corpus import load_text_file, split_by_group  # noqa: E402
+from featint_utils.metrics import VarianceAccumulator  # noqa: E402
+from featint_utils.sae import SAEConfig, TopKSAE  # noqa: E402
+from featint_utils.sae_training import fast_bf16, lr_at  # noqa: E402
+
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+STORE = ROOT / "runs" / "bench" / "minilm-wikitext2-l3"
+K, BATCH, BASE_LR = 32, 4096, 1e-3
+
+
+def get_store() -> ActivationStore:
+    try:
+        return ActivationStore(STORE)
+    except activations.StoreError:
+        split = split_by_group(load_text_file(WIKITEXT), 0.1, seed=0)
+        return activations.extract(models.load_model("embedded"), split, 3, STORE, corpus=str(WIKITEXT))
+
+
+class Featint:
+    name = "featint"
+
+    def __init__(self, d_in, width, bf16, mean):
+        self.sae = TopKSAE(SAEConfig(d_in, width, K), seed=0)
+        with torch.no_grad():  # as SAETrainer does: the code models deviations from the training mean
+            self.sae.b_dec.copy_(mean)
+        self.bf16 = bf16
+        self.opt = torch.optim.Adam(self.sae.parameters())
+
+    def step(self, x, lr):
+        values, indices, _, _ = self.sae.encode_with_aux(x, bf16=self.bf16)
+        fvu = (x - self.sae.decode(values, indices)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        self.opt.zero_grad(set_to_none=True)
+        fvu.backward()
+        self.sae.remove_parallel_gradient()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.param_groups[0]["lr"] = lr
+        self.opt.step()
+        self.sae.normalize_decoder()
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self.sae(x)
+
+
+class Sparsify:
+    name = "sparsify"
+
+    def __init__(self, d_in, width, _bf16, _mean):
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        torch.manual_seed(0)
+        self.sae = SparseCoder(d_in, SparseCoderConfig(num_latents=width, k=K), device="cpu", dtype=torch.float32)
+        self.opt = torch.optim.Adam(self.sae.parameters())
+
+    def step(self, x, lr):
+        out = self.sae(x, dead_mask=None)
+        self.opt.zero_grad(set_to_none=True)
+        (out.fvu + out.auxk_loss).backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.param_groups[0]["lr"] = lr
+        self.opt.step()
+        self.sae.set_decoder_norm_to_unit_norm()
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self.sae(x).sae_out
+
+
+class SAELens:
+    name = "saelens"
+
+    def __init__(self, d_in, width, _bf16, _mean):
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        torch.manual_seed(0)
+        cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=K, dtype="float32", device="cpu")
+        self.sae = TopKTrainingSAE(cfg)
+        self.opt = torch.optim.Adam(self.sae.parameters())
+        self.n = 0
+
+    def step(self, x, lr):
+        from sae_lens.saes.sae import TrainStepInput
+
+        out = self.sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=self.n,
+                           is_logging_step=False)
+        )  # fmt: skip
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.param_groups[0]["lr"] = lr
+        self.opt.step()
+        self.n += 1
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self.sae(x)
+
+
+@torch.no_grad()
+def held_out_fvu(lib, val: torch.Tensor) -> float:
+    acc = VarianceAccumulator(val.shape[1])
+    for start in range(0, len(val), 8192):
+        x = val[start : start + 8192]
+        acc.add(x, lib.reconstruct(x).float())
+    return acc.fvu()
+
+
+def run_width(width: int, tokens: int, train: torch.Tensor, val: torch.Tensor, libraries, bf16: bool) -> dict:
+    d_in = train.shape[1]
+    libs = [cls(d_in, width, bf16, train.mean(0)) for cls in libraries]
+    steps = tokens // BATCH
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(len(train)) for _ in range(tokens // len(train) + 1)])
+    seconds = {lib.name: 0.0 for lib in libs}
+    for step in range(steps):
+        x = train[order[step * BATCH : (step + 1) * BATCH]]
+        lr = lr_at(step, steps, BASE_LR, 0.05, 0.2)
+        for lib in libs:  # round robin: every library takes the same step before the next batch
+            started = time.perf_counter()
+            lib.step(x, lr)
+            seconds[lib.name] += time.perf_counter() - started
+        if step % 20 == 0:
+            print(f"  width {width} step {step}/{steps}", {k: round(v, 1) for k, v in seconds.items()}, flush=True)
+    result = {"width": width, "k": K, "batch": BATCH, "steps": steps, "tokens": steps * BATCH, "libraries": {}}
+    for lib in libs:
+        result["libraries"][lib.name] = {
+            "tokens_per_s": steps * BATCH / seconds[lib.name],
+            "held_out_fvu": held_out_fvu(lib, val),
+        }
+    ours = result["libraries"]["featint"]["tokens_per_s"]
+    peers = {n: r["tokens_per_s"] for n, r in result["libraries"].items() if n != "featint"}
+    result["speedup_vs"] = {n: ours / v for n, v in peers.items()}
+    result["speedup_vs_fastest_peer"] = ours / max(peers.values())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--skip", nargs="*", default=[], help="libraries to leave out")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    store = get_store()
+    train = torch.from_numpy(store.load("train", normalize=True))
+    val = torch.from_numpy(store.load("val", normalize=True))
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and fast_bf16())
+    libraries = [c for c in (Featint, Sparsify, SAELens) if c.name not in args.skip]
+    results = {"store": str(STORE), "train_tokens_available": len(train), "val_tokens": len(val),
+               "featint_bf16_encoder": bf16, "threads": torch.get_num_threads(), "runs": []}  # fmt: skip
+    for width in args.widths:
+        results["runs"].append(run_width(width, args.tokens, train, val, libraries, bf16))
+        out = ROOT / "benchmarks" / "results" / f"sae_train{'' if bf16 else '_fp32'}.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    for run in results["runs"]:
+        print(f"width {run['width']}, k={K}, batch {BATCH}, {run['tokens']} tokens (featint bf16 encoder: {bf16})")
+        for name, r in run["libraries"].items():
+            print(f"  {name:15s} {r['tokens_per_s']:9.0f} tok/s   held-out FVU {r['held_out_fvu']:.4f}")
+        print(f"  featint speed-up vs fastest peer: {run['speedup_vs_fastest_peer']:.2f}x  ({run['speedup_vs']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Train a TopK SAE by streaming an activation store: AuxK, LR heuristic, atomic checkpoints, exact resume.
+
+Loss: the batch FVU of the reconstruction (scale-free) plus ``aux_coef`` times AuxK's loss, in which the
+``k_aux`` strongest *dead* latents (no firing in the last ``dead_tokens`` tokens) reconstruct the detached
+residual, normalised by the residual's variance. Adam, learning rate ``2e-4 / sqrt(n_latents / 2^14)``
+unless given, linear warm-up and a linear decay to zero over the last part of training, gradient clipping.
+The decoder's rows stay unit-norm: the gradient's component along each row is removed before every step
+and the rows are renormalised after it.
+
+A checkpoint (weights, Adam moments, dead-latent counters, data position, history) is written atomically
+every ``checkpoint_every`` steps; a killed run resumes from it and ends with the same weights as an
+uninterrupted one, because the data order depends only on the seed and the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .activations import ActivationStore, git_commit
+from .io import replace_dir, write_json
+from .metrics import VarianceAccumulator
+from .progress import progress
+from .sae import SAEConfig, TopKSAE
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is corrupt or was made with other settings."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the SAE's shape is in :class:`featint_utils.sae.SAEConfig`)."""
+
+    train_tokens: int
+    """Token budget: training stops after this many training tokens (several epochs if needed)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 0.0
+    """Adam learning rate; 0 means the heuristic 2e-4 / sqrt(n_latents / 2^14)."""
+    warmup_fraction: float = 0.05
+    """Share of steps with a linear learning-rate warm-up."""
+    decay_fraction: float = 0.2
+    """Share of steps, at the end, over which the learning rate decays linearly to zero."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping."""
+    k_aux: int = 0
+    """Dead latents used by AuxK; 0 means d_in // 2."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many training tokens without firing."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: about 20 over the run)."""
+    eval_tokens: int = 100_000
+    """Held-out tokens per periodic evaluation (the final evaluation uses all)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: about 10 over the run)."""
+    seed: int = 0
+    """Seeds the initialisation and the data order."""
+    bf16_encoder: str = "auto"
+    """Encoder matmul in bfloat16 while training: "auto" (when the hardware does bf16 fast), "on" or "off"."""
+
+    def use_bf16(self) -> bool:
+        if self.bf16_encoder not in ("auto", "on", "off"):
+            raise ValueError(f"bf16_encoder must be 'auto', 'on' or 'off', got {self.bf16_encoder!r}")
+        return self.bf16_encoder == "on" or (self.bf16_encoder == "auto" and fast_bf16())
+
+    def steps(self) -> int:
+        return max(1, self.train_tokens // self.batch_size)
+
+    def learning_rate(self, n_latents: int) -> float:
+        return self.lr or 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def fast_bf16() -> bool:
+    """True on a CUDA GPU, or a CPU with AMX or AVX-512 bf16 units (where a bf16 matmul is ~3x float32)."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def lr_at(step: int, total: int, base: float, warmup_fraction: float, decay_fraction: float) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last ``decay_fraction`` of steps."""
+    warmup = max(1, int(warmup_fraction * total))
+    decay_start = int((1.0 - decay_fraction) * total)
+    factor = min(1.0, (step + 1) / warmup)
+    if decay_fraction > 0 and step >= decay_start:
+        factor *= max(0.0, (total - step) / max(1, total - decay_start))
+    return base * factor
+
+
+class SAETrainer:
+    """Trains one SAE on one store into ``out_dir`` (``checkpoint/``, ``sae/``, ``history.csv``)."""
+
+    def __init__(self, store: ActivationStore, n_latents: int, k: int, train: TrainConfig, out_dir: str | Path):
+        self.store, self.train_cfg, self.out_dir = store, train, Path(out_dir)
+        manifest = store.manifest
+        self.sae_cfg = SAEConfig(
+            d_in=store.d_model, n_latents=n_latents, k=k, input_scale=store.scale,
+            model=manifest["model"], layer=manifest["layer"], hook=manifest["hook"],
+            extra={"store": str(store.path), "store_created": manifest["created"], "train": asdict(train)},
+        )  # fmt: skip
+        self.k_aux = min(train.k_aux or store.d_model // 2, n_latents)
+        self.bf16 = train.use_bf16()
+        torch.manual_seed(train.seed)
+        self.sae = TopKSAE(self.sae_cfg, seed=train.seed)
+        with torch.no_grad():  # start b_dec at the (normalised) training mean: the code then models deviations
+            self.sae.b_dec.copy_(torch.from_numpy(store.mean * store.scale).float())
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=train.learning_rate(n_latents))
+        self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict] = []
+
+    # -- checkpointing ---------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    def _fingerprint(self) -> str:
+        settings = {"sae": asdict(self.sae_cfg), "k_aux": self.k_aux}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def save_checkpoint(self) -> None:
+        tensors = {f"sae.{k}": v.detach().contiguous() for k, v in self.sae.state_dict().items()}
+        names = dict(self.sae.named_parameters())
+        for name, param in names.items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"adam.{name}.{key}"] = value.detach().reshape(value.shape).contiguous()
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        state = {"fingerprint": self._fingerprint(), "step": self.step, "epoch": self.epoch,
+                 "batch_in_epoch": self.batch_in_epoch, "history": self.history}  # fmt: skip
+        tmp = self.checkpoint_dir.with_name("checkpoint.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        write_json(tmp / "state.json", state)
+        replace_dir(tmp, self.checkpoint_dir)
+
+    def load_checkpoint(self) -> bool:
+        """Restore from ``checkpoint/`` if present; True if restored."""
+        directory = self.checkpoint_dir
+        if not (directory / "state.json").exists():
+            return False
+        try:
+            state = json.loads((directory / "state.json").read_text())
+            tensors = load_file(str(directory / "state.safetensors"))
+        except (OSError, ValueError, SafetensorError) as err:
+            raise CheckpointError(f"checkpoint in {directory} is unreadable ({err}); delete it to start over") from err
+        if state.get("fingerprint") != self._fingerprint():
+            raise CheckpointError(
+                f"checkpoint in {directory} was made with other settings (SAE shape, k, normalisation or store); "
+                "delete it or choose another output directory"
+            )
+        try:
+            self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+            names = dict(self.sae.named_parameters())
+            for name, param in names.items():
+                keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
+                if keys:
+                    self.optimizer.state[param] = {k.rsplit(".", 1)[1]: tensors[k] for k in keys}
+            self.tokens_since_fired = tensors["tokens_since_fired"]
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint in {directory} is incomplete or corrupt ({err})") from err
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.history = state["history"]
+        return True
+
+    # -- training --------------------------------------------------------------------------------------
+    def _batches(self):
+        """Training batches from the saved data position on, epoch after epoch."""
+        cfg = self.train_cfg
+        while True:
+            stream = self.store.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch,
+                                        skip=self.batch_in_epoch, drop_last=True)  # fmt: skip
+            empty = True
+            for x in stream:
+                empty = False
+                self.batch_in_epoch += 1
+                yield x
+            if empty and self.batch_in_epoch == 0:
+                raise ValueError(f"the training split has fewer than batch_size={cfg.batch_size} tokens")
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        sae, cfg = self.sae, self.train_cfg
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite activations (NaN/Inf) in the training batch at step {self.step}: "
+                             f"check the activation store {self.store.path}")  # fmt: skip
+        dead = self.tokens_since_fired >= cfg.dead_tokens
+        values, indices, aux_values, aux_indices = sae.encode_with_aux(
+            x, dead if dead.any() else None, self.k_aux, bf16=self.bf16
+        )
+        x_hat = sae.decode(values, indices)
+        variance = (x - x.mean(0)).pow(2).sum()
+        fvu = (x - x_hat).pow(2).sum() / variance
+        loss = fvu
+        aux = torch.zeros(())
+        if aux_indices.shape[1]:
+            residual = (x - x_hat).detach()
+            aux_hat = sae.decode(aux_values, aux_indices, bias=False)
+            aux = (residual - aux_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+            loss = loss + cfg.aux_coef * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_gradient()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg.steps(), cfg.learning_rate(self.sae_cfg.n_latents),
+                                cfg.warmup_fraction, cfg.decay_fraction)  # fmt: skip
+        self.optimizer.step()
+        sae.normalize_decoder()
+        fired = torch.zeros_like(dead)
+        fired[indices[values > 0]] = True
+        self.tokens_since_fired += len(x)
+        self.tokens_since_fired[fired] = 0
+        self.step += 1
+        return {"fvu": fvu.item(), "aux_loss": aux.item(), "l0": (values > 0).sum(1).float().mean().item(),
+                "dead_fraction": float(dead.float().mean()), "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
+
+    @torch.no_grad()
+    def quick_eval(self) -> float:
+        """Held-out FVU on the first ``eval_tokens`` validation tokens (about the mean, float64)."""
+        acc = VarianceAccumulator(self.sae_cfg.d_in)
+        for x in self.store.batches("val", 4096, shuffle=False, normalize=True):
+            acc.add(x, self.sae(x))
+            if acc.n >= self.train_cfg.eval_tokens:
+                break
+        return acc.fvu()
+
+    def train(self, resume: bool = True, stop_after: int | None = None) -> TopKSAE:
+        """Train to the token budget; ``stop_after`` ends early after that many steps of this call (tests)."""
+        cfg = self.train_cfg
+        if not resume:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        elif self.load_checkpoint():
+            print(f"resuming from step {self.step} of {cfg.steps()} ({self.checkpoint_dir})")
+        total = cfg.steps()
+        eval_every = cfg.eval_every or max(1, total // 20)
+        checkpoint_every = cfg.checkpoint_every or max(1, total // 10)
+        bar = progress(total=total, initial=self.step, desc="train SAE", unit="step")
+        started, tokens_at_start, done = time.perf_counter(), self.step * cfg.batch_size, 0
+        batches = self._batches()
+        while self.step < total and (stop_after is None or done < stop_after):
+            stats = self.train_step(next(batches))
+            done += 1
+            stats.update(step=self.step, tokens=self.step * cfg.batch_size)
+            if self.step % eval_every == 0 or self.step == total:
+                stats["val_fvu"] = self.quick_eval()
+            self.history.append(stats)
+            if self.step % checkpoint_every == 0 and self.step < total:
+                self.save_checkpoint()
+            rate = (self.step * cfg.batch_size - tokens_at_start) / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{rate:.0f}", fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}",
+                            dead=f"{100 * stats['dead_fraction']:.1f}%", refresh=False)  # fmt: skip
+        bar.close()
+        if self.step >= total:
+            self.save_checkpoint()  # a finished run: re-running returns at once instead of retraining
+            self.sae_cfg.extra["git_commit"] = git_commit()
+            self.sae.save(self.out_dir / "sae")
+            pd.DataFrame(self.history).to_csv(self.out_dir / "history.csv", index=False)
+        return self.sae
+
+    def history_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.history)

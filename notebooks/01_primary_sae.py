@@ -1,0 +1,96 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Primary sparse autoencoder
+#
+# A TopK SAE learns to write each activation as a sparse sum of `k` dictionary directions. What it cannot
+# write, the residual `e = x - SAE(x)`, is what the rest of the workbook studies, so the SAE must be
+# trained faithfully and measured honestly:
+#
+# * inputs scaled so that E‖x‖² = d (the scale is saved with the SAE, and every later stage uses it);
+# * decoder rows kept at unit norm; AuxK keeps latents from dying;
+# * FVU accumulated in float64 over **held-out documents**, about the mean (the per-token "legacy" ratio
+#   beside it only for comparison with older SAELens numbers);
+# * the reconstruction spliced back into the model, beside a random error of the same size.
+
+# %% tags=["parameters"]
+run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+sae_latents: int = 4096  # dictionary size
+sae_k: int = 32  # active latents per token
+sae_train_tokens: int = 2_000_000  # training-token budget (several epochs over a small store)
+sae_batch_size: int = 4096  # tokens per step
+sae_lr: float = 0.0  # Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)
+sae_dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+resume: bool = True  # continue from a checkpoint of an interrupted run with the same settings
+splice_texts: int = 256  # held-out contexts for the splice metrics
+n_show_features: int = 6  # features whose top activations are listed
+device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+seed: int = 0  # seeds initialisation and data order
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import display
+
+from featint_utils import features, interventions, models, plots
+from featint_utils.activations import ActivationStore
+from featint_utils.io import update_metrics
+from featint_utils.metrics import evaluate_sae
+from featint_utils.sae_training import SAETrainer, TrainConfig
+
+# %% [markdown]
+# ## Training
+# The trainer streams shuffled batches from the on-disk store; an interrupted run resumes from its last
+# checkpoint and ends with the same weights it would have had.
+
+# %%
+store = ActivationStore(Path(run_dir) / "activations")
+config = TrainConfig(train_tokens=sae_train_tokens, batch_size=sae_batch_size, lr=sae_lr,
+                     dead_tokens=sae_dead_tokens, seed=seed)  # fmt: skip
+trainer = SAETrainer(store, sae_latents, sae_k, config, Path(run_dir) / "primary_sae")
+sae = trainer.train(resume=resume)
+history = trainer.history_frame()
+fig = plots.training_curves(history, title=f"TopK SAE: {sae_latents} latents, k={sae_k}")
+plots.save(fig, run_dir, "01_training_curves")
+
+# %% [markdown]
+# ## Held-out metrics
+# The splice replaces `hidden_states[layer]` at every real token of held-out texts with its reconstruction
+# and compares the model's output with the clean one (encoders: cosine of pooled sentence embeddings;
+# causal LMs: cross-entropy, CE score against zero and mean ablation, KL). The random-error row splices
+# `x + r` with ‖r‖ = ‖x − SAE(x)‖ in a random direction: an SAE error that matters less than a random one
+# of the same size is a good sign.
+
+# %%
+metrics = evaluate_sae(sae, store, "val")
+loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
+splice = interventions.splice_metrics(loaded, store, sae.reconstruct_raw, max_texts=splice_texts, seed=seed)
+headline = {k: v for k, v in metrics.items() if k != "firing_frequency"} | splice
+update_metrics(run_dir, "primary_sae", {"n_latents": sae_latents, "k": sae_k, **headline})
+display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
+
+# %%
+fig = plots.feature_density(metrics["firing_frequency"])
+plots.save(fig, run_dir, "01_feature_density")
+
+# %% [markdown]
+# ## What some features respond to
+# Features spread over the firing-frequency ranking (common to rare, dense ones excluded), each with the
+# held-out tokens (in «») where it fires hardest.
+
+# %%
+shown = features.pick_features(metrics["firing_frequency"], n_show_features)
+examples = features.top_activations(sae.encode, store, shown, loaded.tokenizer, n=4)
+display(examples.style.format({"activation": "{:.2f}"}).hide(axis="index"))
