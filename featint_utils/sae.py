@@ -25,6 +25,7 @@ from torch import nn
 from .io import atomic_path, write_json
 
 WEIGHTS_FILE = "sae.safetensors"
+ENCODER_INIT_SCALE = 0.5
 CONFIG_FILE = "cfg.json"
 
 
@@ -136,7 +137,11 @@ class TopKSAE(nn.Module):
         W_dec = torch.randn(cfg.n_latents, cfg.d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.clone())  # W_enc = W_dec^T at init (rows here: [n_latents, d_in])
+        # W_enc = W_dec^T at init (rows here: [n_latents, d_in]), at half the scale: with inputs at
+        # E||x||^2 = d_in, full-scale rows make the first reconstructions mostly noise. Measured on MiniLM
+        # activations (benchmarks/sae_train.py setting, 400k tokens): held-out FVU 0.277 at scale 1.0,
+        # 0.226-0.231 at 0.2-0.58.
+        self.W_enc = nn.Parameter(W_dec * ENCODER_INIT_SCALE)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 

@@ -26,16 +26,19 @@ def test_identity_splice_reproduces_the_clean_model_exactly(embedded):
 
 
 def test_splice_changes_only_the_masked_positions_at_the_hooked_layer(embedded):
+    # Read the layer through our own capture hook, registered after the splice's: transformers' own
+    # hidden_states recorder may run before the splice and report the unspliced value.
     inputs = embedded.tokenizer(TEXTS[:1], return_tensors="pt")
     mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     mask[0, 2] = True
     with torch.inference_mode():
+        with models.capture(embedded.model, 3) as clean:
+            embedded.model(**inputs)
         with interventions.splice(embedded.model, 3, lambda h: h + 1.0) as state:
             state["mask"] = mask
-            out = embedded.model(**inputs, output_hidden_states=True).hidden_states
-        clean = embedded.model(**inputs, output_hidden_states=True).hidden_states
-    assert torch.equal(out[2], clean[2])
-    delta = (out[3] - clean[3]).abs().amax(-1)[0]
+            with models.capture(embedded.model, 3) as spliced:
+                embedded.model(**inputs)
+    delta = (spliced["hidden"] - clean["hidden"]).abs().amax(-1)[0]
     assert delta[2] == pytest.approx(1.0) and (delta[torch.arange(len(delta)) != 2] == 0).all()
 
 
