@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -99,14 +97,3 @@ def evaluate_sae(sae, store: ActivationStore, split: str = "val", batch_size: in
         "n_tokens": acc.n,
         "firing_frequency": frequency,
     }
-
-
-@torch.no_grad()
-def fvu_of(predict: Callable[[torch.Tensor], torch.Tensor], batches, target: Callable | None = None) -> float:
-    """FVU of ``predict(x)`` against ``target(x)`` (default: ``x``) over an iterable of batches."""
-    acc = None
-    for x in batches:
-        y = target(x) if target else x
-        acc = acc or VarianceAccumulator(y.shape[-1])
-        acc.add(y, predict(x))
-    return acc.fvu()

@@ -177,13 +177,6 @@ class TopKSAE(nn.Module):
         """The SAE error ``x - SAE(x)`` in raw units: the target of the NFM stage."""
         return x_raw - self.reconstruct_raw(x_raw)
 
-    def dense_code(self, x: torch.Tensor) -> torch.Tensor:
-        """[batch, n_latents] code with zeros off the top k (for small analyses; training never needs it)."""
-        values, indices = self.encode(x)
-        return torch.zeros(x.shape[0], self.cfg.n_latents, dtype=values.dtype, device=values.device).scatter_(
-            1, indices, values
-        )
-
     # -- decoder geometry -----------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
