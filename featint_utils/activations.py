@@ -98,9 +98,8 @@ class _ShardWriter:
         self.n_tokens = 0
 
     def add(self, acts: np.ndarray, meta: np.ndarray) -> None:
-        acts64 = acts.astype(np.float64)
-        self.sum += acts64.sum(0)
-        self.sum_sq_norm += float((acts64**2).sum())
+        self.sum += acts.sum(0, dtype=np.float64)
+        self.sum_sq_norm += float(np.einsum("ij,ij->", acts, acts, dtype=np.float64))
         self.n_tokens += len(acts)
         while len(acts):
             take = min(len(acts), len(self.acts) - self.fill)
@@ -142,7 +141,7 @@ def extract(
     batch_size: int = 32,
     dtype: str = "float32",
     shard_mb: float = 64.0,
-    window_texts: int = 2048,
+    window_texts: int = 512,
     reuse: bool = True,
 ) -> ActivationStore:
     """Run every text of ``split`` through the model and store ``hidden_states[layer]`` of its real tokens.
@@ -317,7 +316,7 @@ class PaddedBatch:
     """Texts finished with this batch (for progress); 0 except on a window's last batch."""
 
 
-def padded_batches(tokenizer, texts: list[tuple[str, Text]], context_tokens: int, batch_size: int, window_texts=2048):
+def padded_batches(tokenizer, texts: list[tuple[str, Text]], context_tokens: int, batch_size: int, window_texts=512):
     """The batches extraction runs, in order: texts tokenised a window at a time (memory stays flat),
     cut into contexts of ``context_tokens`` framed by the tokenizer's special tokens, grouped by length."""
     prefix, suffix = special_frame(tokenizer)
