@@ -142,7 +142,7 @@ class SAETrainer:
         names = dict(self.sae.named_parameters())
         for name, param in names.items():
             for key, value in self.optimizer.state.get(param, {}).items():
-                tensors[f"adam.{name}.{key}"] = value.detach().reshape(value.shape).contiguous()
+                tensors[f"adam.{name}.{key}"] = value.detach().contiguous()
         tensors["tokens_since_fired"] = self.tokens_since_fired
         state = {"fingerprint": self._fingerprint(), "step": self.step, "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "history": self.history}  # fmt: skip
