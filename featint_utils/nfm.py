@@ -6,16 +6,26 @@
 are embedding bags over the active rows, so the cost is O(batch x n_active x K) and no dense
 batch x n_latents (x K) tensor is ever built. One forward serves training, analysis and intervention: it
 returns the pooled vector and the post-Linear(K,K), pre-ReLU vector (the secondary SAE's input).
+
+The same class, by its ``form`` and ``knots``, is also the first-order baselines (linear, or additive with
+per-feature hinges) and the factorization machine, so every model of the baseline ladder is fitted by the
+same trainer and compared on the same forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .io import atomic_path, write_json
 
 
 @dataclass
@@ -29,8 +39,13 @@ class NFMConfig:
     k_embed: int = 256
     """K: width of the factor embeddings and of the interaction MLP."""
     form: str = "nfm"
-    """"nfm" (linear + pooling -> dropout -> Linear(K,K) -> ReLU -> Linear(K,d)), "fm" (linear + a
-    linear map of the pooled vector: a factorization machine), or "interaction" (nfm without the linear term)."""
+    """"nfm" (first-order + pooling -> dropout -> Linear(K,K) -> ReLU -> Linear(K,d)), "fm" (first-order + a
+    linear map of the pooled vector: a factorization machine), "interaction" (nfm without the first-order
+    term) or "first_order" (no pairwise term at all: the linear or additive baseline)."""
+    knots: int = 0
+    """First-order term per feature: 0 is linear (``f_i w_i``); m > 0 adds a hinge ``relu(f_i - t) u_i,t``
+    at each of m knots (``t`` = 0.5, 1, 2, ... times the feature's mean active value): an additive
+    per-feature non-linear model."""
     batch_norm: bool = False
     """Batch norm on the pooled vector (as in the original NFM)."""
     dropout: float = 0.15
@@ -39,26 +54,39 @@ class NFMConfig:
     """Standard deviation of the factor embeddings at initialisation."""
 
     def __post_init__(self):
-        if self.form not in ("nfm", "fm", "interaction"):
-            raise ValueError(f"form must be 'nfm', 'fm' or 'interaction', got {self.form!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         for name in ("n_latents", "d_out", "k_embed"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.knots < 0:
+            raise ValueError(f"knots must be >= 0, got {self.knots}")
+
+    @property
+    def has_pairs(self) -> bool:
+        return self.form != "first_order"
+
+    @property
+    def has_first_order(self) -> bool:
+        return self.form != "interaction"
+
+
+FORMS = ("nfm", "fm", "interaction", "first_order")
 
 
 class NFMOutput(NamedTuple):
     """Every part of one NFM forward."""
 
     output: torch.Tensor
-    """[batch, d_out] prediction: linear + interaction."""
+    """[batch, d_out] prediction: first-order + interaction."""
     linear: torch.Tensor
-    """[batch, d_out] linear part (bias included); zeros in the "interaction" form."""
+    """[batch, d_out] first-order part (bias included); zeros in the "interaction" form."""
     interaction: torch.Tensor
-    """[batch, d_out] interaction part."""
-    pooled: torch.Tensor
-    """[batch, K] bi-interaction pooled vector (after batch norm, before dropout)."""
+    """[batch, d_out] interaction part; zeros in the "first_order" form."""
+    pooled: torch.Tensor | None
+    """[batch, K] bi-interaction pooled vector (after batch norm, before dropout); None in "first_order"."""
     hidden_pre: torch.Tensor | None
-    """[batch, K] post-Linear(K,K), pre-ReLU vector (None in the "fm" form)."""
+    """[batch, K] post-Linear(K,K), pre-ReLU vector (None in the "fm" and "first_order" forms)."""
 
 
 def bi_interaction(values: torch.Tensor, indices: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -68,45 +96,121 @@ def bi_interaction(values: torch.Tensor, indices: torch.Tensor, embeddings: torc
     return 0.5 * (total.square() - squares)
 
 
+KNOT_MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 class NFM(nn.Module):
     """See the module docstring; :meth:`forward` takes a sparse code."""
 
     def __init__(self, cfg: NFMConfig, seed: int = 0):
         super().__init__()
+        if cfg.knots > len(KNOT_MULTIPLES):
+            raise ValueError(f"at most {len(KNOT_MULTIPLES)} knots, got {cfg.knots}")
         self.cfg = cfg
         generator = torch.Generator().manual_seed(seed)
-        K = cfg.k_embed
-        self.embeddings = nn.Parameter(torch.randn(cfg.n_latents, K, generator=generator) * cfg.embed_init_std)
-        self.linear_weight = nn.Parameter(torch.zeros(cfg.n_latents, cfg.d_out))
-        self.bias = nn.Parameter(torch.zeros(cfg.d_out))
-        self.norm = nn.BatchNorm1d(K) if cfg.batch_norm else nn.Identity()
-        self.dropout = nn.Dropout(cfg.dropout)
-        if cfg.form == "fm":
-            self.hidden = None
-            self.out = nn.Linear(K, cfg.d_out)
-        else:
-            self.hidden = nn.Linear(K, K)
-            self.out = nn.Linear(K, cfg.d_out)
+        K, n, d = cfg.k_embed, cfg.n_latents, cfg.d_out
+        if cfg.has_first_order:
+            # one weight row per (feature, basis function): f, then relu(f - t) per knot
+            self.linear_weight = nn.Parameter(torch.zeros(n * (1 + cfg.knots), d))
+            self.bias = nn.Parameter(torch.zeros(d))
+            self.register_buffer("knot_values", torch.ones(n, 1) * torch.tensor(KNOT_MULTIPLES[: cfg.knots]))
+        if cfg.has_pairs:
+            self.embeddings = nn.Parameter(torch.randn(n, K, generator=generator) * cfg.embed_init_std)
+            self.norm = nn.BatchNorm1d(K) if cfg.batch_norm else nn.Identity()
+            self.dropout = nn.Dropout(cfg.dropout)
+            self.hidden = None if cfg.form == "fm" else nn.Linear(K, K)
+            self.out = nn.Linear(K, d)
+            with torch.no_grad():  # seeded like the embeddings, so a seed fixes the whole initial model
+                for layer in (self.hidden, self.out):
+                    if layer is not None:
+                        bound = layer.in_features**-0.5
+                        layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+                        layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
 
-    def forward(self, values: torch.Tensor, indices: torch.Tensor) -> NFMOutput:
+    def set_knots(self, feature_scale: np.ndarray | torch.Tensor) -> None:
+        """Place each feature's knots at multiples of its mean active value (from the fitting data)."""
+        if self.cfg.knots and self.cfg.has_first_order:
+            scale = torch.as_tensor(feature_scale, dtype=torch.float32).reshape(-1, 1)
+            self.knot_values.copy_(scale * torch.tensor(KNOT_MULTIPLES[: self.cfg.knots]))
+
+    def _check(self, values: torch.Tensor, indices: torch.Tensor) -> None:
         if values.shape != indices.shape or values.dim() != 2:
             raise ValueError(
                 f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [batch, n_active]"
             )
-        if len(indices) and int(indices.max()) >= self.cfg.n_latents:
+        if indices.numel() and (int(indices.max()) >= self.cfg.n_latents or int(indices.min()) < 0):
             raise ValueError(
                 f"latent index {int(indices.max())} out of range for an NFM of {self.cfg.n_latents} latents"
             )
-        pooled = self.norm(bi_interaction(values, indices, self.embeddings))
+
+    def first_order_terms(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Basis values and weight rows of the first-order term, [batch, n_active * (1 + knots)] each."""
+        if not self.cfg.knots:
+            return values, indices
+        hinges = torch.relu(values.unsqueeze(-1) - self.knot_values[indices])  # knots > 0: silent when off
+        basis = torch.cat([values.unsqueeze(-1), hinges], dim=-1)
+        rows = indices.unsqueeze(-1) * (1 + self.cfg.knots) + torch.arange(1 + self.cfg.knots)
+        return basis.flatten(1), rows.flatten(1)
+
+    def first_order(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The first-order part (bias included): a sum of per-feature terms, one embedding bag."""
+        basis, rows = self.first_order_terms(values, indices)
+        return F.embedding_bag(rows, self.linear_weight, per_sample_weights=basis, mode="sum") + self.bias
+
+    def interaction_from_pooled(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(interaction output, pre-ReLU hidden vector) from a pooled vector (after batch norm)."""
         dropped = self.dropout(pooled)
         if self.hidden is None:
-            hidden_pre = None
-            interaction = self.out(dropped)
+            return self.out(dropped), None
+        hidden_pre = self.hidden(dropped)
+        return self.out(torch.relu(hidden_pre)), hidden_pre
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        pair_values: torch.Tensor | None = None,
+        pair_indices: torch.Tensor | None = None,
+    ) -> NFMOutput:
+        """The one forward: ``(values, indices)`` is the code; the pairwise term reads ``pair_*`` when given
+        (the shuffled-pair control), else the same code."""
+        self._check(values, indices)
+        if pair_values is None:
+            pair_values, pair_indices = values, indices
         else:
-            hidden_pre = self.hidden(dropped)
-            interaction = self.out(torch.relu(hidden_pre))
-        if self.cfg.form == "interaction":
-            linear = torch.zeros_like(interaction)
-        else:
-            linear = F.embedding_bag(indices, self.linear_weight, per_sample_weights=values, mode="sum") + self.bias
+            self._check(pair_values, pair_indices)
+        zeros = values.new_zeros(len(values), self.cfg.d_out)
+        linear = self.first_order(values, indices) if self.cfg.has_first_order else zeros
+        if not self.cfg.has_pairs:
+            return NFMOutput(linear, linear, zeros, None, None)
+        pooled = self.norm(bi_interaction(pair_values, pair_indices, self.embeddings))
+        interaction, hidden_pre = self.interaction_from_pooled(pooled)
         return NFMOutput(linear + interaction, linear, interaction, pooled, hidden_pre)
+
+    def predict(self, batch) -> torch.Tensor:
+        """Prediction of the residual for a :class:`featint_utils.residuals.CodeBatch`."""
+        return self(batch.values, batch.indices, batch.pair_values, batch.pair_indices).output
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> None:
+        """``nfm.safetensors`` + ``cfg.json``, each written atomically."""
+        directory = Path(directory)
+        with atomic_path(directory / "nfm.safetensors") as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        write_json(directory / "cfg.json", {"format": "featint-nfm", **asdict(self.cfg), "extra": extra or {}})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> NFM:
+        directory = Path(directory)
+        for name in ("cfg.json", "nfm.safetensors"):
+            if not (directory / name).exists():
+                raise FileNotFoundError(f"no NFM at {str(directory)!r}: {name} is missing")
+        raw = json.loads((directory / "cfg.json").read_text())
+        if raw.pop("format", None) != "featint-nfm":
+            raise ValueError(f"{directory / 'cfg.json'} is not a featint NFM config")
+        raw.pop("extra", None)
+        model = cls(NFMConfig(**raw))
+        model.load_state_dict(load_file(str(directory / "nfm.safetensors")))
+        return model.eval()

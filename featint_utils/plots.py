@@ -115,3 +115,91 @@ def feature_density(firing_frequency: np.ndarray, title: str = "") -> plt.Figure
            title=title or f"feature density ({dead} of {len(firing_frequency)} latents never fire)")  # fmt: skip
     fig.tight_layout()
     return fig
+
+
+def fit_curves(histories: dict[str, pd.DataFrame], title: str = "") -> plt.Figure:
+    """Fitting-set and tune-set FVU per epoch of residual models (dots: the kept, best epochs)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, history) in enumerate(histories.items()):
+        color = f"C{i}"
+        ax.plot(history["epoch"], history["fit_fvu"], color=color, lw=0.9, alpha=0.5)
+        ax.plot(history["epoch"], history["tune_fvu"], color=color, lw=1.6, label=name)
+        best = history.loc[history["tune_fvu"].idxmin()]
+        ax.plot(best["epoch"], best["tune_fvu"], "o", color=color)
+    ax.set(xlabel="epoch", ylabel="residual FVU", title=title or "fit (thin) and tune (thick) FVU; dot: kept epoch")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def baseline_ladder(table: pd.DataFrame, labels: dict[str, str]) -> plt.Figure:
+    """Held-out residual FVU and total-activation FVU of every model (bars: mean over seeds; dots: seeds)."""
+    order = [m for m in labels if m in set(table["model"])]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(order) + 1.6), sharey=True)
+    for ax, column, title in ((axes[0], "residual_fvu", "SAE residual: FVU of each model's prediction"),
+                              (axes[1], "total_fvu", "activation: FVU of SAE + the model")):  # fmt: skip
+        means = table.groupby("model")[column].mean().reindex(order)
+        y = np.arange(len(order))
+        ax.barh(y, means, color=["#8c8c8c" if m == "sae_alone" else "#4c72b0" for m in order], alpha=0.8)
+        for i, model in enumerate(order):
+            seeds = table.loc[table["model"] == model, column]
+            ax.plot(seeds, np.full(len(seeds), i), "k.", ms=4)
+            ax.text(means[model], i, f" {means[model]:.4f}", va="center", fontsize=8)
+        ax.set(title=title, xlabel="FVU (held-out documents; lower is better)")
+        ax.set_xlim(0, means.max() * 1.18)
+    axes[0].set_yticks(np.arange(len(order)), [labels[m] for m in order])
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def interaction_shares(shares: pd.DataFrame) -> plt.Figure:
+    """Held-out incremental R-squared of the pairwise term per comparison: bars are means, dots seeds."""
+    names = {"over_linear": "pairwise over linear", "over_additive": "pairwise over additive",
+             "shuffled_control": "shuffled pairs over linear\n(control)"}  # fmt: skip
+    columns = [c for c in names if c in shares]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, column in enumerate(columns):
+        values = shares[column]
+        ax.bar(i, values.mean(), color="#c44e52" if column == "shuffled_control" else "#55a868", alpha=0.8)
+        ax.errorbar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, color="k", capsize=4)
+        ax.plot(np.full(len(values), i), values, "k.", ms=5)
+        ax.text(i, values.mean(), f"{values.mean():+.4f}\n", ha="center", va="bottom", fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.margins(y=0.2)  # room for the value labels
+    ax.set_xticks(range(len(columns)), [names[c] for c in columns])
+    ax.set(ylabel="Δ R² of the SAE residual (held-out)",
+           title=f"interaction share: mean ± sd over {len(shares)} seeds (dots)")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def top_feature_bars(attribution: pd.DataFrame, n: int = 15) -> plt.Figure:
+    """The features with the largest variance share of the first-order and of the interaction part."""
+    parts = [p for p in ("linear", "interaction") if f"{p}_share" in attribution]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 0.28 * n + 1.5))
+    axes = np.atleast_1d(axes)
+    for ax, part in zip(axes, parts):
+        top = attribution.nlargest(n, f"{part}_share")
+        ax.barh(np.arange(len(top)), top[f"{part}_share"], color="#4c72b0" if part == "linear" else "#55a868")
+        ax.set_yticks(np.arange(len(top)), [f"#{f}" for f in top["feature"]])
+        ax.invert_yaxis()
+        ax.set(xlabel="share of the part's held-out variance",
+               title=f"top features of the {'first-order' if part == 'linear' else 'interaction'} part")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def interaction_matrix(strength: pd.DataFrame) -> plt.Figure:
+    """Heat map of ``<v_i, v_j>`` between the factor embeddings of the top interaction features."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    values = strength.to_numpy().copy()
+    np.fill_diagonal(values, np.nan)  # ||v_i||^2 is no pairwise interaction (pooling is strictly i != j)
+    limit = np.nanmax(np.abs(values)) or 1.0
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    ax.set_xticks(range(len(strength)), [f"#{c}" for c in strength.columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(strength)), [f"#{c}" for c in strength.index], fontsize=7)
+    fig.colorbar(image, ax=ax, label="<v_i, v_j>")
+    ax.set_title("pairwise interaction strength between the top interaction features")
+    fig.tight_layout()
+    return fig

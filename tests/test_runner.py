@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -62,14 +63,31 @@ def _raw_parameters(name):
 
 def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
     """The real pipeline through papermill: every notebook, tiny sizes, reports rendered."""
-    tiny = {"max_groups": "12", "batch_size": "16", "val_fraction": "0.25", "n_boot": "50", "probe_folds": "3",
-            "sae_latents": "256", "sae_train_tokens": "4096", "sae_batch_size": "256", "splice_texts": "8"}
+    tiny = {
+        "max_groups": "12",
+        "batch_size": "16",
+        "val_fraction": "0.25",
+        "n_boot": "50",
+        "probe_folds": "3",
+        "sae_latents": "256",
+        "sae_train_tokens": "4096",
+        "sae_batch_size": "256",
+        "splice_texts": "8",
+        "nfm_batch_size": "64",
+        "nfm_k_embed": "16",
+        "nfm_max_epochs": "3",
+        "n_seeds": "2",
+        "n_top_features": "5",
+    }
     run_dir = runner.run("embedded", overrides=tiny, runs_dir=tmp_path)
     for nb in runner.notebooks():
         assert (run_dir / "notebooks" / nb.name).exists()
         assert (run_dir / "reports" / f"{nb.stem}.html").stat().st_size > 10_000
     record = json.loads((run_dir / "run.json").read_text())
     assert all(stage["status"] == "ok" for stage in record["stages"].values())
+    contributions = json.loads((run_dir / "metrics.json").read_text())["contributions"]
+    assert contributions["n_seeds"] == 2 and "interaction_share.over_linear.sd" in contributions
+    assert all(math.isfinite(value) for value in contributions.values())
     store = ActivationStore(run_dir / "activations")
     assert len(store.manifest["split"]["train_groups"]) == 9 and len(store.manifest["split"]["val_groups"]) == 3
 

@@ -1,0 +1,268 @@
+"""The NFM stage's data: each token's SAE code, its SAE residual and its activation, cached on disk.
+
+For every token (normalised space, the SAE's own input scale): the top-k code ``(values, indices)``,
+the residual ``e = x - SAE(x)`` (the NFM's target) and ``x`` itself (for the raw-activation baseline),
+plus the token's document. Arrays are ``.npy`` files opened as memory maps, so the NFM stage's memory
+does not grow with the corpus; the cache is rebuilt when the SAE or the store changes.
+
+The tokens are the store's ``val`` documents, which the SAE never trained on. This matters: an SAE
+trained for several epochs fits its own training tokens far better than new ones (embedded profile:
+FVU 0.04 on its training documents, 0.20 held out), so residuals of training tokens are a different,
+smaller signal, and a model of them learns the SAE's over-fitting, not what the SAE misses in general.
+Those documents are split again, by document, into three sets with one job each: ``fit`` trains every
+model, ``tune`` picks early-stopping epochs and ridge penalties, ``test`` is only ever used to report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .activations import ActivationStore
+from .io import read_json, replace_dir, write_json
+from .progress import progress
+from .sae import TopKSAE
+
+ARRAYS = ("values", "indices", "target", "inputs", "groups")
+FORMAT = "featint-residuals"
+
+
+class CodeBatch(NamedTuple):
+    """One minibatch of a :class:`CodeData`."""
+
+    values: torch.Tensor
+    """[batch, k] code values (zeros where fewer than k latents fire)."""
+    indices: torch.Tensor
+    """[batch, k] int64 latent indices."""
+    target: torch.Tensor
+    """[batch, d] the SAE residual."""
+    inputs: torch.Tensor
+    """[batch, d] the normalised activation."""
+    pair_values: torch.Tensor
+    """[batch, k] the code the pairwise term sees: the same code, or another token's in the shuffled control."""
+    pair_indices: torch.Tensor
+    """[batch, k] indices of ``pair_values``."""
+
+
+@dataclass
+class CodeData:
+    """Codes, residuals and activations of a set of tokens: the rows ``rows`` of full-length arrays
+    (memory maps for a cached store), so subsets cost an index array, not a copy."""
+
+    values: np.ndarray
+    indices: np.ndarray
+    target: np.ndarray
+    inputs: np.ndarray
+    groups: np.ndarray
+    """Document (store text index) of every token."""
+    n_latents: int
+    rows: np.ndarray | None = None
+    """Rows of the arrays that belong to this set (None: all)."""
+    pair_rows: np.ndarray | None = None
+    """For each row of this set, the row (of this set) whose code feeds the pairwise term (None: its own)."""
+
+    def __post_init__(self):
+        n = len(self.values)
+        for name in ARRAYS:
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"CodeData arrays disagree in length: {name} has {len(getattr(self, name))}, not {n}")
+        if self.values.shape != self.indices.shape:
+            raise ValueError(f"values {self.values.shape} and indices {self.indices.shape} differ in shape")
+        if self.rows is None:
+            self.rows = np.arange(n)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def d_out(self) -> int:
+        return self.target.shape[1]
+
+    @property
+    def document(self) -> np.ndarray:
+        """Document of each row of this set."""
+        return np.asarray(self.groups)[self.rows]
+
+    def batch(self, local: np.ndarray) -> CodeBatch:
+        """Rows ``local`` of this set (any order) as tensors."""
+        local = np.asarray(local)
+
+        def take(array, at):
+            order = np.argsort(at, kind="stable")  # sorted reads from the memory maps, then back in order
+            out = np.empty((len(at),) + array.shape[1:], array.dtype)
+            out[order] = array[at[order]]
+            return torch.from_numpy(out)
+
+        at = self.rows[local]
+        values, indices = take(self.values, at).float(), take(self.indices, at).long()
+        if self.pair_rows is None:
+            pair_values, pair_indices = values, indices
+        else:
+            pairs = self.rows[self.pair_rows[local]]
+            pair_values, pair_indices = take(self.values, pairs).float(), take(self.indices, pairs).long()
+        return CodeBatch(values, indices, take(self.target, at).float(), take(self.inputs, at).float(),
+                         pair_values, pair_indices)  # fmt: skip
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0):
+        """One pass in minibatches; the order depends only on ``seed``."""
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+    def subset(self, local: np.ndarray) -> CodeData:
+        """Rows ``local`` of this set, in store order."""
+        if self.pair_rows is not None:
+            raise ValueError("take subsets before shuffling pairs")
+        return replace(self, rows=self.rows[np.sort(np.asarray(local))])
+
+    def with_shuffled_pairs(self, seed: int = 0) -> CodeData:
+        """The shuffled-pair control: the pairwise term sees the code of another, random token of the same
+        set (a fixed permutation), so each feature's marginal is kept but its pairs with the token's own
+        features (and the link to the token's residual) are broken."""
+        return replace(self, pair_rows=np.random.default_rng(seed + 7919).permutation(len(self)))
+
+    def feature_scale(self) -> np.ndarray:
+        """Mean value of each latent where it fires (1 for latents that never fire here), float32."""
+        total = np.zeros(self.n_latents)
+        count = np.zeros(self.n_latents)
+        for batch in self.batches(65536):
+            on = batch.values > 0
+            total += torch.zeros(self.n_latents, dtype=torch.float64).index_add_(
+                0, batch.indices[on], batch.values[on].double()).numpy()  # fmt: skip
+            count += torch.bincount(batch.indices[on], minlength=self.n_latents).numpy()
+        return np.where(count > 0, total / np.maximum(count, 1), 1.0).astype(np.float32)
+
+
+def split_fit_tune(data: CodeData, tune_fraction: float = 0.1, seed: int = 0) -> tuple[CodeData, CodeData]:
+    """Split by document: ``tune_fraction`` of the documents (at least one) for tuning, the rest to fit."""
+    if not 0 < tune_fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {tune_fraction}")
+    document = data.document
+    documents = np.unique(document)
+    if len(documents) < 2:
+        raise ValueError(f"splitting by document needs at least two documents; this set has {len(documents)}")
+    n_tune = min(len(documents) - 1, max(1, round(tune_fraction * len(documents))))
+    tune_docs = np.random.default_rng(seed).choice(documents, n_tune, replace=False)
+    is_tune = np.isin(document, tune_docs)
+    return data.subset(np.flatnonzero(~is_tune)), data.subset(np.flatnonzero(is_tune))
+
+
+def split_fit_tune_test(
+    data: CodeData, tune_fraction: float = 0.15, test_fraction: float = 0.3, seed: int = 0
+) -> dict[str, CodeData]:
+    """``fit``, ``tune`` and ``test`` sets by document (fractions of the documents)."""
+    if tune_fraction + test_fraction >= 1:
+        raise ValueError(f"tune_fraction + test_fraction must be below 1, got {tune_fraction} + {test_fraction}")
+    rest, test = split_fit_tune(data, test_fraction, seed)
+    fit, tune = split_fit_tune(rest, tune_fraction / (1 - test_fraction), seed + 1)
+    return {"fit": fit, "tune": tune, "test": test}
+
+
+def _fingerprint(sae: TopKSAE, store: ActivationStore) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(f"{sae.cfg.k}|{sae.cfg.input_scale}|{store.manifest['created']}|{store.path.resolve()}".encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_residual_data(
+    sae: TopKSAE, store: ActivationStore, cache_dir: str | Path, batch_size: int = 4096, reuse: bool = True
+) -> CodeData:
+    """Codes, residuals and activations of the store's ``val`` documents, cached in ``cache_dir``."""
+    if store.d_model != sae.cfg.d_in:
+        raise ValueError(
+            f"the activation store is {store.d_model} wide but the SAE takes d_in={sae.cfg.d_in}: "
+            "they come from different models or layers"
+        )
+    if abs(store.scale - sae.cfg.input_scale) > 1e-6 * max(1.0, store.scale):
+        print(f"note: the SAE's input scale {sae.cfg.input_scale:.6g} differs from the store's "
+              f"{store.scale:.6g}; using the SAE's, as it was trained with it")  # fmt: skip
+    cache_dir = Path(cache_dir)
+    fingerprint = _fingerprint(sae, store)
+    manifest_path = cache_dir / "manifest.json"
+    if reuse and manifest_path.exists() and read_json(manifest_path).get("fingerprint") == fingerprint:
+        return open_residual_data(cache_dir)
+    partial = cache_dir.with_name(cache_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    k, d = sae.cfg.k, store.d_model
+    sae = sae.eval()
+    split = "val"
+    n = store.n_tokens(split)
+    (partial / split).mkdir()
+    shapes = {"values": ((n, k), np.float32), "indices": ((n, k), np.int32), "target": ((n, d), np.float32),
+              "inputs": ((n, d), np.float32), "groups": ((n,), np.int32)}  # fmt: skip
+    out = {name: np.lib.format.open_memmap(partial / split / f"{name}.npy", "w+", dtype, shape)
+           for name, (shape, dtype) in shapes.items()}  # fmt: skip
+    out["groups"][:] = store.tokens(split)["text_index"].to_numpy()
+    start = 0
+    bar = progress(total=n, desc=f"SAE codes and residuals ({split})", unit="tok")
+    for x in store.batches(split, batch_size, shuffle=False, normalize=False):
+        x = x * sae.cfg.input_scale
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite activations in the {split} split of {store.path}")
+        values, indices = sae.encode(x)
+        stop = start + len(x)
+        out["values"][start:stop] = values.numpy()
+        out["indices"][start:stop] = indices.numpy()
+        out["target"][start:stop] = (x - sae.decode(values, indices)).numpy()
+        out["inputs"][start:stop] = x.numpy()
+        start = stop
+        bar.update(len(x))
+    bar.close()
+    for array in out.values():
+        array.flush()
+    del out
+    write_json(partial / "manifest.json", {"format": FORMAT, "fingerprint": fingerprint,
+                                           "n_latents": sae.cfg.n_latents, "k": k, "d": d})  # fmt: skip
+    replace_dir(partial, cache_dir)
+    return open_residual_data(cache_dir)
+
+
+def open_residual_data(cache_dir: str | Path) -> CodeData:
+    """The cached set of :func:`build_residual_data`, as memory maps."""
+    cache_dir = Path(cache_dir)
+    manifest_path = cache_dir / "manifest.json"
+    if not manifest_path.exists() or read_json(manifest_path).get("format") != FORMAT:
+        raise ValueError(f"no residual cache at {str(cache_dir)!r}: run notebook 02 first")
+    arrays = {name: np.load(cache_dir / "val" / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    return CodeData(**arrays, n_latents=read_json(manifest_path)["n_latents"])
+
+
+def code_data_from_arrays(values, indices, target, inputs=None, groups=None, n_latents: int | None = None) -> CodeData:
+    """A :class:`CodeData` from in-memory arrays (planted data, tests); one document per 64 rows by default."""
+    values = np.asarray(values, np.float32)
+    indices = np.asarray(indices, np.int32)
+    target = np.asarray(target, np.float32)
+    inputs = target if inputs is None else np.asarray(inputs, np.float32)
+    groups = np.arange(len(values)) // 64 if groups is None else np.asarray(groups)
+    n_latents = int(indices.max()) + 1 if n_latents is None else n_latents
+    return CodeData(values, indices, target, inputs, groups, n_latents)
+
+
+def set_sizes(sets: dict[str, CodeData]) -> pd.DataFrame:
+    """Tokens and documents of each set, and what the set is used for."""
+    roles = {"fit": "trains every model", "tune": "early stopping, ridge penalty", "test": "reported numbers only"}
+    return pd.DataFrame([{"set": name, "tokens": len(data), "documents": len(np.unique(data.document)),
+                          "role": roles.get(name, "")} for name, data in sets.items()]).set_index("set")  # fmt: skip
+
+
+def save_sets(sets: dict[str, CodeData], path: str | Path) -> None:
+    """Record which documents each set holds, so later notebooks take apart the very same sets."""
+    write_json(path, {name: sorted(int(d) for d in np.unique(data.document)) for name, data in sets.items()})
+
+
+def load_sets(data: CodeData, path: str | Path) -> dict[str, CodeData]:
+    """The sets :func:`save_sets` recorded, cut again from ``data``."""
+    documents = read_json(path)
+    return {name: data.subset(np.flatnonzero(np.isin(data.document, docs))) for name, docs in documents.items()}
