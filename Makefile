@@ -30,6 +30,7 @@ bench-setup:  ## a separate .venv-bench with featint + the peer libraries the be
 bench:  ## side-by-side performance comparisons (see benchmarks/README.md); needs `make bench-setup`
 	.venv-bench/bin/python benchmarks/extraction.py
 	.venv-bench/bin/python benchmarks/sae_train.py
+	.venv-bench/bin/python benchmarks/nfm_train.py
 	.venv-bench/bin/python benchmarks/saelens_interop.py
 
 sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
