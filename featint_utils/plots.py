@@ -203,3 +203,38 @@ def interaction_matrix(strength: pd.DataFrame) -> plt.Figure:
     ax.set_title("pairwise interaction strength between the top interaction features")
     fig.tight_layout()
     return fig
+
+
+def feature_panel(per_text: np.ndarray, condition_means: dict[str, float], title: str = "") -> plt.Figure:
+    """One feature on the stimulus set: histogram of its per-text activation and the 2x2 condition means."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    axes[0].hist(per_text, bins=40, color="#4c72b0")
+    silent = float((per_text == 0).mean())
+    axes[0].set(xlabel="mean activation over a text's tokens", ylabel="texts", title=f"per text ({silent:.0%} silent)")
+    for formality, color in (("formal", "#4c72b0"), ("casual", "#dd8452")):
+        means = [condition_means[f"{formality}_{emotion}"] for emotion in ("neutral", "emotional")]
+        axes[1].plot([0, 1], means, "o-", color=color, label=formality)
+    axes[1].set_xticks([0, 1], ["neutral", "emotional"])
+    axes[1].set(ylabel="mean activation", title="condition means (parallel lines: no interaction)")
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def effect_volcano(effects: pd.DataFrame, effect: str = "interaction", q: float = 0.05, title: str = "") -> plt.Figure:
+    """Signed effect against significance for every feature of a family; BH-significant ones highlighted."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    p = effects[f"{effect}_p"].clip(lower=1e-300)
+    x = effects[f"{effect}_effect"]
+    significant = effects[f"{effect}_q"] < q
+    ax.scatter(x[~significant], -np.log10(p[~significant]), s=5, color="#8c8c8c", alpha=0.5)
+    ax.scatter(x[significant], -np.log10(p[significant]), s=8, color="#c44e52",
+               label=f"q < {q} ({int(significant.sum())} of {len(effects)})")  # fmt: skip
+    label = {"interaction": "(FE − FN) − (CE − CN)", "formality": "formal − casual", "emotion": "emotional − neutral"}
+    ax.set(xlabel=f"{effect} effect on the mean activation: {label[effect]}", ylabel="-log10 p",
+           title=title or f"{effect}: every feature")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -17,7 +17,8 @@
 # Which features track formality, emotion, and their interaction is measured on the project's stimulus
 # set: every item is one proposition written four ways (formal/casual × emotional/neutral). Before any
 # feature is tested, this notebook checks that the stimuli vary the two factors **independently**:
-# otherwise a "formality feature" could be an emotion feature in disguise.
+# otherwise a "formality feature" could be an emotion feature in disguise. Then every primary and
+# secondary feature is tested with the **item** as the unit of analysis.
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
@@ -25,12 +26,24 @@ model: str = "embedded"  # the model whose pooled embeddings the probe reads
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 probe_folds: int = 5  # item-grouped cross-validation folds of the linear probe
 n_boot: int = 2000  # item-level bootstrap resamples for effect-size intervals
+fdr_q: float = 0.05  # Benjamini-Hochberg level across the features of a family
+n_top_features: int = 20  # features listed per ranking
+n_panels: int = 4  # secondary features shown in full (texts, condition means, drivers) in a headless run
+seed: int = 0  # the NFM seed whose secondary SAE is tested; splits items for the replication
 
 # %%
+from pathlib import Path
+
+import pandas as pd
 from IPython.display import display
 
-from featint_utils import manipulation, models, plots
+from featint_utils import identification, manipulation, models, plots, secondary, widgets
+from featint_utils.activations import ActivationStore
 from featint_utils.corpus import load_stimuli
+from featint_utils.io import update_metrics
+from featint_utils.nfm import NFM
+from featint_utils.progress import headless
+from featint_utils.sae import TopKSAE
 
 # %% [markdown]
 # ## Manipulation checks
@@ -62,3 +75,114 @@ display(probes.round(3))
 # %%
 fig = plots.manipulation_checks(scored, effects, probes)
 plots.save(fig, run_dir, "05_manipulation_checks")
+
+# %% [markdown]
+# ## Every feature, per text
+# Each stimulus text goes through the model; each of its real tokens (no padding, no special tokens) is
+# encoded by the primary SAE and, through the NFM, by the secondary SAE; a feature's value for the text is
+# its **mean** over the text's tokens (the max is kept too).
+
+# %%
+store = ActivationStore(Path(run_dir) / "activations")
+primary = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
+nfm = NFM.load(Path(run_dir) / "nfm" / "nfm" / f"seed{seed}" / "model")
+sae2 = TopKSAE.load(Path(run_dir) / "secondary_sae" / "sae")
+
+
+def encode_primary(x):
+    return primary.encode(x * primary.cfg.input_scale)
+
+
+def encode_secondary(x):
+    return sae2.encode(secondary.embed(nfm, *encode_primary(x)) * sae2.cfg.input_scale)
+
+
+encoders = {"primary": (encode_primary, primary.cfg.n_latents), "secondary": (encode_secondary, sae2.cfg.n_latents)}
+per_text = identification.text_activations(loaded, store.layer, stimuli["text"].tolist(), encoders)
+
+# %% [markdown]
+# ## Formality × emotion, feature by feature
+# For every feature: `activation ~ item + formality * emotion` (item as a blocking factor; the closed form
+# of `statsmodels`' OLS for this balanced design), partial η² per effect, and Benjamini-Hochberg q-values
+# across the features of each family. Features that never fire on the stimuli are tested too (p = 1).
+
+# %%
+effects, counts = {}, []
+for family in encoders:
+    for pooling in ("mean", "max"):
+        cell_values, items = identification.cells(per_text[family][pooling], stimuli)
+        table = identification.feature_effects(cell_values)
+        if pooling == "mean":
+            effects[family] = table
+        counts.append({"family": family, "pooling": pooling, "features": len(table),
+                       **{f"{e} (q < {fdr_q})": int((table[f"{e}_q"] < fdr_q).sum())
+                          for e in ("formality", "emotion", "interaction")}})  # fmt: skip
+counts = pd.DataFrame(counts).set_index(["family", "pooling"])
+display(counts)
+for family, table in effects.items():
+    fig = plots.effect_volcano(table, "interaction", fdr_q, title=f"{family} features: formality × emotion interaction")
+    plots.save(fig, run_dir, f"05_{family}_interaction_volcano")
+
+# %% [markdown]
+# The strongest features per effect (q < the level), with their condition means.
+
+# %%
+columns = ["feature", "formality_eta2", "emotion_eta2", "interaction_eta2", "interaction_effect", "interaction_q",
+           "mean_formal_emotional", "mean_formal_neutral", "mean_casual_emotional", "mean_casual_neutral"]
+for family, table in effects.items():
+    for effect in ("formality", "emotion", "interaction"):
+        top = identification.rank(table, effect, n_top_features, fdr_q)
+        print(f"{family} features, ranked by {effect} ({len(top)} shown)")
+        display(top[columns].style.format(precision=3).hide(axis="index"))
+
+# %% [markdown]
+# ## Does the selection hold on new items?
+# Effect sizes of features selected on the data that selected them are inflated. Features are selected on
+# a random half of the items and tested again on the other half only.
+
+# %%
+replication = {}
+for family in encoders:
+    cell_values, _ = identification.cells(per_text[family]["mean"], stimuli)
+    replication[family] = identification.split_half_replication(cell_values, "interaction", n_top_features, fdr_q, seed)
+    print(f"{family}: {int(replication[family]['replicated'].sum())} of {len(replication[family])} "
+          "interaction-selected features replicate on the held-out items")
+    display(replication[family].style.format(precision=3).hide(axis="index"))
+
+# %%
+update_metrics(run_dir, "identification", {
+    **{f"{family}.{e}_selective": int((effects[family][f"{e}_q"] < fdr_q).sum())
+       for family in effects for e in ("formality", "emotion", "interaction")},
+    **{f"{family}.interaction_replicated": int(replication[family]["replicated"].sum()) for family in replication},
+    **{f"{family}.interaction_selected_on_half": len(replication[family]) for family in replication},
+    "fdr_q": fdr_q,
+})  # fmt: skip
+
+# %% [markdown]
+# ## Feature browser
+# In JupyterLab: pick any feature. In a headless run (and the HTML report) the strongest secondary
+# interaction features are shown in full: their top stimulus texts with token highlighting, the
+# distribution of their per-text activation, their 2x2 condition means, and the primary features and
+# pairs that drive them (exact contributions to the pre-activation over their 50 strongest held-out tokens).
+
+# %%
+def family_view(name, encode, effects_table, drivers=None):
+    return widgets.FeatureFamily(
+        name, per_text[name]["mean"], stimuli, effects_table,
+        lambda text, feature: identification.token_activations(loaded, store.layer, text, encode, feature), drivers,
+    )  # fmt: skip
+
+
+def secondary_drivers(feature):
+    return secondary.drivers(nfm, sae2, feature, secondary.top_codes(primary, nfm, sae2, store, feature, n=50))
+
+
+families = {"secondary": family_view("secondary", encode_secondary, effects["secondary"], secondary_drivers),
+            "primary": family_view("primary", encode_primary, effects["primary"])}  # fmt: skip
+suggested = {name: identification.rank(effects[name], "interaction", n_top_features, fdr_q)["feature"].tolist()
+             for name in families}  # fmt: skip
+if headless():
+    shown = suggested["secondary"][:n_panels] or effects["secondary"].nlargest(n_panels, "interaction_eta2")["feature"]
+    widgets.show_static(families["secondary"], list(shown))
+else:
+    display(widgets.browser(families, suggested))

@@ -78,6 +78,11 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
         "nfm_max_epochs": "3",
         "n_seeds": "2",
         "n_top_features": "5",
+        "secondary_latents": "64",
+        "secondary_k": "4",
+        "secondary_train_tokens": "2048",
+        "secondary_batch_size": "256",
+        "n_panels": "1",
     }
     run_dir = runner.run("embedded", overrides=tiny, runs_dir=tmp_path)
     for nb in runner.notebooks():
@@ -85,7 +90,9 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
         assert (run_dir / "reports" / f"{nb.stem}.html").stat().st_size > 10_000
     record = json.loads((run_dir / "run.json").read_text())
     assert all(stage["status"] == "ok" for stage in record["stages"].values())
-    contributions = json.loads((run_dir / "metrics.json").read_text())["contributions"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"primary_sae", "contributions", "secondary_sae", "identification"} <= set(metrics)
+    contributions = metrics["contributions"]
     assert contributions["n_seeds"] == 2 and "interaction_share.over_linear.sd" in contributions
     assert all(math.isfinite(value) for value in contributions.values())
     store = ActivationStore(run_dir / "activations")

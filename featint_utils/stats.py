@@ -1,0 +1,132 @@
+"""Statistics with the stimulus item as the unit: a 2x2 within-item design, formality x emotion.
+
+:func:`block_anova` is the two-way ANOVA with item as a blocking factor,
+``y ~ C(item) + C(formality) * C(emotion)`` (one observation per item and cell), for many response
+variables at once. With every item in all four cells the design is balanced, so the sums of squares are
+closed-form contrasts; a test checks them against ``statsmodels``' ``anova_lm`` on the same data, and
+:func:`block_anova_statsmodels` runs that reference fit for any single response.
+
+Cells are in :data:`featint_utils.corpus.CONDITIONS` order: formal_emotional, formal_neutral,
+casual_emotional, casual_neutral.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+EFFECTS = ("formality", "emotion", "interaction")
+# +1/-1 contrasts over the four cells (FE, FN, CE, CN): formal - casual, emotional - neutral, and the
+# difference of differences (FE - FN) - (CE - CN)
+CONTRASTS = {
+    "formality": np.array([1, 1, -1, -1]),
+    "emotion": np.array([1, -1, 1, -1]),
+    "interaction": np.array([1, -1, -1, 1]),
+}
+
+
+def block_anova(cells: np.ndarray) -> pd.DataFrame:
+    """Two-way ANOVA with item blocking for every column of ``cells`` [n_items, 4, n_responses].
+
+    Returns one row per response with, per effect: ``F``, ``p``, partial eta-squared
+    ``SS_effect / (SS_effect + SS_residual)``, and the signed effect (``formality``: mean formal - mean
+    casual; ``emotion``: emotional - neutral; ``interaction``: (FE - FN) - (CE - CN), averaged over items).
+    Responses that do not vary get p = 1 and eta-squared 0."""
+    cells = np.asarray(cells, dtype=np.float64)
+    if cells.ndim == 2:
+        cells = cells[:, :, None]
+    if cells.ndim != 3 or cells.shape[1] != 4:
+        raise ValueError(f"cells must be [n_items, 4, n_responses], got {cells.shape}")
+    n_items = cells.shape[0]
+    if n_items < 2:
+        raise ValueError("the item-blocked ANOVA needs at least two items")
+    grand = cells.mean(axis=(0, 1))
+    item_means = cells.mean(axis=1)
+    cell_means = cells.mean(axis=0)  # [4, n]
+    ss_total = ((cells - grand) ** 2).sum(axis=(0, 1))
+    ss_items = 4 * ((item_means - grand) ** 2).sum(axis=0)
+    out = {}
+    ss_effects = {}
+    for effect, contrast in CONTRASTS.items():
+        estimate = contrast @ cell_means  # sum of +-cell means
+        ss_effects[effect] = n_items * estimate**2 / 4  # one df: n * (c . mean)^2 / (c . c)
+        out[f"{effect}_effect"] = estimate / (2 if effect != "interaction" else 1)
+    ss_residual = np.maximum(ss_total - ss_items - sum(ss_effects.values()), 0.0)
+    df_residual = 3 * (n_items - 1)
+    ms_residual = ss_residual / df_residual
+    constant = ss_total <= 1e-12 * np.maximum(1.0, np.abs(grand) ** 2 * 4 * n_items)
+    for effect, ss in ss_effects.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            F = np.where(constant, 0.0, ss / ms_residual)
+            eta = np.where(constant, 0.0, ss / (ss + ss_residual))
+        F = np.where(np.isnan(F), np.inf, F)  # a perfect fit: no residual variance at all
+        out[f"{effect}_F"] = F
+        out[f"{effect}_p"] = np.where(constant, 1.0, sps.f.sf(F, 1, df_residual))
+        out[f"{effect}_eta2"] = np.nan_to_num(eta, nan=1.0)
+    return pd.DataFrame(out)
+
+
+def block_anova_statsmodels(cells_one: np.ndarray) -> pd.DataFrame:
+    """The reference fit for one response [n_items, 4]: ``statsmodels`` OLS and a type-II ANOVA table."""
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    cells_one = np.asarray(cells_one, dtype=np.float64)
+    n_items = len(cells_one)
+    frame = pd.DataFrame({
+        "y": cells_one.ravel(),
+        "item": np.repeat(np.arange(n_items), 4),
+        "formality": np.tile(["formal", "formal", "casual", "casual"], n_items),
+        "emotion": np.tile(["emotional", "neutral", "emotional", "neutral"], n_items),
+    })  # fmt: skip
+    model = smf.ols("y ~ C(item) + C(formality) * C(emotion)", data=frame).fit()
+    return anova_lm(model, typ=2)
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values), same order as ``p``; NaN stays NaN."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    values = p[ok]
+    order = np.argsort(values)
+    ranked = values[order] * len(values) / np.arange(1, len(values) + 1)
+    adjusted = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty_like(values)
+    out[order] = adjusted
+    q[ok] = out
+    return q
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values, same order as ``p``; NaN stays NaN."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    values = p[ok]
+    order = np.argsort(values)
+    m = len(values)
+    adjusted = np.maximum.accumulate(values[order] * (m - np.arange(m))).clip(max=1.0)
+    out = np.empty_like(values)
+    out[order] = adjusted
+    q[ok] = out
+    return q
+
+
+def sign_flip_test(contrasts: np.ndarray, n_permutations: int = 10_000, seed: int = 0) -> np.ndarray:
+    """Two-sided sign-flip permutation p-value of the mean of per-item contrasts [n_items, n_tests] being 0.
+
+    Under the null each item's contrast is symmetric about zero, so flipping signs at random gives the
+    null distribution of the mean. p = (1 + #{|flipped mean| >= |observed|}) / (1 + n_permutations)."""
+    contrasts = np.asarray(contrasts, dtype=np.float64)
+    if contrasts.ndim == 1:
+        contrasts = contrasts[:, None]
+    rng = np.random.default_rng(seed)
+    observed = np.abs(contrasts.mean(0))
+    exceed = np.zeros(contrasts.shape[1])
+    for start in range(0, n_permutations, 1000):
+        signs = rng.choice([-1.0, 1.0], size=(min(1000, n_permutations - start), len(contrasts)))
+        flipped = np.abs(signs @ contrasts / len(contrasts))
+        exceed += (flipped >= observed - 1e-12).sum(0)
+    return (1 + exceed) / (1 + n_permutations)

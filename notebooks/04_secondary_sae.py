@@ -1,0 +1,101 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · A secondary SAE on the NFM's interaction vector
+#
+# The NFM turns each token's active pairs of primary features into a K-dimensional vector `h` (after its
+# first Linear(K,K), before the ReLU). A second TopK SAE, the same code as the primary one, decomposes `h`
+# into sparse **secondary features**: recurring patterns of feature co-occurrence that the NFM found
+# useful for predicting what the primary SAE misses.
+#
+# * `h` comes from the one NFM forward used everywhere (bi-interaction pooling included), in eval mode.
+# * `h` depends on the primary code only, never on the residual, so it leaks no target; still, the
+#   secondary SAE trains on the store's training documents and is measured on the NFM stage's test
+#   documents, which neither the NFM nor the secondary SAE has seen.
+# * Each secondary feature can be traced back exactly: its pre-activation is a sum over the token's
+#   active pairs of primary features, plus a constant (see `featint_utils.secondary`).
+
+# %% tags=["parameters"]
+run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+secondary_latents: int = 1024  # secondary dictionary size
+secondary_k: int = 16  # active secondary latents per token
+secondary_train_tokens: int = 500_000  # training-token budget
+secondary_batch_size: int = 2048  # tokens per step
+secondary_lr: float = 3e-3  # Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)
+secondary_dead_tokens: int = 250_000  # a latent is dead after this many tokens without firing
+n_show_features: int = 6  # secondary features whose top activations and drivers are listed
+resume: bool = True  # continue from a checkpoint of an interrupted run with the same settings
+seed: int = 0  # the NFM seed whose vector is decomposed; seeds the secondary SAE
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import display
+
+from featint_utils import features, models, plots, secondary
+from featint_utils.activations import ActivationStore
+from featint_utils.io import update_metrics
+from featint_utils.metrics import evaluate_sae
+from featint_utils.nfm import NFM
+from featint_utils.residuals import load_sets, open_residual_data
+from featint_utils.sae import TopKSAE
+from featint_utils.sae_training import SAETrainer, TrainConfig
+
+# %% [markdown]
+# ## The NFM vectors
+
+# %%
+store = ActivationStore(Path(run_dir) / "activations")
+primary = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
+nfm = NFM.load(Path(run_dir) / "nfm" / "nfm" / f"seed{seed}" / "model")
+test = load_sets(open_residual_data(Path(run_dir) / "nfm" / "residuals"), Path(run_dir) / "nfm" / "sets.json")["test"]
+vectors = secondary.build_embedding_store(primary, nfm, store, test, Path(run_dir) / "secondary" / "activations")
+display(pd.Series({"training tokens": vectors.n_tokens("train"), "held-out tokens": vectors.n_tokens("val"),
+                   "width K": vectors.d_model}, name="NFM vectors").to_frame())  # fmt: skip
+
+# %% [markdown]
+# ## Training
+# Same trainer, same normalisation convention (E‖h‖² = K, the scale saved with the SAE), same metrics.
+
+# %%
+config = TrainConfig(train_tokens=secondary_train_tokens, batch_size=secondary_batch_size, lr=secondary_lr,
+                     dead_tokens=secondary_dead_tokens, seed=seed)  # fmt: skip
+trainer = SAETrainer(vectors, secondary_latents, secondary_k, config, Path(run_dir) / "secondary_sae")
+sae2 = trainer.train(resume=resume)
+title = f"secondary SAE: {secondary_latents} latents, k={secondary_k}"
+fig = plots.training_curves(trainer.history_frame(), title=title)
+plots.save(fig, run_dir, "04_training_curves")
+
+# %%
+metrics = evaluate_sae(sae2, vectors, "val")
+headline = {k: v for k, v in metrics.items() if k != "firing_frequency"}
+update_metrics(run_dir, "secondary_sae", {"n_latents": secondary_latents, "k": secondary_k, **headline})
+display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
+fig = plots.feature_density(metrics["firing_frequency"])
+plots.save(fig, run_dir, "04_feature_density")
+
+# %% [markdown]
+# ## What some secondary features respond to, and which primary pairs drive them
+# Held-out tokens where each feature fires hardest, then the primary pairs with the largest mean exact
+# contribution to its pre-activation over its 50 strongest held-out tokens.
+
+# %%
+shown = features.pick_features(metrics["firing_frequency"], n_show_features)
+tokenizer = models.load_model(store.manifest["model"]).tokenizer
+display(features.top_activations(sae2.encode, vectors, shown, tokenizer, n=4).style.format({"activation": "{:.2f}"})
+        .hide(axis="index"))  # fmt: skip
+for feature in shown:
+    pairs, _ = secondary.drivers(nfm, sae2, feature, secondary.top_codes(primary, nfm, sae2, store, feature, n=50))
+    display(pairs.head(5).assign(secondary_feature=feature).style.format({"contribution": "{:.4f}"}).hide(axis="index"))

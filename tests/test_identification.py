@@ -1,0 +1,130 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from featint_utils import identification, stats, widgets
+from featint_utils.corpus import CONDITIONS
+from featint_utils.sae import SAEConfig, TopKSAE
+
+
+def planted_cells(n_items=200, n_null=300, bump=1.0, seed=0):
+    """[items, 4, features]: item effects + noise; feature 0 also rises in the formal-emotional cell only."""
+    rng = np.random.default_rng(seed)
+    cells = rng.normal(size=(n_items, 1, n_null + 1)) + rng.normal(size=(n_items, 4, n_null + 1))
+    cells[:, CONDITIONS.index("formal_emotional"), 0] += bump
+    return cells
+
+
+def test_block_anova_matches_statsmodels():
+    rng = np.random.default_rng(1)
+    cells = rng.normal(size=(30, 4, 3)) + np.array([0.5, 0.0, 0.2, 0.0])[None, :, None]
+    ours = stats.block_anova(cells)
+    for f in range(3):
+        reference = stats.block_anova_statsmodels(cells[:, :, f])
+        for effect, term in (("formality", "C(formality)"), ("emotion", "C(emotion)"),
+                             ("interaction", "C(formality):C(emotion)")):  # fmt: skip
+            assert ours[f"{effect}_F"][f] == pytest.approx(reference.loc[term, "F"], rel=1e-6)
+            assert ours[f"{effect}_p"][f] == pytest.approx(reference.loc[term, "PR(>F)"], rel=1e-6)
+            ss, ss_res = reference.loc[term, "sum_sq"], reference.loc["Residual", "sum_sq"]
+            assert ours[f"{effect}_eta2"][f] == pytest.approx(ss / (ss + ss_res), rel=1e-6)
+
+
+def test_constant_features_are_not_significant():
+    cells = np.zeros((10, 4, 2))
+    cells[:, :, 1] = 3.0
+    table = stats.block_anova(cells)
+    assert (table[[f"{e}_p" for e in stats.EFFECTS]].to_numpy() == 1.0).all()
+
+
+def test_planted_formal_emotional_feature_is_found_and_replicates_on_held_out_items():
+    cells = planted_cells()
+    effects = identification.feature_effects(cells)
+    planted = effects.iloc[0]
+    assert planted["interaction_q"] < 0.05 and planted["interaction_effect"] > 0
+    assert identification.rank(effects, "interaction", 5)["feature"].iloc[0] == 0
+    replication = identification.split_half_replication(cells, "interaction", n_select=5, seed=3)
+    assert 0 in set(replication["feature"])
+    assert bool(replication.set_index("feature").loc[0, "replicated"])
+
+
+def test_null_features_hold_the_nominal_false_discovery_rate():
+    proportions, null_rejections = [], []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        cells = rng.normal(size=(60, 1, 1000)) + rng.normal(size=(60, 4, 1000))
+        cells[:, 0, :50] += 1.0  # 50 true interaction (and main) effects, 950 nulls
+        effects = identification.feature_effects(cells)
+        found = effects["interaction_q"].to_numpy() < 0.1
+        proportions.append(found[50:].sum() / max(found.sum(), 1))
+        null_rejections.append((effects["interaction_p"].to_numpy()[50:] < 0.05).mean())
+    assert np.mean(proportions) < 0.1  # BH at 0.1 controls it at 0.1 * 950 / 1000
+    assert 0.04 < np.mean(null_rejections) < 0.06  # the uncorrected test is calibrated
+
+
+def test_multiple_comparison_corrections_match_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.random.default_rng(0).uniform(size=40) ** 3
+    for method, ours in (("fdr_bh", stats.benjamini_hochberg), ("holm", stats.holm)):
+        np.testing.assert_allclose(ours(p), multipletests(p, method=method)[1], rtol=1e-12)
+
+
+def test_sign_flip_test_is_calibrated_and_finds_an_effect():
+    rng = np.random.default_rng(0)
+    null = stats.sign_flip_test(rng.normal(size=(40, 400)), n_permutations=999)
+    assert 0.03 < (null < 0.05).mean() < 0.08
+    assert stats.sign_flip_test(rng.normal(0.8, 1, size=(40, 1)), n_permutations=999)[0] < 0.01
+
+
+def test_text_activations_pool_real_tokens_only_on_unequal_length_batches(embedded):
+    sae = TopKSAE(SAEConfig(d_in=embedded.d_model, n_latents=64, k=4), seed=0)
+    with torch.no_grad():
+        sae.b_enc += 2.0  # every latent positive before TopK: always k active, so means are informative
+
+    def encode(x):
+        return sae.encode(x)
+
+    texts = [
+        "Short one.",
+        "A considerably longer sentence, with several more words and punctuation in it!",
+        "Mid length text here.",
+    ]
+    pooled = identification.text_activations(embedded, 2, texts, {"sae": (encode, 64)}, batch_size=3)["sae"]
+    for i, text in enumerate(texts):  # each text alone, no padding; drop [CLS] and [SEP] by hand
+        ids = embedded.tokenizer(text, return_tensors="pt")
+        hidden = embedded.model(**ids, output_hidden_states=True).hidden_states[2][0, 1:-1]
+        values, indices = sae.encode(hidden)
+        dense = torch.zeros(len(hidden), 64).scatter_(1, indices, values)
+        np.testing.assert_allclose(pooled["mean"][i], dense.mean(0).detach().numpy(), atol=2e-4)
+        np.testing.assert_allclose(pooled["max"][i], dense.max(0).values.detach().numpy(), atol=2e-4)
+    tokens = identification.token_activations(embedded, 2, texts[0], encode, int(np.argmax(pooled["max"][0])))
+    assert len(tokens) == len(embedded.tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    assert tokens["activation"].max() == pytest.approx(pooled["max"][0].max(), abs=2e-4)
+
+
+def _family(drivers=None):
+    stimuli = pd.DataFrame({"text": [f"text {i}" for i in range(8)], "condition": list(CONDITIONS) * 2,
+                            "item_id": ["a"] * 4 + ["b"] * 4})  # fmt: skip
+    per_text = np.random.default_rng(0).uniform(size=(8, 3))
+    cells, _ = identification.cells(per_text, stimuli)
+    return widgets.FeatureFamily(
+        "secondary", per_text, stimuli, identification.feature_effects(cells),
+        lambda text, feature: pd.DataFrame({"token": text.split(), "activation": [0.1, 0.9]}), drivers,
+    )  # fmt: skip
+
+
+def test_feature_panel_and_browser_build_without_a_front_end():
+    drivers = lambda f: (pd.DataFrame({"feature_i": [1], "feature_j": [2], "contribution": [0.5]}),  # noqa: E731
+                         pd.DataFrame({"primary_feature": [1], "contribution": [0.25]}))  # fmt: skip
+    family = _family(drivers)
+    text, fig = widgets.panel(family, 1)
+    assert "secondary feature 1" in text and "rgba(220, 80, 60, 1.00)" in text and "Driving pairs" in text
+    assert len(fig.axes) == 2
+    with pytest.raises(ValueError, match="feature 7 does not exist"):
+        widgets.panel(family, 7)
+    browser = widgets.browser({"secondary": family}, {"secondary": [2, 0]})
+    family_choice, feature_choice = browser.children[0].children
+    assert feature_choice.value == "2" and list(feature_choice.options) == ["2", "0"]
+    feature_choice.value = "0"  # re-renders through the observer, with no front end attached
+    feature_choice.value = "99"  # an unknown feature is reported, not raised
