@@ -70,3 +70,13 @@ def pick_features(firing_frequency: np.ndarray, n: int, max_frequency: float = 0
     if len(ranked) == 0:
         return []
     return [int(ranked[i]) for i in np.linspace(0, len(ranked) - 1, min(n, len(ranked))).round().astype(int)]
+
+
+@torch.no_grad()
+def max_activations(encode, store: ActivationStore, n_features: int, split: str = "train") -> np.ndarray:
+    """Each feature's largest activation over a split (0 for features that never fire there)."""
+    best = torch.zeros(n_features)
+    for x in store.batches(split, 4096, shuffle=False, normalize=True):
+        values, indices = encode(x)
+        best.scatter_reduce_(0, indices.flatten(), values.flatten(), reduce="amax", include_self=True)
+    return best.numpy()

@@ -163,7 +163,11 @@ class NFM(nn.Module):
         if self.hidden is None:
             return self.out(dropped), None
         hidden_pre = self.hidden(dropped)
-        return self.out(torch.relu(hidden_pre)), hidden_pre
+        return self.interaction_from_hidden(hidden_pre), hidden_pre
+
+    def interaction_from_hidden(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        """The rest of the interaction path from a (possibly edited) pre-ReLU vector: Linear(K,d)(ReLU(h))."""
+        return self.out(torch.relu(hidden_pre))
 
     def forward(
         self,

@@ -238,3 +238,59 @@ def effect_volcano(effects: pd.DataFrame, effect: str = "interaction", q: float 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+BUCKET_STYLE = {"formal_emotional": ("#c44e52", "-"), "formal_neutral": ("#4c72b0", "-"),
+                "casual_emotional": ("#c44e52", "--"), "casual_neutral": ("#4c72b0", "--")}  # fmt: skip
+
+
+def dose_response(tidy: pd.DataFrame, readout: str) -> plt.Figure:
+    """Mean change of each bucket's readout (± SE over units) against clamp level, one panel per group."""
+    groups = list(dict.fromkeys(tidy["group"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), sharey=True, squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        rows = tidy[tidy["group"] == group]
+        for bucket, (color, style) in BUCKET_STYLE.items():
+            b = rows[rows["bucket"] == bucket].sort_values("level")
+            ax.errorbar(b["level"], b["mean_change"], yerr=b["se"], color=color, ls=style, marker="o", ms=3,
+                        capsize=2, label=bucket.replace("_", " "))  # fmt: skip
+        ax.axhline(0, color="k", lw=0.7)
+        ax.set(title=group, xlabel="clamp level (× max activation)")
+    axes[0][0].set_ylabel(f"change of {readout}")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def interaction_2x2(tidy: pd.DataFrame, level: float, readout: str) -> plt.Figure:
+    """At one clamp level, each group's change per bucket as a 2x2 interaction plot."""
+    groups = list(dict.fromkeys(tidy["group"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), sharey=True, squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        rows = tidy[(tidy["group"] == group) & np.isclose(tidy["level"], level)].set_index("bucket")
+        for formality, color in (("formal", "#4c72b0"), ("casual", "#dd8452")):
+            means = [rows.loc[f"{formality}_{e}", "mean_change"] for e in ("neutral", "emotional")]
+            errors = [rows.loc[f"{formality}_{e}", "se"] for e in ("neutral", "emotional")]
+            ax.errorbar([0, 1], means, yerr=errors, color=color, marker="o", capsize=3, label=f"{formality} bucket")
+        ax.set_xticks([0, 1], ["neutral", "emotional"])
+        ax.set(title=f"{group}, level {level:+g}")
+    axes[0][0].set_ylabel(f"change of {readout}")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def effect_forest(table: pd.DataFrame) -> plt.Figure:
+    """Mean per-unit interaction contrast with its bootstrap 95% CI for every condition (Holm p < .05 in red)."""
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(table) + 1.2))
+    y = np.arange(len(table))
+    colors = np.where(table["holm_p"] < 0.05, "#c44e52", "#4c72b0")
+    ax.errorbar(table["interaction_contrast"], y, xerr=[table["interaction_contrast"] - table["ci_low"],
+                table["ci_high"] - table["interaction_contrast"]], fmt="none", ecolor="#8c8c8c", capsize=2)  # fmt: skip
+    ax.scatter(table["interaction_contrast"], y, c=colors, zorder=3, s=14)
+    ax.axvline(0, color="k", lw=0.7)
+    ax.set_yticks(y, table["condition"], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="interaction contrast (FE − FN) − (CE − CN) of the change, 95% CI", title="non-additive effects")
+    fig.tight_layout()
+    return fig

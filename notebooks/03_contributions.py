@@ -78,6 +78,7 @@ plots.save(fig, run_dir, "03_interaction_share")
 # %%
 nfm = NFM.load(nfm_dir / "nfm" / f"seed{seed}" / "model")
 attribution = contributions.variance_attribution(nfm, test)
+attribution.to_csv(nfm_dir / "attribution.csv", index=False)  # notebook 06 clamps a linear-path feature from it
 fig = plots.top_feature_bars(attribution, n_top_features)
 plots.save(fig, run_dir, "03_top_features")
 overlap = contributions.top_feature_overlap(attribution, n_top_features)

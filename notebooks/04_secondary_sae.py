@@ -29,7 +29,7 @@
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
 secondary_latents: int = 1024  # secondary dictionary size
-secondary_k: int = 16  # active secondary latents per token
+secondary_k: int = 32  # active secondary latents per token
 secondary_train_tokens: int = 500_000  # training-token budget
 secondary_batch_size: int = 2048  # tokens per step
 secondary_lr: float = 3e-3  # Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)

@@ -118,6 +118,9 @@ for family in encoders:
                        **{f"{e} (q < {fdr_q})": int((table[f"{e}_q"] < fdr_q).sum())
                           for e in ("formality", "emotion", "interaction")}})  # fmt: skip
 counts = pd.DataFrame(counts).set_index(["family", "pooling"])
+(Path(run_dir) / "identification").mkdir(exist_ok=True)
+for family, table in effects.items():  # notebook 06 clamps the strongest secondary interaction features
+    table.to_csv(Path(run_dir) / "identification" / f"{family}_effects.csv", index=False)
 display(counts)
 for family, table in effects.items():
     fig = plots.effect_volcano(table, "interaction", fdr_q, title=f"{family} features: formality × emotion interaction")

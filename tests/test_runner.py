@@ -83,6 +83,10 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
         "secondary_train_tokens": "2048",
         "secondary_batch_size": "256",
         "n_panels": "1",
+        "clamp_features": "1",
+        "clamp_levels": "-1,1",
+        "max_items": "12",
+        "n_permutations": "199",
     }
     run_dir = runner.run("embedded", overrides=tiny, runs_dir=tmp_path)
     for nb in runner.notebooks():
@@ -91,10 +95,24 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
     record = json.loads((run_dir / "run.json").read_text())
     assert all(stage["status"] == "ok" for stage in record["stages"].values())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {"primary_sae", "contributions", "secondary_sae", "identification"} <= set(metrics)
-    contributions = metrics["contributions"]
-    assert contributions["n_seeds"] == 2 and "interaction_share.over_linear.sd" in contributions
-    assert all(math.isfinite(value) for value in contributions.values())
+    headline = {
+        "primary_sae": ["fvu", "l0", "dead_fraction", "cosine_spliced", "cosine_random"],
+        "contributions": ["residual_fvu.raw_ridge", "residual_fvu.code_ridge", "residual_fvu.nfm", "residual_fvu.mlp",
+                          "total_fvu.sae_alone", "total_fvu.nfm", "interaction_share.over_linear.mean",
+                          "interaction_share.over_linear.sd", "interaction_share.over_additive.mean",
+                          "interaction_share.shuffled_control.mean"],
+        "secondary_sae": ["fvu", "l0", "dead_fraction"],
+        "identification": ["primary.interaction_selective", "secondary.interaction_selective",
+                           "secondary.interaction_replicated"],
+        "clamping": ["features", "linear_control_feature"],
+    }  # fmt: skip
+    for section, keys in headline.items():
+        assert set(keys) <= set(metrics[section]), (section, set(keys) - set(metrics[section]))
+    numbers = [v for section in metrics.values() for value in section.values()
+               for v in (value if isinstance(value, list) else [value])]  # fmt: skip
+    assert all(isinstance(v, int | float) and math.isfinite(v) for v in numbers)
+    assert any(key.endswith("max_abs_interaction_contrast") for key in metrics["clamping"])
+    assert metrics["contributions"]["n_seeds"] == 2
     store = ActivationStore(run_dir / "activations")
     assert len(store.manifest["split"]["train_groups"]) == 9 and len(store.manifest["split"]["val_groups"]) == 3
 

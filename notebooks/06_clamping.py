@@ -1,0 +1,147 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Clamping secondary features: do they have non-additive effects on the output?
+#
+# The layer's output is replaced by `SAE(x) + NFM'(f) + error`, where `error = x − SAE(x) − NFM(f)` comes
+# from the same clean pass: with nothing clamped the model is reproduced exactly. Clamping a secondary
+# feature edits the NFM vector along that feature's decoder direction and sends the result through the
+# rest of the NFM, so only the interaction path changes.
+#
+# **Readout** (four numbers per unit, one per condition bucket): for an encoder, the cosine of each
+# stimulus text's pooled output embedding to the four condition centroids (each centroid computed from
+# the *other* items), averaged over the item's four texts; for a causal LM, the mean next-token
+# log-probability of each word bucket at neutral prompt frames.
+#
+# **Statistics**, per clamp level: the change from the unclamped splice, per unit, as a 2x2 (bucket
+# formality × bucket emotion) with the unit as the block; partial η² and the per-unit interaction contrast
+# `(FE − FN) − (CE − CN)` with a bootstrap CI and a sign-flip permutation test, Holm-corrected over every
+# feature, control and level. **Controls**: a random edit of the same size at every token, and a clamp of
+# the feature that carries the most first-order (linear-path) variance.
+
+# %% tags=["parameters"]
+run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+clamp_features: int = 3  # strongest interaction-selective secondary features to clamp
+clamp_levels: str = "-1,-0.5,0.5,1"  # added multiples of each feature's largest observed activation
+max_items: int = 0  # stimulus items measured (0: all)
+n_permutations: int = 10_000  # sign-flip permutations per test
+n_boot: int = 2000  # item-level bootstrap resamples for effect-size intervals
+fdr_q: float = 0.05  # significance level after Holm's correction
+device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+seed: int = 0  # NFM seed (as in 02-05); seeds the random control and the statistics
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import display
+
+from featint_utils import clamping, features, identification, models, plots
+from featint_utils.activations import ActivationStore
+from featint_utils.corpus import load_prompt_frames, load_stimuli, load_wordlists
+from featint_utils.io import update_metrics
+from featint_utils.nfm import NFM
+from featint_utils.sae import TopKSAE
+
+# %% [markdown]
+# ## What is clamped
+
+# %%
+run = Path(run_dir)
+store = ActivationStore(run / "activations")
+loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
+primary = TopKSAE.load(run / "primary_sae" / "sae")
+nfm = NFM.load(run / "nfm" / "nfm" / f"seed{seed}" / "model")
+sae2 = TopKSAE.load(run / "secondary_sae" / "sae")
+decomposition = clamping.Decomposition(primary, nfm, sae2)
+
+secondary_effects = pd.read_csv(run / "identification" / "secondary_effects.csv")
+chosen = identification.rank(secondary_effects, "interaction", clamp_features, fdr_q)["feature"].tolist()
+if len(chosen) < clamp_features:  # too few significant: fill with the largest interaction effects, flagged below
+    rest = secondary_effects[~secondary_effects["feature"].isin(chosen)].nlargest(clamp_features, "interaction_eta2")
+    chosen += rest["feature"].tolist()[: clamp_features - len(chosen)]
+linear_feature = int(pd.read_csv(run / "nfm" / "attribution.csv").nlargest(1, "linear_share")["feature"].iloc[0])
+secondary_max = features.max_activations(sae2.encode, ActivationStore(run / "secondary" / "activations"),
+                                         sae2.cfg.n_latents)  # fmt: skip
+levels = [float(v) for v in clamp_levels.split(",")]
+sample = next(store.batches("val", 4096, shuffle=False, normalize=False))  # held-out tokens to size the edits
+linear_unit = clamping.matched_linear_unit(decomposition, chosen, secondary_max, linear_feature, sample)
+plan = clamping.clamp_plan(chosen, secondary_max, linear_feature, linear_unit, levels)
+plan["edit_norm"] = [clamping.edit_norm(decomposition, r.clamp, sample, r.control or None)
+                     for r in plan.fillna({"control": ""}).itertuples()]  # fmt: skip
+shown = secondary_effects.set_index("feature").loc[chosen, ["interaction_eta2", "interaction_q", "formality_eta2"]]
+display(shown.assign(max_activation=secondary_max[chosen]))
+print(f"linear-path control: primary feature {linear_feature} (largest first-order variance share), "
+      f"added {linear_unit:.3f} per level unit so that its edits match the secondary ones in size")  # fmt: skip
+display(plan[["name", "edit_norm"]].style.format({"edit_norm": "{:.3f}"}).hide(axis="index"))
+
+# %% [markdown]
+# ## The readout, clean and clamped
+
+# %%
+if loaded.is_causal_lm:
+    frames, bucket_ids = load_prompt_frames(), clamping.bucket_token_ids(loaded.tokenizer, load_wordlists())
+    readout_name = "bucket log-probability"
+
+    def readout(clamp, control):
+        return clamping.causal_readout(loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, seed)
+else:
+    stimuli = load_stimuli()
+    if max_items:
+        stimuli = stimuli[stimuli["item_id"].isin(sorted(stimuli["item_id"].unique())[:max_items])]
+    texts = stimuli["text"].tolist()
+    centroids = clamping.leave_item_out_centroids(clamping.pooled_embeddings(loaded, store.layer, texts), stimuli)
+    readout_name = "cosine to the condition centroid"
+
+    def readout(clamp, control):
+        pooled = clamping.pooled_embeddings(loaded, store.layer, texts, decomposition, clamp, control, seed=seed)
+        return clamping.encoder_readout(pooled, centroids, stimuli)
+
+
+clean, changes = clamping.run_clamps(readout, plan)
+tidy = clamping.tidy_changes(plan, changes)
+fig = plots.dose_response(tidy, readout_name)
+plots.save(fig, run_dir, "06_dose_response")
+
+# %% [markdown]
+# ## Non-additive effects
+# Each row is one clamp condition; the interaction contrast is the change's difference of differences per
+# unit, averaged over units. Red: Holm-corrected sign-flip p < the level. For each secondary condition,
+# `vs_control_p` tests whether its contrast exceeds that of the random edit of the same size, unit by unit.
+
+# %%
+references = {r.name: r.name.replace("secondary ", "random, matched to ") for r in plan.itertuples()
+              if r.name.startswith("secondary ")}  # fmt: skip
+table = clamping.clamp_statistics(changes, n_permutations, n_boot, seed, references)
+display(table.style.format(precision=4).hide(axis="index"))
+fig = plots.effect_forest(table)
+plots.save(fig, run_dir, "06_interaction_effects")
+strongest_level = max(levels, key=abs)
+fig = plots.interaction_2x2(tidy, strongest_level, readout_name)
+plots.save(fig, run_dir, "06_interaction_2x2")
+
+# %% [markdown]
+# ## What was and was not shown
+
+# %%
+print(clamping.summary(table, plan, fdr_q))
+merged = table.merge(plan[["name", "group"]], left_on="condition", right_on="name")
+update_metrics(run_dir, "clamping", {
+    "features": [int(f) for f in chosen], "linear_control_feature": linear_feature, "levels": levels,
+    **{f"{group}.max_abs_interaction_contrast": float(rows["interaction_contrast"].abs().max())
+       for group, rows in merged.groupby("group")},
+    **{f"{group}.significant_levels": int((rows["holm_p"] < fdr_q).sum()) for group, rows in merged.groupby("group")},
+    **{f"{group}.beats_random_levels": int((rows["vs_control_holm_p"] < fdr_q).sum())
+       for group, rows in merged.groupby("group") if rows["vs_control_holm_p"].notna().any()},
+})  # fmt: skip
