@@ -299,4 +299,6 @@ def verdict(share_spread: pd.DataFrame) -> str:
                      if above and gain["min"] > 0 else
                      "The gain does not clear the control on every seed: no evidence here that pairs of "
                      "features carry information beyond single features.")  # fmt: skip
+        if above and gain["min"] > 0 and gain["mean"] < 0.01:
+            lines.append("But it is small: under 1% of the residual's held-out variance.")
     return " ".join(lines)

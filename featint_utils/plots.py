@@ -247,8 +247,12 @@ BUCKET_STYLE = {"formal_emotional": ("#c44e52", "-"), "formal_neutral": ("#4c72b
 def dose_response(tidy: pd.DataFrame, readout: str) -> plt.Figure:
     """Mean change of each bucket's readout (± SE over units) against clamp level, one panel per group."""
     groups = list(dict.fromkeys(tidy["group"]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), sharey=True, squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    n_cols = min(4, len(groups))
+    n_rows = -(-len(groups) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 3.4 * n_rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, group in zip(axes.flat, groups):
         rows = tidy[tidy["group"] == group]
         for bucket, (color, style) in BUCKET_STYLE.items():
             b = rows[rows["bucket"] == bucket].sort_values("level")
@@ -256,8 +260,9 @@ def dose_response(tidy: pd.DataFrame, readout: str) -> plt.Figure:
                         capsize=2, label=bucket.replace("_", " "))  # fmt: skip
         ax.axhline(0, color="k", lw=0.7)
         ax.set(title=group, xlabel="clamp level (× max activation)")
-    axes[0][0].set_ylabel(f"change of {readout}")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel(f"change of {readout}")
+    axes.flat[len(groups) - 1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -111,6 +111,8 @@ else:
 
 clean, changes = clamping.run_clamps(readout, plan)
 tidy = clamping.tidy_changes(plan, changes)
+(run / "clamping").mkdir(exist_ok=True)
+tidy.to_csv(run / "clamping" / "changes.csv", index=False)
 fig = plots.dose_response(tidy, readout_name)
 plots.save(fig, run_dir, "06_dose_response")
 
@@ -124,6 +126,7 @@ plots.save(fig, run_dir, "06_dose_response")
 references = {r.name: r.name.replace("secondary ", "random, matched to ") for r in plan.itertuples()
               if r.name.startswith("secondary ")}  # fmt: skip
 table = clamping.clamp_statistics(changes, n_permutations, n_boot, seed, references)
+table.to_csv(run / "clamping" / "statistics.csv", index=False)
 display(table.style.format(precision=4).hide(axis="index"))
 fig = plots.effect_forest(table)
 plots.save(fig, run_dir, "06_interaction_effects")
