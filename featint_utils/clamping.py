@@ -136,6 +136,16 @@ def clamped(loaded: LoadedModel, layer: int, decomposition: Decomposition, clamp
         yield state
 
 
+def _forward(loaded: LoadedModel, layer: int, inputs: dict, keep: torch.Tensor, decomposition: Decomposition | None,
+             clamp: Clamp | None, control: str | None, seed: int):  # fmt: skip
+    """The model's output on ``inputs``: clean without a decomposition, else spliced at the ``keep`` tokens."""
+    if decomposition is None:
+        return loaded.model(**inputs)
+    with clamped(loaded, layer, decomposition, clamp, control, seed) as state:
+        state["mask"] = keep
+        return loaded.model(**inputs)
+
+
 def _real_token_batches(tokenizer, texts: list[str], batch_size: int):
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     for start in range(0, len(texts), batch_size):
@@ -154,12 +164,7 @@ def pooled_embeddings(loaded: LoadedModel, layer: int, texts: list[str], decompo
     device = next(loaded.model.parameters()).device
     for inputs, keep in _real_token_batches(loaded.tokenizer, texts, batch_size):
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        if decomposition is None:
-            hidden = loaded.model(**inputs).last_hidden_state
-        else:
-            with clamped(loaded, layer, decomposition, clamp, control, seed) as state:
-                state["mask"] = keep.to(device)
-                hidden = loaded.model(**inputs).last_hidden_state
+        hidden = _forward(loaded, layer, inputs, keep.to(device), decomposition, clamp, control, seed).last_hidden_state
         out.append(mean_pool(hidden, inputs["attention_mask"]).float().cpu())
     return torch.cat(out)
 
@@ -207,12 +212,7 @@ def causal_readout(loaded: LoadedModel, layer: int, frames: list[str], bucket_id
         special = torch.tensor(sorted(set(loaded.tokenizer.all_special_ids)))
         keep = ~torch.isin(inputs["input_ids"], special)
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        if decomposition is None:
-            logits = loaded.model(**inputs).logits
-        else:
-            with clamped(loaded, layer, decomposition, clamp, control, seed) as state:
-                state["mask"] = keep.to(device)
-                logits = loaded.model(**inputs).logits
+        logits = _forward(loaded, layer, inputs, keep.to(device), decomposition, clamp, control, seed).logits
         logp = F.log_softmax(logits[0, -1].float(), -1).cpu()
         out[f] = [float(logp[bucket_ids[c]].mean()) for c in CONDITIONS]
     return out

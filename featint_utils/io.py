@@ -54,3 +54,54 @@ def update_metrics(run_dir: str | os.PathLike, section: str, values: dict) -> di
     metrics[section] = {**metrics.get(section, {}), **values}
     write_json(path, metrics)
     return metrics
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is corrupt or was made with other settings."""
+
+
+def optimizer_tensors(model, optimizer) -> dict:
+    """Adam's per-parameter moments as flat tensors (``adam.<param>.<key>``), for a safetensors checkpoint."""
+    return {
+        f"adam.{name}.{key}": value.detach().contiguous()
+        for name, param in model.named_parameters()
+        for key, value in optimizer.state.get(param, {}).items()
+    }
+
+
+def restore_optimizer(model, optimizer, tensors: dict) -> None:
+    """Put the moments :func:`optimizer_tensors` saved back into ``optimizer``."""
+    for name, param in model.named_parameters():
+        keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
+        if keys:
+            optimizer.state[param] = {k.rsplit(".", 1)[1]: tensors[k] for k in keys}
+
+
+def save_checkpoint(directory: Path, tensors: dict, state: dict) -> None:
+    """Tensors + JSON state, written to a temporary directory and moved into place as a whole."""
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    write_json(tmp / "state.json", state)
+    replace_dir(tmp, directory)
+
+
+def load_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dict] | None:
+    """(state, tensors) of the checkpoint in ``directory``; None if there is none; :class:`CheckpointError` if
+    it is unreadable or was made with settings whose fingerprint differs."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (directory / "state.json").exists():
+        return None
+    try:
+        state = read_json(directory / "state.json")
+        tensors = load_file(str(directory / "state.safetensors"))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint in {directory} is unreadable ({err}); delete it to start over") from err
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"checkpoint in {directory} was made with other settings (model shape, data or "
+                              "training settings); delete it or choose another output directory")  # fmt: skip
+    return state, tensors

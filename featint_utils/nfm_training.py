@@ -21,14 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .io import replace_dir, write_json
+from .io import CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .metrics import VarianceAccumulator
 from .progress import progress
 from .residuals import CodeData
-from .sae_training import CheckpointError
 
 
 @dataclass
@@ -107,39 +104,23 @@ class ResidualTrainer:
     def save_checkpoint(self) -> None:
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
         tensors |= {f"best.{k}": v.contiguous() for k, v in self.best_state.items()}
-        for name, param in self.model.named_parameters():
-            for key, value in self.optimizer.state.get(param, {}).items():
-                tensors[f"adam.{name}.{key}"] = value.detach().contiguous()
+        tensors |= optimizer_tensors(self.model, self.optimizer)
         state = {"fingerprint": self._fingerprint(), "epoch": self.epoch, "best_fvu": self.best_fvu,
                  "best_epoch": self.best_epoch, "history": self.history}  # fmt: skip
-        tmp = self.checkpoint_dir.with_name("checkpoint.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        write_json(tmp / "state.json", state)
-        replace_dir(tmp, self.checkpoint_dir)
+        save_checkpoint(self.checkpoint_dir, tensors, state)
 
     def load_checkpoint(self) -> bool:
         """Restore from ``checkpoint/`` if present; True if restored."""
-        directory = self.checkpoint_dir
-        if not (directory / "state.json").exists():
+        found = load_checkpoint(self.checkpoint_dir, self._fingerprint())
+        if found is None:
             return False
-        try:
-            state = json.loads((directory / "state.json").read_text())
-            tensors = load_file(str(directory / "state.safetensors"))
-        except (OSError, ValueError, SafetensorError) as err:
-            raise CheckpointError(f"checkpoint in {directory} is unreadable ({err}); delete it to start over") from err
-        if state.get("fingerprint") != self._fingerprint():
-            raise CheckpointError(f"checkpoint in {directory} was made with other settings or data; "
-                                  "delete it or choose another output directory")  # fmt: skip
+        state, tensors = found
         try:
             self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             self.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-            for name, param in self.model.named_parameters():
-                keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
-                if keys:
-                    self.optimizer.state[param] = {k.rsplit(".", 1)[1]: tensors[k] for k in keys}
+            restore_optimizer(self.model, self.optimizer, tensors)
         except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint in {directory} is incomplete or corrupt ({err})") from err
+            raise CheckpointError(f"checkpoint in {self.checkpoint_dir} is incomplete or corrupt ({err})") from err
         self.epoch, self.best_fvu, self.best_epoch = state["epoch"], state["best_fvu"], state["best_epoch"]
         self.history = state["history"]
         return True

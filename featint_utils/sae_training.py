@@ -24,18 +24,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .activations import ActivationStore, git_commit
-from .io import replace_dir, write_json
+from .io import CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .metrics import VarianceAccumulator
 from .progress import progress
 from .sae import SAEConfig, TopKSAE
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is corrupt or was made with other settings."""
 
 
 @dataclass
@@ -139,44 +133,23 @@ class SAETrainer:
 
     def save_checkpoint(self) -> None:
         tensors = {f"sae.{k}": v.detach().contiguous() for k, v in self.sae.state_dict().items()}
-        names = dict(self.sae.named_parameters())
-        for name, param in names.items():
-            for key, value in self.optimizer.state.get(param, {}).items():
-                tensors[f"adam.{name}.{key}"] = value.detach().contiguous()
-        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors |= optimizer_tensors(self.sae, self.optimizer) | {"tokens_since_fired": self.tokens_since_fired}
         state = {"fingerprint": self._fingerprint(), "step": self.step, "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "history": self.history}  # fmt: skip
-        tmp = self.checkpoint_dir.with_name("checkpoint.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        write_json(tmp / "state.json", state)
-        replace_dir(tmp, self.checkpoint_dir)
+        save_checkpoint(self.checkpoint_dir, tensors, state)
 
     def load_checkpoint(self) -> bool:
         """Restore from ``checkpoint/`` if present; True if restored."""
-        directory = self.checkpoint_dir
-        if not (directory / "state.json").exists():
+        found = load_checkpoint(self.checkpoint_dir, self._fingerprint())
+        if found is None:
             return False
-        try:
-            state = json.loads((directory / "state.json").read_text())
-            tensors = load_file(str(directory / "state.safetensors"))
-        except (OSError, ValueError, SafetensorError) as err:
-            raise CheckpointError(f"checkpoint in {directory} is unreadable ({err}); delete it to start over") from err
-        if state.get("fingerprint") != self._fingerprint():
-            raise CheckpointError(
-                f"checkpoint in {directory} was made with other settings (SAE shape, k, normalisation or store); "
-                "delete it or choose another output directory"
-            )
+        state, tensors = found
         try:
             self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-            names = dict(self.sae.named_parameters())
-            for name, param in names.items():
-                keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
-                if keys:
-                    self.optimizer.state[param] = {k.rsplit(".", 1)[1]: tensors[k] for k in keys}
+            restore_optimizer(self.sae, self.optimizer, tensors)
             self.tokens_since_fired = tensors["tokens_since_fired"]
         except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint in {directory} is incomplete or corrupt ({err})") from err
+            raise CheckpointError(f"checkpoint in {self.checkpoint_dir} is incomplete or corrupt ({err})") from err
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = state["history"]
         return True

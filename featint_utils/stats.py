@@ -84,34 +84,26 @@ def block_anova_statsmodels(cells_one: np.ndarray) -> pd.DataFrame:
     return anova_lm(model, typ=2)
 
 
+def _adjusted(p: np.ndarray, step) -> np.ndarray:
+    """Apply ``step`` (sorted p-values -> adjusted, in the same order) to the non-NaN entries of ``p``."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    order = np.argsort(p[ok])
+    adjusted = np.empty(int(ok.sum()))
+    adjusted[order] = step(p[ok][order]).clip(max=1.0)
+    out[ok] = adjusted
+    return out
+
+
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values), same order as ``p``; NaN stays NaN."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    values = p[ok]
-    order = np.argsort(values)
-    ranked = values[order] * len(values) / np.arange(1, len(values) + 1)
-    adjusted = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
-    out = np.empty_like(values)
-    out[order] = adjusted
-    q[ok] = out
-    return q
+    return _adjusted(p, lambda s: np.minimum.accumulate((s * len(s) / np.arange(1, len(s) + 1))[::-1])[::-1])
 
 
 def holm(p: np.ndarray) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values, same order as ``p``; NaN stays NaN."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    values = p[ok]
-    order = np.argsort(values)
-    m = len(values)
-    adjusted = np.maximum.accumulate(values[order] * (m - np.arange(m))).clip(max=1.0)
-    out = np.empty_like(values)
-    out[order] = adjusted
-    q[ok] = out
-    return q
+    return _adjusted(p, lambda s: np.maximum.accumulate(s * (len(s) - np.arange(len(s)))))
 
 
 def sign_flip_test(contrasts: np.ndarray, n_permutations: int = 10_000, seed: int = 0) -> np.ndarray:
