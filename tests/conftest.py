@@ -81,3 +81,17 @@ def causal_dir(request, tmp_path_factory):
     tiny_causal(arch, vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def random_store(path, n_train: int, n_val: int, d: int = 16, tokens_per_text: int = 10):
+    """A store of Gaussian activations whose texts are consecutive runs of ``tokens_per_text`` tokens."""
+    import numpy as np
+
+    from featint_utils.activations import store_from_arrays
+
+    rng = np.random.default_rng(0)
+    sizes = {"train": n_train, "val": n_val}
+    meta = {
+        s: np.c_[np.arange(n) // tokens_per_text, np.arange(n) % tokens_per_text, np.zeros(n)] for s, n in sizes.items()
+    }
+    return store_from_arrays(path, {s: rng.normal(size=(n, d)) for s, n in sizes.items()}, meta=meta)

@@ -17,6 +17,7 @@ from featint_utils.residuals import (
 )
 from featint_utils.sae import SAEConfig, TopKSAE
 from featint_utils.sae_training import CheckpointError
+from tests.conftest import random_store
 
 
 def test_bi_interaction_equals_the_explicit_sum_over_pairs():
@@ -196,10 +197,7 @@ def test_width_mismatches_are_clear_errors(tmp_path):
 
 
 def test_residual_data_holds_the_sae_code_and_error_and_is_rebuilt_when_the_sae_changes(tmp_path):
-    rng = np.random.default_rng(0)
-    meta = {s: np.c_[np.arange(n) // 10, np.arange(n) % 10, np.zeros(n)] for s, n in (("train", 300), ("val", 100))}
-    arrays = {"train": rng.normal(size=(300, 16)), "val": rng.normal(size=(100, 16))}
-    store = store_from_arrays(tmp_path / "store", arrays, meta=meta)
+    store = random_store(tmp_path / "store", 300, 100)
     sae = TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, input_scale=store.scale), seed=0)
     data = build_residual_data(sae, store, tmp_path / "cache", batch_size=64)
     x = torch.from_numpy(store.load("val", normalize=True))  # the SAE's held-out documents only

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from featint_utils import secondary
-from featint_utils.activations import store_from_arrays
 from featint_utils.nfm import NFM, NFMConfig
 from featint_utils.residuals import build_residual_data, split_fit_tune_test
 from featint_utils.sae import SAEConfig, TopKSAE
+from tests.conftest import random_store
 
 
 def trained_like_nfm(batch_norm: bool) -> NFM:
@@ -51,10 +51,7 @@ def test_driver_contributions_add_up_to_the_secondary_pre_activation():
 
 
 def test_embedding_store_holds_the_nfm_vectors_of_training_and_test_documents(tmp_path):
-    rng = np.random.default_rng(0)
-    meta = {s: np.c_[np.arange(n) // 10, np.arange(n) % 10, np.zeros(n)] for s, n in (("train", 200), ("val", 120))}
-    arrays = {"train": rng.normal(size=(200, 16)), "val": rng.normal(size=(120, 16))}
-    store = store_from_arrays(tmp_path / "store", arrays, meta=meta)
+    store = random_store(tmp_path / "store", 200, 120)
     primary = TopKSAE(SAEConfig(d_in=16, n_latents=40, k=4, input_scale=store.scale), seed=0)
     test = split_fit_tune_test(build_residual_data(primary, store, tmp_path / "cache"), 0.2, 0.3)["test"]
     nfm = trained_like_nfm(False)
