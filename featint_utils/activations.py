@@ -277,28 +277,147 @@ def store_from_arrays(
     meta: dict[str, np.ndarray] | None = None,
     dtype: str = "float32",
     shard_mb: float = 64.0,
+    texts: list[dict] | None = None,
 ):
     """Write in-memory activations (``{"train": [n, d], "val": [m, d]}``) as a store, with the same
     normalisation and manifest as extraction: for derived activations (the NFM embedding) and planted data.
-    ``meta`` gives each row's (text index, position, token id); ``info`` is merged into the manifest."""  # fmt: skip
+    ``meta`` gives each row's (text index, position, token id); without it every row is its own document
+    (the rows are taken as independent), never one document for all. ``texts`` are the ``texts.jsonl``
+    records; ``info`` is merged into the manifest."""  # fmt: skip
     store_dir = Path(store_dir)
     partial = store_dir.with_name(store_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    (partial / "texts.jsonl").write_text("")
+    (partial / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts or []))
     d_model = arrays["train"].shape[1]
     np_dtype = DTYPES[dtype]
     shard_tokens = max(1, int(shard_mb * 2**20 // (d_model * np.dtype(np_dtype).itemsize)))
     writers = {}
+    offset = 0
     for name in SPLITS:
         data = np.asarray(arrays[name], dtype=np.float32)
         if data.ndim != 2 or data.shape[1] != d_model:
             raise ValueError(f"{name} array has shape {data.shape}; expected [n, {d_model}]")
-        rows = meta[name] if meta else np.zeros((len(data), 3), np.int32)
+        if meta:
+            rows = meta[name]
+        else:  # one document per row, numbered across the splits so that no document is on both sides
+            rows = np.zeros((len(data), 3), np.int64)
+            rows[:, 0] = offset + np.arange(len(data))
+            rows[:, 2] = -1
+            offset += len(data)
         writers[name] = _ShardWriter(partial, name, d_model, np_dtype, shard_tokens)
         writers[name].add(data.astype(np_dtype, copy=False), np.asarray(rows, np.int32))
     defaults = {"model": "", "layer": -1, "hook": "", "corpus": "", "split": {"train_groups": [], "val_groups": []}}
-    return _finish_store(partial, store_dir, writers, dtype, {n: 0 for n in SPLITS}, {**defaults, **(info or {})})
+    n_texts = {n: sum(t["split"] == n for t in texts or []) for n in SPLITS}
+    return _finish_store(partial, store_dir, writers, dtype, n_texts, {**defaults, **(info or {})})
+
+
+ACTIVATIONS_PREFIX = "activations:"
+
+
+def is_activation_corpus(corpus: str) -> bool:
+    """Whether a corpus spec names cached activations (``activations:PATH.npz``) rather than text."""
+    return isinstance(corpus, str) and corpus.startswith(ACTIVATIONS_PREFIX)
+
+
+def require_model(store: ActivationStore, stage: str) -> None:
+    """Refuse, with a clear message, to run a stage that needs the language model on a store made from a file."""
+    corpus = store.manifest.get("corpus", "")
+    if is_activation_corpus(corpus):
+        raise ValueError(f"stage {stage} runs the language model itself, but this run's activations come from "
+                         f"a file ({corpus}): stages 00-04 work on such runs; 05 and 06 need a text corpus and its "
+                         "model")  # fmt: skip
+
+
+def store_from_npz(
+    corpus: str, store_dir: str | Path, val_fraction: float, seed: int, max_groups: int | None = None,
+    dtype: str = "float32", reuse: bool = True,
+) -> ActivationStore:  # fmt: skip
+    """A store from activations cached elsewhere: ``activations:PATH.npz`` with arrays ``acts`` [n, d] (float)
+    and ``doc`` [n] (int, the document of each row). Documents are split exactly as texts are
+    (:func:`featint_utils.corpus.split_by_group`); rows keep their order within a document. There is no model
+    behind such a store, so the stages that run one (05, 06, and 01's splice metrics) cannot use it."""
+    from .corpus import split_by_group
+
+    path = Path(corpus[len(ACTIVATIONS_PREFIX) :]).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no activation file at {str(path)!r} (corpus {corpus!r})")
+    try:
+        with np.load(path) as npz:
+            arrays = {name: npz[name] for name in ("acts", "doc") if name in npz}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable .npz file ({err})") from err
+    missing = {"acts", "doc"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} must hold arrays 'acts' [n, d] and 'doc' [n]; missing {sorted(missing)}")
+    acts, doc = arrays["acts"], arrays["doc"]
+    if acts.ndim != 2 or not np.issubdtype(acts.dtype, np.floating):
+        raise ValueError(f"'acts' in {path} must be a 2-D float array, got {acts.dtype} {acts.shape}")
+    if doc.shape != (len(acts),) or not np.issubdtype(doc.dtype, np.integer):
+        raise ValueError(f"'doc' in {path} must be an integer array of length {len(acts)}, got {doc.dtype} {doc.shape}")
+    if not np.isfinite(acts).all():
+        raise StoreError(f"'acts' in {path} holds NaN or Inf values: refusing to build a store from it")
+    request = {"corpus": corpus, "sha256": _sha256(path), "val_fraction": val_fraction, "seed": seed,
+               "max_groups": max_groups, "dtype": dtype}  # fmt: skip
+    if reuse and (Path(store_dir) / "manifest.json").exists():
+        try:
+            existing = ActivationStore(store_dir)
+            if existing.manifest.get("request") == request:
+                print(f"reusing the activation store at {store_dir} (same file and split)")
+                return existing
+        except StoreError:
+            pass
+    documents = np.unique(doc)
+    texts = [Text(text_id=str(d), group=str(d), text="") for d in documents]
+    split = split_by_group(texts, val_fraction, seed, max_groups=max_groups)
+    records, arrays_out, meta = [], {}, {}
+    for name in SPLITS:
+        chosen = [int(t.group) for t in getattr(split, name)]
+        parts, metas = [], []
+        for d in chosen:
+            rows = np.flatnonzero(doc == d)
+            index = len(records)
+            records.append({"index": index, "text_id": str(d), "group": str(d), "split": name,
+                            "text": f"rows of document {d} in {path.name}"})  # fmt: skip
+            parts.append(acts[rows])
+            metas.append(np.c_[np.full(len(rows), index), np.arange(len(rows)), np.full(len(rows), -1)])
+        arrays_out[name] = np.concatenate(parts) if parts else np.empty((0, acts.shape[1]), np.float32)
+        meta[name] = np.concatenate(metas) if metas else np.empty((0, 3), np.int64)
+    info = {"request": request, "model": corpus, "model_source": str(path), "layer": -1, "hook": "",
+            "corpus": corpus, "split": split.record(), "is_causal_lm": False}  # fmt: skip
+    return store_from_arrays(store_dir, arrays_out, info=info, meta=meta, dtype=dtype, texts=records)
+
+
+def derived_store(store: ActivationStore, transform, store_dir: str | Path, request: dict, reuse: bool = True):
+    """A copy of ``store`` whose activations are ``transform(raw activations [n, d] float32 tensor)``, streamed
+    shard by shard, with the same texts and token provenance (for sensitivity runs). ``request`` describes the
+    transform (JSON); a finished store made from the same source store and request is reused."""
+    store_dir = Path(store_dir)
+    request = {"source": str(store.path.resolve()), "source_created": store.manifest["created"], **request}
+    if reuse and (store_dir / "manifest.json").exists():
+        try:
+            existing = ActivationStore(store_dir)
+            if existing.manifest.get("request") == json.loads(json.dumps(request)):
+                return existing
+        except StoreError:
+            pass
+    partial = store_dir.with_name(store_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shutil.copy(store.path / "texts.jsonl", partial / "texts.jsonl")
+    np_dtype = DTYPES[store.manifest["dtype"]]
+    writers = {}
+    for name in SPLITS:
+        shard_tokens = max([s["n_tokens"] for s in store.manifest["splits"][name]["shards"]] + [1])
+        writers[name] = _ShardWriter(partial, name, store.d_model, np_dtype, shard_tokens)
+        for acts, meta in store.shards(name):
+            new = transform(torch.from_numpy(np.asarray(acts, dtype=np.float32)))
+            writers[name].add(new.numpy().astype(np_dtype, copy=False), np.asarray(meta))
+    drop = ("splits", "normalisation", "created", "git_commit", "request")
+    keep = {k: v for k, v in store.manifest.items() if k not in drop}
+    n_texts = {name: store.manifest["splits"][name]["n_texts"] for name in SPLITS}
+    return _finish_store(partial, store_dir, writers, store.manifest["dtype"], n_texts,
+                         {**keep, "derived_from": str(store.path), "request": request})  # fmt: skip
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,3 +106,12 @@ def load_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dict] | No
         raise CheckpointError(f"checkpoint in {directory} was made with other settings (model shape, data or "
                               "training settings); delete it or choose another output directory")  # fmt: skip
     return state, tensors
+
+
+def state_digest(module) -> str:
+    """A short hash of a module's weights and buffers (what an artifact made from it records)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -7,9 +7,14 @@ are embedding bags over the active rows, so the cost is O(batch x n_active x K) 
 batch x n_latents (x K) tensor is ever built. One forward serves training, analysis and intervention: it
 returns the pooled vector and the post-Linear(K,K), pre-ReLU vector (the secondary SAE's input).
 
-The same class, by its ``form`` and ``knots``, is also the first-order baselines (linear, or additive with
-per-feature hinges) and the factorization machine, so every model of the baseline ladder is fitted by the
-same trainer and compared on the same forward.
+The same class, by its ``form`` and ``knots``, is also the additive first-order baseline (per-feature
+hinges) and the factorization machine, so every gradient-trained model of the ladder is fitted by the same
+trainer and compared on the same forward.
+
+Nested fits (:meth:`NFM.start_from`): the first-order part is copied from a converged first-order fit (the
+closed-form ridge, or a trained additive model) and kept fixed, and the interaction output starts at exactly
+zero, so the untrained NFM *is* that first-order model and whatever training adds is the pairwise term's
+increment over it (:meth:`NFM.calibrate` sets the branch's starting scale from the data).
 """
 
 from __future__ import annotations
@@ -114,6 +119,8 @@ class NFM(nn.Module):
             self.linear_weight = nn.Parameter(torch.zeros(n * (1 + cfg.knots), d))
             self.bias = nn.Parameter(torch.zeros(d))
             self.register_buffer("knot_values", torch.ones(n, 1) * torch.tensor(KNOT_MULTIPLES[: cfg.knots]))
+        # the interaction output is out(...) * output_scale: a fixed unit (see calibrate), 1 until calibrated
+        self.register_buffer("output_scale", torch.ones(()))
         if cfg.has_pairs:
             self.embeddings = nn.Parameter(torch.randn(n, K, generator=generator) * cfg.embed_init_std)
             self.norm = nn.BatchNorm1d(K) if cfg.batch_norm else nn.Identity()
@@ -161,39 +168,89 @@ class NFM(nn.Module):
         """(interaction output, pre-ReLU hidden vector) from a pooled vector (after batch norm)."""
         dropped = self.dropout(pooled)
         if self.hidden is None:
-            return self.out(dropped), None
+            return self.out(dropped) * self.output_scale, None
         hidden_pre = self.hidden(dropped)
         return self.interaction_from_hidden(hidden_pre), hidden_pre
 
     def interaction_from_hidden(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """The rest of the interaction path from a (possibly edited) pre-ReLU vector: Linear(K,d)(ReLU(h))."""
-        return self.out(torch.relu(hidden_pre))
+        return self.out(torch.relu(hidden_pre)) * self.output_scale
 
-    def forward(
-        self,
-        values: torch.Tensor,
-        indices: torch.Tensor,
-        pair_values: torch.Tensor | None = None,
-        pair_indices: torch.Tensor | None = None,
-    ) -> NFMOutput:
-        """The one forward: ``(values, indices)`` is the code; the pairwise term reads ``pair_*`` when given
-        (the shuffled-pair control), else the same code."""
+    def forward(self, values: torch.Tensor, indices: torch.Tensor) -> NFMOutput:
+        """The one forward, from a sparse code ``(values, indices)``."""
         self._check(values, indices)
-        if pair_values is None:
-            pair_values, pair_indices = values, indices
-        else:
-            self._check(pair_values, pair_indices)
         zeros = values.new_zeros(len(values), self.cfg.d_out)
         linear = self.first_order(values, indices) if self.cfg.has_first_order else zeros
         if not self.cfg.has_pairs:
             return NFMOutput(linear, linear, zeros, None, None)
-        pooled = self.norm(bi_interaction(pair_values, pair_indices, self.embeddings))
+        pooled = self.norm(bi_interaction(values, indices, self.embeddings))
         interaction, hidden_pre = self.interaction_from_pooled(pooled)
         return NFMOutput(linear + interaction, linear, interaction, pooled, hidden_pre)
 
     def predict(self, batch) -> torch.Tensor:
         """Prediction of the residual for a :class:`featint_utils.residuals.CodeBatch`."""
-        return self(batch.values, batch.indices, batch.pair_values, batch.pair_indices).output
+        return self(batch.values, batch.indices).output
+
+    @torch.no_grad()
+    def start_from(self, weight: torch.Tensor, bias: torch.Tensor, knot_values: torch.Tensor | None = None) -> NFM:
+        """Make the untrained model equal a converged first-order fit and keep that fit fixed: copy its
+        first-order part and freeze it, and zero the interaction output. ``weight`` has one row per latent (a
+        linear fit; this model's hinge rows, if any, start at zero and are the only first-order rows that
+        train: the additive model over the linear one) or this model's rows (an additive fit; all frozen)."""
+        if not self.cfg.has_first_order:
+            raise ValueError("an 'interaction'-form NFM has no first-order part to start from")
+        n, rows = self.cfg.n_latents, self.linear_weight.shape[0]
+        trainable = torch.zeros(rows, 1)
+        if weight.shape == (n, self.cfg.d_out):
+            self.linear_weight.zero_()
+            self.linear_weight[:: 1 + self.cfg.knots] = weight.float()
+            trainable.fill_(1.0)
+            trainable[:: 1 + self.cfg.knots] = 0.0
+        elif weight.shape == (rows, self.cfg.d_out):
+            self.linear_weight.copy_(weight.float())
+            if knot_values is not None:
+                self.knot_values.copy_(knot_values)
+        else:
+            raise ValueError(f"a first-order weight of shape {tuple(weight.shape)} does not fit this NFM "
+                             f"({n} latents, {self.cfg.knots} knots, d_out {self.cfg.d_out})")  # fmt: skip
+        self.bias.copy_(bias.float())
+        self.bias.requires_grad_(False)
+        if trainable.any():  # only the hinge rows move: their gradient passes, the copied rows' is zeroed
+            self.linear_weight.register_hook(lambda grad: grad * trainable)
+        else:
+            self.linear_weight.requires_grad_(False)
+        if self.cfg.has_pairs:
+            self.out.weight.zero_()
+            self.out.bias.zero_()
+        return self
+
+    @torch.no_grad()
+    def calibrate(self, values: torch.Tensor, indices: torch.Tensor, target_rms: float, pooled_rms: float = 0.01):
+        """Data-dependent start of the pairwise branch, so that one learning rate suits any code or residual
+        scale: the embeddings are rescaled so that the pooled vector has RMS ``pooled_rms`` on this sample of
+        codes, and the interaction output is measured in units of ``target_rms`` (the RMS of what it fits).
+        A small pooled start matters: a factorised model grown from near zero learns its strongest consistent
+        pairwise structure first, whereas one started at unit scale is a random-feature model that fits the
+        fitting set's noise before it finds sparse pairs (measured on planted data)."""
+        if self.cfg.has_pairs:
+            rms = float(bi_interaction(values, indices, self.embeddings).square().mean().sqrt())
+            if rms > 0:
+                self.embeddings.mul_((pooled_rms / rms) ** 0.5)  # the pooling is quadratic in the embeddings
+        if not target_rms > 0:
+            raise ValueError(f"the target's RMS must be positive, got {target_rms}")
+        self.output_scale.fill_(target_rms)
+        return self
+
+    def linear_part(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The linear rows of the first-order part, bias included (hinges, if any, excluded)."""
+        rows = self.linear_weight[:: 1 + self.cfg.knots]
+        return F.embedding_bag(indices, rows, per_sample_weights=values, mode="sum") + self.bias
+
+    @torch.no_grad()
+    def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Replace the linear rows of the first-order part and the bias (hinges and the branch are kept)."""
+        self.linear_weight[:: 1 + self.cfg.knots] = weight.float()
+        self.bias.copy_(bias.float())
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,14 +1,22 @@
-"""Fit a model of the SAE residual (the NFM, or a gradient-trained baseline) with early stopping.
+"""Fit a model of the SAE residual (the NFM, or a gradient-trained baseline) to convergence on the tune set.
 
-One loop for every model with a ``predict(batch)`` method, so the baselines get the same optimiser,
-schedule and stopping rule as the NFM. Loss: the batch's squared error over the fitting set's total
-variance (scale-free, like the SAE's FVU loss). Adam with decoupled weight decay; after each epoch the
-FVU on the ``tune`` documents (float64) decides: the best epoch's weights are kept, and training stops
-after ``patience`` epochs without an improvement of ``min_delta``.
+One loop for every model with a ``predict(batch)`` method, so every gradient-trained model gets the same
+optimiser, schedule and stopping rule. Loss: the batch's squared error over the fitting set's total
+variance (scale-free, like the SAE's FVU loss). Only parameters that require gradients train: a nested
+model keeps the first-order fit it starts from fixed (see :meth:`featint_utils.nfm.NFM.start_from`).
 
-A checkpoint (weights, Adam moments, best weights, epoch, history) is written atomically after every
-epoch; a killed run resumes from it and ends with the same weights as an uninterrupted one, because the
-data order and the dropout draws of an epoch depend only on the seed and the epoch.
+Schedule and stopping, all decided on the ``tune`` documents (FVU, float64):
+
+* the starting model is evaluated first and is the first "best": early stopping can never keep a model
+  worse than where it started (a nested model that cannot improve on its first-order start *is* that start);
+* after ``patience`` epochs without an improvement of ``min_delta``, the learning rate is divided by 3, up
+  to ``lr_decays`` times; then training stops and the best weights are kept;
+* :func:`select_lr` fits the first seed at every learning rate of a grid and keeps the best on tune.
+
+A checkpoint (weights, Adam moments, best weights, schedule state, history) is written atomically at the
+end of an epoch every ``checkpoint_seconds`` and when a call ends; a killed run resumes from it (losing at
+most that much work) and ends with the same weights as an uninterrupted one, because the data order and
+the dropout draws of an epoch depend only on the seed and the epoch.
 """
 
 from __future__ import annotations
@@ -16,16 +24,28 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .io import CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .io import (
+    CheckpointError,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+    state_digest,
+    write_json,
+)
 from .metrics import VarianceAccumulator
 from .progress import progress
 from .residuals import CodeData
+
+LR_DECAY = 3.0
 
 
 @dataclass
@@ -35,17 +55,21 @@ class FitConfig:
     batch_size: int = 1024
     """Tokens per step."""
     lr: float = 1e-3
-    """Adam learning rate."""
+    """Adam learning rate (see :func:`select_lr` to choose it on the tune set)."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW)."""
-    max_epochs: int = 50
+    max_epochs: int = 60
     """Upper bound on passes over the fitting set."""
-    patience: int = 4
-    """Stop after this many epochs without a tune-set improvement."""
-    min_delta: float = 1e-4
+    patience: int = 5
+    """Epochs without a tune-set improvement before the learning rate is decayed (or training stops)."""
+    lr_decays: int = 2
+    """Times the learning rate is divided by 3 before stopping."""
+    min_delta: float = 1e-5
     """Smallest tune-FVU decrease that counts as an improvement."""
     grad_clip: float = 1.0
     """Gradient-norm clipping."""
+    checkpoint_seconds: float = 30.0
+    """Seconds between checkpoints (always one when a call ends)."""
     seed: int = 0
     """Seeds the data order and dropout (the model's initialisation has its own seed)."""
 
@@ -53,7 +77,7 @@ class FitConfig:
 @torch.no_grad()
 def residual_fvu(model, data: CodeData, batch_size: int = 8192) -> float:
     """FVU of the residual on ``data`` (float64, about the set's own mean)."""
-    was_training = model.training
+    was_training = getattr(model, "training", False)
     model.eval()
     acc = VarianceAccumulator(data.d_out)
     for batch in data.batches(batch_size):
@@ -63,7 +87,7 @@ def residual_fvu(model, data: CodeData, batch_size: int = 8192) -> float:
 
 
 class ResidualTrainer:
-    """Fits ``model`` on ``fit``, stopping on ``tune``; writes ``out_dir/{checkpoint,model,history.csv}``."""
+    """Fits ``model`` on ``fit``, stopping on ``tune``; writes ``out_dir/{checkpoint,history.csv}``."""
 
     def __init__(self, model: torch.nn.Module, fit: CodeData, tune: CodeData, cfg: FitConfig, out_dir: str | Path):
         if fit.n_latents != tune.n_latents or fit.d_out != tune.d_out:
@@ -73,20 +97,37 @@ class ResidualTrainer:
             raise ValueError(f"the model takes {n_latents} latents but the data's SAE has {fit.n_latents}")
         if len(fit) < cfg.batch_size:
             raise ValueError(f"the fitting set has {len(fit)} tokens, fewer than batch_size={cfg.batch_size}")
+        if not (cfg.lr > 0 and torch.isfinite(torch.tensor(cfg.lr))):
+            raise ValueError(f"the learning rate must be a positive number, got {cfg.lr}")
         self.model, self.fit, self.tune, self.cfg, self.out_dir = model, fit, tune, cfg, Path(out_dir)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.fit_variance = self._variance_per_token(fit)
+        self.tune_variance = self._variance_per_token(tune)
+        self.start_digest = state_digest(model)
+        self.lr = cfg.lr
+        self.optimizer = self._optimizer()
         self.epoch = 0
+        self.decays = 0
+        self.since = 0  # epoch of the last improvement or learning-rate decay
+        self.stopped = False
+        self.start_fvu = float("nan")
         self.best_fvu = float("inf")
         self.best_epoch = 0
         self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.history: list[dict] = []
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"{type(self.model).__name__} has no trainable parameters")
+        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.cfg.weight_decay)
 
     @staticmethod
     def _variance_per_token(data: CodeData) -> float:
         acc = VarianceAccumulator(data.d_out)
         for batch in data.batches(65536):
             acc.add(batch.target, batch.target)
+        if acc.n == 0 or not acc.total_variance > 0:
+            raise ValueError("the residual has no variance on this set: nothing to fit")
         return acc.total_variance / acc.n
 
     # -- checkpointing ---------------------------------------------------------------------------------
@@ -95,10 +136,11 @@ class ResidualTrainer:
         return self.out_dir / "checkpoint"
 
     def _fingerprint(self) -> str:
-        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        """Settings, shapes, the starting weights and a summary of the data: a checkpoint of anything else
+        is refused rather than resumed."""
         settings = {"model": type(self.model).__name__, "cfg": str(getattr(self.model, "cfg", "")),
-                    "shapes": shapes, "fit": asdict(self.cfg), "n_fit": len(self.fit), "n_tune": len(self.tune),
-                    "shuffled_pairs": self.fit.pair_rows is not None}  # fmt: skip
+                    "start": self.start_digest, "fit": asdict(self.cfg), "n_fit": len(self.fit),
+                    "n_tune": len(self.tune), "variance": f"{self.fit_variance:.9g} {self.tune_variance:.9g}"}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
@@ -106,7 +148,8 @@ class ResidualTrainer:
         tensors |= {f"best.{k}": v.contiguous() for k, v in self.best_state.items()}
         tensors |= optimizer_tensors(self.model, self.optimizer)
         state = {"fingerprint": self._fingerprint(), "epoch": self.epoch, "best_fvu": self.best_fvu,
-                 "best_epoch": self.best_epoch, "history": self.history}  # fmt: skip
+                 "best_epoch": self.best_epoch, "start_fvu": self.start_fvu, "lr": self.lr, "decays": self.decays,
+                 "since": self.since, "stopped": self.stopped, "history": self.history}  # fmt: skip
         save_checkpoint(self.checkpoint_dir, tensors, state)
 
     def load_checkpoint(self) -> bool:
@@ -118,17 +161,26 @@ class ResidualTrainer:
         try:
             self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             self.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+            self.lr = state["lr"]
+            self.optimizer = self._optimizer()
             restore_optimizer(self.model, self.optimizer, tensors)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            for key in ("epoch", "best_fvu", "best_epoch", "start_fvu", "decays", "since", "stopped", "history"):
+                setattr(self, key, state[key])
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint in {self.checkpoint_dir} is incomplete or corrupt ({err})") from err
-        self.epoch, self.best_fvu, self.best_epoch = state["epoch"], state["best_fvu"], state["best_epoch"]
-        self.history = state["history"]
         return True
 
     # -- training --------------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
-        return self.epoch >= self.cfg.max_epochs or self.epoch - self.best_epoch >= self.cfg.patience
+        return self.stopped or self.epoch >= self.cfg.max_epochs
+
+    @property
+    def improved(self) -> bool:
+        """Whether training moved the model away from its start (it beat the start on tune)."""
+        return self.best_epoch > 0
 
     def train_epoch(self) -> float:
         cfg, model = self.cfg, self.model
@@ -150,29 +202,48 @@ class ResidualTrainer:
             n += len(batch.target)
         return total / (n * self.fit_variance)
 
-    def train(self, resume: bool = True, stop_after: int | None = None, desc: str = "fit") -> torch.nn.Module:
-        """Fit until early stopping; returns the model holding its best tune-set weights.
+    def _end_of_epoch(self, tune_fvu: float) -> None:
+        cfg = self.cfg
+        if tune_fvu < self.best_fvu - cfg.min_delta:
+            self.best_fvu, self.best_epoch, self.since = tune_fvu, self.epoch, self.epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        elif self.epoch - self.since >= cfg.patience:
+            if self.decays < cfg.lr_decays:  # plateau: smaller steps from here
+                self.decays += 1
+                self.lr /= LR_DECAY
+                self.since = self.epoch
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr
+            else:
+                self.stopped = True
 
-        ``stop_after`` ends this call after that many epochs (to test resuming)."""
+    def train(self, resume: bool = True, stop_after: int | None = None, desc: str = "fit") -> torch.nn.Module:
+        """Fit until the schedule ends; returns the model holding its best tune-set weights (possibly the
+        starting weights). ``stop_after`` ends this call after that many epochs (to test resuming)."""
         if not resume:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         elif self.load_checkpoint():
             print(f"{desc}: resuming after epoch {self.epoch}")
+        if not self.history:  # the start is the first candidate: never keep anything worse
+            self.start_fvu = self.best_fvu = residual_fvu(self.model, self.tune)
+            self.history.append({"epoch": 0, "fit_fvu": float("nan"), "tune_fvu": self.start_fvu, "lr": self.lr})
         bar = progress(total=self.cfg.max_epochs, initial=self.epoch, desc=desc, unit="epoch")
-        done = 0
+        done, saved_at = 0, time.monotonic()
         while not self.finished and (stop_after is None or done < stop_after):
             fit_fvu = self.train_epoch()
             tune_fvu = residual_fvu(self.model, self.tune)
             self.epoch += 1
             done += 1
-            if tune_fvu < self.best_fvu - self.cfg.min_delta:
-                self.best_fvu, self.best_epoch = tune_fvu, self.epoch
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.history.append({"epoch": self.epoch, "fit_fvu": fit_fvu, "tune_fvu": tune_fvu})
-            self.save_checkpoint()
+            self.history.append({"epoch": self.epoch, "fit_fvu": fit_fvu, "tune_fvu": tune_fvu, "lr": self.lr})
+            self._end_of_epoch(tune_fvu)
+            if time.monotonic() - saved_at >= self.cfg.checkpoint_seconds:
+                self.save_checkpoint()
+                saved_at = time.monotonic()
             bar.update(1)
             bar.set_postfix(fit=f"{fit_fvu:.4f}", tune=f"{tune_fvu:.4f}", best=self.best_epoch, refresh=False)
         bar.close()
+        if done or not self.checkpoint_dir.exists():
+            self.save_checkpoint()  # every call ends with its state saved: a re-run resumes or returns at once
         if self.finished:
             self.model.load_state_dict(self.best_state)
             pd.DataFrame(self.history).to_csv(self.out_dir / "history.csv", index=False)
@@ -180,3 +251,33 @@ class ResidualTrainer:
 
     def history_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.history)
+
+    def summary(self) -> dict:
+        """What a ladder row records about the fit."""
+        return {"epochs": self.epoch, "best_epoch": self.best_epoch, "tune_fvu": self.best_fvu,
+                "start_tune_fvu": self.start_fvu, "lr": self.cfg.lr, "improved_on_start": self.improved}  # fmt: skip
+
+
+def select_lr(
+    make_model: Callable[[], torch.nn.Module],
+    fit: CodeData,
+    tune: CodeData,
+    cfg: FitConfig,
+    lrs: tuple[float, ...],
+    out_dir: str | Path,
+    resume: bool = True,
+    desc: str = "fit",
+) -> tuple[float, torch.nn.Module, ResidualTrainer]:
+    """Fit a fresh model (same start, same seed) at every learning rate of ``lrs``; keep the one with the best
+    tune FVU. Each fit lives in ``out_dir/lr<lr>/`` (resumable); the choice is written to ``out_dir/lr.json``."""
+    if not lrs:
+        raise ValueError("select_lr needs at least one learning rate")
+    out_dir = Path(out_dir)
+    results = []
+    for lr in lrs:
+        trainer = ResidualTrainer(make_model(), fit, tune, replace(cfg, lr=lr), out_dir / f"lr{lr:g}")
+        model = trainer.train(resume=resume, desc=f"{desc}, lr {lr:g}")
+        results.append((trainer.best_fvu, lr, model, trainer))
+    best_fvu, lr, model, trainer = min(results, key=lambda r: r[0])
+    write_json(out_dir / "lr.json", {"chosen": lr, "tune_fvu": {f"{r[1]:g}": r[0] for r in results}})
+    return lr, model, trainer

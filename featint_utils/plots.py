@@ -132,15 +132,19 @@ def fit_curves(histories: dict[str, pd.DataFrame], title: str = "") -> plt.Figur
     return fig
 
 
-def baseline_ladder(table: pd.DataFrame, labels: dict[str, str]) -> plt.Figure:
-    """Held-out residual FVU and total-activation FVU of every model (bars: mean over seeds; dots: seeds)."""
+def baseline_ladder(table: pd.DataFrame, labels: dict[str, str], failed: set[str] = frozenset()) -> plt.Figure:
+    """Held-out residual FVU and total-activation FVU of every model (bars: mean over seeds; dots: seeds).
+    Models in ``failed`` (no gain over predicting zero) are drawn hatched."""
     order = [m for m in labels if m in set(table["model"])]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(order) + 1.6), sharey=True)
     for ax, column, title in ((axes[0], "residual_fvu", "SAE residual: FVU of each model's prediction"),
                               (axes[1], "total_fvu", "activation: FVU of SAE + the model")):  # fmt: skip
         means = table.groupby("model")[column].mean().reindex(order)
         y = np.arange(len(order))
-        ax.barh(y, means, color=["#8c8c8c" if m == "sae_alone" else "#4c72b0" for m in order], alpha=0.8)
+        bars = ax.barh(y, means, color=["#8c8c8c" if m == "zero" else "#4c72b0" for m in order], alpha=0.8)
+        for bar, model in zip(bars, order):
+            if model in failed:
+                bar.set_hatch("//")
         for i, model in enumerate(order):
             seeds = table.loc[table["model"] == model, column]
             ax.plot(seeds, np.full(len(seeds), i), "k.", ms=4)
@@ -149,27 +153,65 @@ def baseline_ladder(table: pd.DataFrame, labels: dict[str, str]) -> plt.Figure:
         ax.set_xlim(0, means.max() * 1.18)
     axes[0].set_yticks(np.arange(len(order)), [labels[m] for m in order])
     axes[0].invert_yaxis()
+    if failed:
+        axes[0].text(0, -0.9, "hatched: does not beat predicting zero", fontsize=8, va="bottom")
     fig.tight_layout()
     return fig
 
 
-def interaction_shares(shares: pd.DataFrame) -> plt.Figure:
-    """Held-out incremental R-squared of the pairwise term per comparison: bars are means, dots seeds."""
-    names = {"over_linear": "pairwise over linear", "over_additive": "pairwise over additive",
-             "shuffled_control": "shuffled pairs over linear\n(control)"}  # fmt: skip
-    columns = [c for c in names if c in shares]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for i, column in enumerate(columns):
-        values = shares[column]
-        ax.bar(i, values.mean(), color="#c44e52" if column == "shuffled_control" else "#55a868", alpha=0.8)
-        ax.errorbar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, color="k", capsize=4)
-        ax.plot(np.full(len(values), i), values, "k.", ms=5)
-        ax.text(i, values.mean(), f"{values.mean():+.4f}\n", ha="center", va="bottom", fontsize=8)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.margins(y=0.2)  # room for the value labels
-    ax.set_xticks(range(len(columns)), [names[c] for c in columns])
-    ax.set(ylabel="Δ R² of the SAE residual (held-out)",
-           title=f"interaction share: mean ± sd over {len(shares)} seeds (dots)")  # fmt: skip
+SHARE_LABELS = {
+    "over_linear": "NFM over linear",
+    "over_additive": "NFM over additive",
+    "pair_ridge": "explicit pairs over linear",
+    "mlp_over_linear": "MLP over linear",
+    "additive_over_linear": "additive over linear\n(single-feature non-linearity)",
+}
+
+
+def interaction_forest(shares: pd.DataFrame, control: pd.DataFrame, limit: float | None = None) -> plt.Figure:
+    """Each share (held-out incremental R-squared) with its bootstrap interval, the null control's below, and
+    the detection limit measured by planted interactions."""
+    rows = [(SHARE_LABELS[name], shares.loc[name], "#55a868") for name in SHARE_LABELS if name in shares.index]
+    rows += [(f"null control: {SHARE_LABELS[name]}", control.loc[name], "#c44e52") for name in control.index]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.4))
+    for i, (_, stats, color) in enumerate(rows):
+        ax.plot([stats["ci_low"], stats["ci_high"]], [i, i], color=color, lw=2.5)
+        ax.plot(stats["mean"], i, "o", color=color)
+        ax.text(stats["ci_high"], i, f"  {stats['mean']:+.4f}", va="center", fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    if limit is not None:
+        ax.axvline(limit, color="#8172b2", ls="--", lw=1, label=f"detection limit {limit:.4f}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=9)
+    ax.invert_yaxis()
+    ax.margins(x=0.25)
+    ax.set(xlabel="Δ R² of the SAE residual on held-out documents (point: mean over seeds; bar: 95% interval)",
+           title="what each term adds over its first-order fit")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def power_curve(power: pd.DataFrame, limits: dict[str, float | None] | None = None) -> plt.Figure:
+    """Recovered vs planted share (the oracle's, which knows the planted pairs) for the nested NFM and the
+    explicit-pairs ridge, with intervals and each one's detection limit; the diagonal is perfect recovery."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    x = power["oracle"]
+    for column, label, color in (("over_linear", "nested NFM", "#4c72b0"), ("pair_ridge", "explicit-pairs ridge",
+                                                                             "#dd8452")):  # fmt: skip
+        low, high = power[f"{column}_ci_low"], power[f"{column}_ci_high"]
+        ax.errorbar(x, power[column], yerr=[power[column] - low, high - power[column]], fmt="o-", color=color,
+                    capsize=3, label=label)  # fmt: skip
+    top = float(max(x.max(), power[["over_linear", "pair_ridge"]].to_numpy().max())) * 1.1
+    ax.plot([0, top], [0, top], color="k", lw=0.8, ls=":", label="recovers the planted share")
+    ax.axhline(0, color="k", lw=0.5)
+    for column, color in (("over_linear", "#4c72b0"), ("pair_ridge", "#dd8452")):
+        limit = (limits or {}).get(column)
+        if limit is not None:
+            ax.axvline(limit, color=color, ls="--", lw=1, label=f"its detection limit {limit:.4f}")
+    ax.set(xlabel="planted share (oracle fit with the planted pairs, held-out Δ R²)",
+           ylabel="recovered share (held-out Δ R²)",
+           title="power: planted interactions in this run's residual")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 
 from .activations import ActivationStore
-from .io import read_json, replace_dir, write_json
+from .io import read_json, replace_dir, state_digest, write_json
 from .progress import progress
 from .sae import TopKSAE
 
@@ -42,13 +43,9 @@ class CodeBatch(NamedTuple):
     indices: torch.Tensor
     """[batch, k] int64 latent indices."""
     target: torch.Tensor
-    """[batch, d] the SAE residual."""
+    """[batch, d] the SAE residual (or a control / injected target, see :meth:`CodeData.with_target`)."""
     inputs: torch.Tensor
     """[batch, d] the normalised activation."""
-    pair_values: torch.Tensor
-    """[batch, k] the code the pairwise term sees: the same code, or another token's in the shuffled control."""
-    pair_indices: torch.Tensor
-    """[batch, k] indices of ``pair_values``."""
 
 
 @dataclass
@@ -65,8 +62,9 @@ class CodeData:
     n_latents: int
     rows: np.ndarray | None = None
     """Rows of the arrays that belong to this set (None: all)."""
-    pair_rows: np.ndarray | None = None
-    """For each row of this set, the row (of this set) whose code feeds the pairwise term (None: its own)."""
+    target_transform: Callable[[np.ndarray, CodeBatch], torch.Tensor] | None = None
+    """Computes the target from (the rows, their stored batch) instead of the stored residual: a null control
+    or a planted interaction, made on the fly so that it costs no disk (see :meth:`with_target`)."""
 
     def __post_init__(self):
         n = len(self.values)
@@ -90,25 +88,26 @@ class CodeData:
         """Document of each row of this set."""
         return np.asarray(self.groups)[self.rows]
 
-    def batch(self, local: np.ndarray) -> CodeBatch:
-        """Rows ``local`` of this set (any order) as tensors."""
-        local = np.asarray(local)
+    def stored(self, at: np.ndarray) -> CodeBatch:
+        """Rows ``at`` of the full arrays (any order), with the stored residual as the target."""
+        at = np.asarray(at)
 
-        def take(array, at):
+        def take(array):
             order = np.argsort(at, kind="stable")  # sorted reads from the memory maps, then back in order
             out = np.empty((len(at),) + array.shape[1:], array.dtype)
             out[order] = array[at[order]]
             return torch.from_numpy(out)
 
-        at = self.rows[local]
-        values, indices = take(self.values, at).float(), take(self.indices, at).long()
-        if self.pair_rows is None:
-            pair_values, pair_indices = values, indices
-        else:
-            pairs = self.rows[self.pair_rows[local]]
-            pair_values, pair_indices = take(self.values, pairs).float(), take(self.indices, pairs).long()
-        return CodeBatch(values, indices, take(self.target, at).float(), take(self.inputs, at).float(),
-                         pair_values, pair_indices)  # fmt: skip
+        return CodeBatch(take(self.values).float(), take(self.indices).long(), take(self.target).float(),
+                         take(self.inputs).float())  # fmt: skip
+
+    def batch(self, local: np.ndarray) -> CodeBatch:
+        """Rows ``local`` of this set (any order) as tensors."""
+        at = self.rows[np.asarray(local)]
+        batch = self.stored(at)
+        if self.target_transform is None:
+            return batch
+        return batch._replace(target=self.target_transform(at, batch))
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0):
         """One pass in minibatches; the order depends only on ``seed``."""
@@ -118,15 +117,12 @@ class CodeData:
 
     def subset(self, local: np.ndarray) -> CodeData:
         """Rows ``local`` of this set, in store order."""
-        if self.pair_rows is not None:
-            raise ValueError("take subsets before shuffling pairs")
         return replace(self, rows=self.rows[np.sort(np.asarray(local))])
 
-    def with_shuffled_pairs(self, seed: int = 0) -> CodeData:
-        """The shuffled-pair control: the pairwise term sees the code of another, random token of the same
-        set (a fixed permutation), so each feature's marginal is kept but its pairs with the token's own
-        features (and the link to the token's residual) are broken."""
-        return replace(self, pair_rows=np.random.default_rng(seed + 7919).permutation(len(self)))
+    def with_target(self, transform: Callable[[np.ndarray, CodeBatch], torch.Tensor] | None) -> CodeData:
+        """The same tokens with a computed target: ``transform(rows, stored_batch)`` gives the target of the
+        full-array ``rows`` (None: back to the stored residual)."""
+        return replace(self, target_transform=transform)
 
     def feature_scale(self) -> np.ndarray:
         """Mean value of each latent where it fires (1 for latents that never fire here), float32."""
@@ -166,12 +162,8 @@ def split_fit_tune_test(
 
 
 def _fingerprint(sae: TopKSAE, store: ActivationStore) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(sae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(f"{sae.cfg.k}|{sae.cfg.input_scale}|{store.manifest['created']}|{store.path.resolve()}".encode())
-    return digest.hexdigest()[:16]
+    key = f"{state_digest(sae)}|{sae.cfg.k}|{sae.cfg.input_scale}|{store.manifest['created']}|{store.path.resolve()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -159,6 +159,15 @@ class TopKSAE(nn.Module):
             raise ValueError(f"input width {x.shape[-1]} does not match the SAE's d_in={self.cfg.d_in}")
         return _TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead, k_aux, bf16)
 
+    @torch.no_grad()
+    def presence(self, x: torch.Tensor, k: int) -> TopKCode:
+        """The ``k`` largest ReLU pre-activations (``k`` may exceed the SAE's own): how strongly each latent's
+        direction is present in ``x`` before the TopK competition, which can silence a latent whose content
+        another latent (a conjunction of it and something else) has absorbed."""
+        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
+        values, indices = pre.topk(min(k, self.cfg.n_latents), dim=-1, sorted=False)
+        return TopKCode(values.relu_(), indices)
+
     def decode(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``sum_j values_j W_dec[indices_j] (+ b_dec)``: an embedding bag over the k active rows."""
         out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")

@@ -26,7 +26,7 @@
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
 model: str = "embedded"  # "embedded" (bundled MiniLM), a local model directory, or a Hugging Face name
 layer: int = 3  # hidden_states index: 0 is the embedding output, L the output of block L-1
-corpus: str = "stimuli"  # "stimuli", a .txt/.jsonl/.parquet path, or "hf:NAME[:CONFIG[:SPLIT]]"
+corpus: str = "stimuli"  # "stimuli", a .txt/.jsonl/.parquet path, "hf:NAME[:CONFIG[:SPLIT]]" or "activations:PATH.npz"
 max_groups: int = 0  # keep a seeded random subset of this many documents or items (0: all)
 val_fraction: float = 0.2  # fraction of documents/items held out for validation
 seed: int = 0  # seed of the split
@@ -45,16 +45,21 @@ from featint_utils.corpus import load_corpus, split_by_group
 
 # %% [markdown]
 # ## Model and corpus
+# `corpus = "activations:PATH.npz"` skips the model: the file's arrays `acts` [n, d] and `doc` [n] (the document
+# of each row) become the store, split by document exactly as texts are (stages 00-04 then run as usual).
 
 # %%
-loaded = models.load_model(model, device=models.resolve_device(device))
-texts = load_corpus(corpus)
-split = split_by_group(texts, val_fraction, seed, max_groups=max_groups or None)
-print(
-    f"{loaded.name}: {loaded.model.config.model_type}, {loaded.n_layers} layers, d_model={loaded.d_model}; "
-    f"hooking {models.hook_name(loaded.model, layer)} for hidden_states[{layer}]"
-)
-print(f"{len(texts)} texts; {len(split.train)} train / {len(split.val)} validation texts")
+from_file = activations.is_activation_corpus(corpus)
+if from_file:
+    store = activations.store_from_npz(corpus, Path(run_dir) / "activations", val_fraction, seed,
+                                       max_groups=max_groups or None, dtype=dtype)  # fmt: skip
+else:
+    loaded = models.load_model(model, device=models.resolve_device(device))
+    texts = load_corpus(corpus)
+    split = split_by_group(texts, val_fraction, seed, max_groups=max_groups or None)
+    print(f"{loaded.name}: {loaded.model.config.model_type}, {loaded.n_layers} layers, d_model={loaded.d_model}; "
+          f"hooking {models.hook_name(loaded.model, layer)} for hidden_states[{layer}]")  # fmt: skip
+    print(f"{len(texts)} texts; {len(split.train)} train / {len(split.val)} validation texts")
 
 # %% [markdown]
 # ## Extraction
@@ -62,10 +67,11 @@ print(f"{len(texts)} texts; {len(split.train)} train / {len(split.val)} validati
 # when complete, so an interrupted run never leaves a store that looks finished.
 
 # %%
-store = activations.extract(
-    loaded, split, layer, Path(run_dir) / "activations", corpus=corpus,
-    context_tokens=context_tokens, batch_size=batch_size, dtype=dtype,
-)  # fmt: skip
+if not from_file:
+    store = activations.extract(
+        loaded, split, layer, Path(run_dir) / "activations", corpus=corpus,
+        context_tokens=context_tokens, batch_size=batch_size, dtype=dtype,
+    )  # fmt: skip
 display(activations.summary(store))
 print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 
@@ -76,8 +82,10 @@ print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 
 # %%
 norms = activations.token_norms(store, "train")
-fig = plots.activation_norms(norms, title=f"{loaded.name} · hidden_states[{layer}] · train split")
+source = corpus if from_file else f"{loaded.name} · hidden_states[{layer}]"
+fig = plots.activation_norms(norms, title=f"{source} · train split")
 plots.save(fig, run_dir, "00_activation_norms")
 
 # %%
-display(activations.norm_outliers(store, loaded.tokenizer, "train", n=10))
+if not from_file:
+    display(activations.norm_outliers(store, loaded.tokenizer, "train", n=10))

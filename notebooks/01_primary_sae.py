@@ -45,7 +45,7 @@ import pandas as pd
 from IPython.display import display
 
 from featint_utils import features, interventions, models, plots
-from featint_utils.activations import ActivationStore
+from featint_utils.activations import ActivationStore, is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.metrics import evaluate_sae
 from featint_utils.sae_training import SAETrainer, TrainConfig
@@ -75,8 +75,11 @@ plots.save(fig, run_dir, "01_training_curves")
 
 # %%
 metrics = evaluate_sae(sae, store, "val")
-loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
-splice = interventions.splice_metrics(loaded, store, sae.reconstruct_raw, max_texts=splice_texts, seed=seed)
+from_file = is_activation_corpus(store.manifest["corpus"])  # activations from a file: no model to splice into
+splice = {}
+if not from_file:
+    loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
+    splice = interventions.splice_metrics(loaded, store, sae.reconstruct_raw, max_texts=splice_texts, seed=seed)
 headline = {k: v for k, v in metrics.items() if k != "firing_frequency"} | splice
 update_metrics(run_dir, "primary_sae", {"n_latents": sae_latents, "k": sae_k, **headline})
 display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
@@ -91,6 +94,7 @@ plots.save(fig, run_dir, "01_feature_density")
 # held-out tokens (in «») where it fires hardest.
 
 # %%
-shown = features.pick_features(metrics["firing_frequency"], n_show_features)
-examples = features.top_activations(sae.encode, store, shown, loaded.tokenizer, n=4)
-display(examples.style.format({"activation": "{:.2f}"}).hide(axis="index"))
+if not from_file:
+    shown = features.pick_features(metrics["firing_frequency"], n_show_features)
+    examples = features.top_activations(sae.encode, store, shown, loaded.tokenizer, n=4)
+    display(examples.style.format({"activation": "{:.2f}"}).hide(axis="index"))

@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 02 · What the SAE misses: an NFM and its baselines
+# # 02 · What the SAE misses: an NFM and its baselines, fitted as nested models
 #
 # The primary SAE writes each activation as a sparse sum of features; its error `e = x - SAE(x)` is what
 # it cannot write. A **Neural Factorization Machine** predicts `e` from the SAE's own code with a
@@ -21,20 +21,23 @@
 # features carry information that no single feature does, the pairwise term will predict part of `e`
 # that first-order models cannot.
 #
-# Such a claim is only as good as its baselines. Every model below is fitted to the same residual, on the
-# same documents, by the same trainer (or in closed form), and measured on **held-out documents** that no
-# model and no stopping rule has seen:
+# How that is measured decides whether the answer means anything, so every pairwise model here is
+# **nested** in a **converged** first-order fit:
 #
-# | model | asks |
-# |---|---|
-# | ridge from the raw activation | how much of `e` is a linear function of `x` itself ("dark matter")? |
-# | ridge from the SAE code, and the same linear model trained | the best the code does linearly |
-# | additive per-feature non-linear | is a feature's effect merely non-linear in its own value? |
-# | NFM (linear + pairwise), NFM (additive + pairwise) | what pairs add over each first-order model |
-# | MLP with the NFM's parameter count | is the factorised pairwise form special? |
-# | NFM with shuffled pairs | the pairwise term's capacity with the pairs broken: what overfitting alone buys |
+# * the linear first-order model is a ridge from the code, solved in closed form (penalty chosen on the tune
+#   documents); the additive per-feature model adds hinges to it;
+# * each pairwise model *starts as* its first-order model (that part copied and kept fixed, the new branch's
+#   output at zero) and the start is the first candidate of early stopping, so it can only end where the
+#   tune documents say pairs help; learning rates are chosen on tune;
+# * an **explicit-pairs ridge** (the code plus the products of the most frequently co-firing pairs, closed
+#   form) checks the NFM's pairwise term transparently;
+# * a **null control** reruns the same fits on a target whose first-order part is kept and whose remainder is
+#   permuted across tokens: what the estimator reports when there is nothing to find;
+# * **planted interactions** of known size are added to this run's residual to measure what the estimator
+#   can detect here (the power curve and detection limit in notebook 03).
 #
-# The seeded models are fitted once per seed, so that notebook 03 can show the spread.
+# Every model is measured on **held-out documents** that no model and no stopping rule has seen, against
+# the error of predicting zero (the SAE alone).
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
@@ -42,14 +45,17 @@ nfm_k_embed: int = 256  # K, width of the factor embeddings and of the interacti
 nfm_dropout: float = 0.15  # dropout on the pooled vector while training
 nfm_batch_norm: bool = False  # batch norm on the pooled vector
 nfm_knots: int = 3  # hinges per feature in the additive models
-nfm_lr: float = 1e-3  # Adam learning rate of every trained residual model
+nfm_lr_grid: str = "3e-4,1e-3,3e-3"  # learning rates tried per model (first seed); the best on tune is kept
 nfm_weight_decay: float = 0.0  # decoupled weight decay
 nfm_batch_size: int = 1024  # tokens per step
-nfm_max_epochs: int = 50  # upper bound on epochs (early stopping usually ends sooner)
-nfm_patience: int = 4  # epochs without a tune-set improvement before stopping
-tune_fraction: float = 0.15  # share of the documents for early stopping and ridge penalties
+nfm_max_epochs: int = 60  # upper bound on epochs (the tune-set schedule usually ends sooner)
+nfm_patience: int = 5  # epochs without a tune-set improvement before the learning rate is divided by 3
+tune_fraction: float = 0.15  # share of the documents for early stopping, learning rates and ridge penalties
 test_fraction: float = 0.3  # share of the documents for the reported numbers only
 n_seeds: int = 3  # seeds of every trained model (seed, seed + 1, ...)
+pair_ridge_pairs: int = 1024  # co-firing pairs whose products the explicit-pairs ridge adds
+power_shares: str = "0.001,0.003,0.01,0.03"  # planted sizes: pairwise-only variance as a share of the residual's
+power_pairs: int = 16  # pairs per planted interaction (among the 256 most frequently co-firing)
 resume: bool = True  # continue interrupted fits with the same settings
 seed: int = 0  # first seed; also splits the tune documents
 
@@ -59,7 +65,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import display
 
-from featint_utils import contributions, plots
+from featint_utils import contributions, interaction, plots
 from featint_utils.activations import ActivationStore
 from featint_utils.metrics import evaluate_sae
 from featint_utils.nfm import NFMConfig
@@ -82,7 +88,7 @@ display(sae_fit[["fvu", "n_tokens"]].rename(index={"train": "SAE's training docu
 # %% [markdown]
 # Each held-out token's SAE code and residual (in the SAE's normalised space) are cached beside the run,
 # and the documents are split three ways: `fit` trains every model, `tune` decides when to stop and
-# picks ridge penalties, `test` is used for the reported numbers only.
+# picks learning rates and ridge penalties, `test` is used for the reported numbers only.
 
 # %%
 data = build_residual_data(sae, store, Path(run_dir) / "nfm" / "residuals")
@@ -91,31 +97,39 @@ save_sets(sets, Path(run_dir) / "nfm" / "sets.json")
 display(set_sizes(sets))
 
 # %% [markdown]
-# ## Fitting the ladder
-# Every trained model is saved with a checkpoint after each epoch, so an interrupted run picks up where it
-# stopped; the weights kept are those of the best tune-set epoch.
+# ## Fitting
+# The ladder on the residual (every seeded model once per seed), the null control, and one planted
+# interaction per size. Every trained model is checkpointed after each epoch, so an interrupted run picks up
+# where it stopped; the weights kept are those of the best tune-set epoch, possibly the start.
 
 # %%
-nfm_config = NFMConfig(sae.cfg.n_latents, store.d_model, k_embed=nfm_k_embed, dropout=nfm_dropout,
-                       batch_norm=nfm_batch_norm, knots=nfm_knots)  # fmt: skip
-fit_config = FitConfig(batch_size=nfm_batch_size, lr=nfm_lr, weight_decay=nfm_weight_decay,
-                       max_epochs=nfm_max_epochs, patience=nfm_patience)  # fmt: skip
-seeds = list(range(seed, seed + n_seeds))
-ladder = contributions.fit_ladder(sets["fit"], sets["tune"], sets["test"], nfm_config, fit_config, seeds,
-                                  Path(run_dir) / "nfm", resume=resume)  # fmt: skip
+config = interaction.EstimatorConfig(
+    nfm=NFMConfig(sae.cfg.n_latents, store.d_model, k_embed=nfm_k_embed, dropout=nfm_dropout,
+                  batch_norm=nfm_batch_norm, knots=nfm_knots),
+    fit=FitConfig(batch_size=nfm_batch_size, weight_decay=nfm_weight_decay, max_epochs=nfm_max_epochs,
+                  patience=nfm_patience),
+    seeds=tuple(range(seed, seed + n_seeds)),
+    lr_grid=tuple(float(lr) for lr in nfm_lr_grid.split(",")),
+    n_pairs=pair_ridge_pairs,
+)  # fmt: skip
+estimator = interaction.run(sets, config, Path(run_dir) / "nfm", resume=resume, n_planted=power_pairs,
+                            power_shares=tuple(float(s) for s in power_shares.split(",")))  # fmt: skip
+print("learning rates chosen on tune:", estimator.lrs)
 
 # %%
 fig = plots.fit_curves(contributions.histories(Path(run_dir) / "nfm", seed),
-                       title=f"residual models, seed {seed}: fit (thin), tune (thick); dot: kept epoch")  # fmt: skip
+                       title=f"seed {seed}: fit (thin), tune (thick); dot: kept epoch (0 is the start)")
 plots.save(fig, run_dir, "02_fit_curves")
 
 # %% [markdown]
 # ## First look
-# Held-out residual FVU (1 is "predicts nothing beyond the mean") and the FVU of the whole activation once
-# each model's prediction is added to the SAE's reconstruction. Notebook 03 takes these apart.
+# Held-out residual FVU (1 is "predicts nothing beyond the mean"), the gain over predicting zero (the SAE
+# alone; a model without a positive gain is a failed fit), and the FVU of the whole activation once each
+# model's prediction is added to the SAE's reconstruction. Notebook 03 takes these apart, with intervals.
 
 # %%
-summary = contributions.ladder_summary(ladder)
-display(summary[["label", "residual_fvu", "residual_fvu_sd", "total_fvu", "seeds", "n_parameters"]]
-        .style.format({"residual_fvu": "{:.4f}", "residual_fvu_sd": "{:.4f}", "total_fvu": "{:.4f}",
-                       "n_parameters": "{:,}"}, na_rep="–"))  # fmt: skip
+summary = contributions.ladder_summary(estimator.table())
+display(summary[["label", "residual_fvu", "residual_fvu_sd", "gain_over_zero", "total_fvu", "seeds", "n_parameters"]]
+        .style.format({"residual_fvu": "{:.4f}", "residual_fvu_sd": "{:.4f}", "gain_over_zero": "{:+.4f}",
+                       "total_fvu": "{:.4f}", "n_parameters": "{:,}"}, na_rep="–"))  # fmt: skip
+

@@ -12,63 +12,132 @@
 # ---
 
 # %% [markdown]
-# # 03 · Linear or interaction? A variance decomposition of the SAE residual
+# # 03 · Linear or interaction? What the pairs add, what this run could detect, and what the SAE absorbed
 #
 # The original study reported its residual model as "95.5% linear / 4.5% interaction" from mean absolute
-# outputs. Here every quantity is a **variance** on **held-out documents**:
+# outputs. Here every quantity is a **variance** on **held-out documents**, with an interval:
 #
-# * the **baseline ladder**: residual FVU of every model of notebook 02, and the FVU of the whole activation
-#   with the SAE alone and with the SAE plus each model;
-# * the **interaction share**: the incremental R² of the pairwise term, `FVU(first-order) − FVU(first-order +
-#   pairwise)`, over the linear and over the additive model, per seed; the shuffled-pair control gives the
-#   same increment for a pairwise term that has no real pairs to use;
-# * **which features** carry each part of the NFM, by their share of that part's held-out variance (see
-#   `featint_utils.contributions`), and whether the two sets of features overlap.
+# * the **baseline ladder**: residual FVU of every model of notebook 02 and its gain over predicting zero;
+# * the **interaction share**: the held-out incremental R² of the pairwise term over the converged linear and
+#   additive fits (nested NFMs), beside the explicit-pairs ridge and the **null control** (the same fits on a
+#   target with the first-order remainder permuted), each with a bootstrap interval over test documents and
+#   seeds;
+# * **power**: interactions of known size planted in this run's residual, how much of each the estimator
+#   recovers, and the smallest it detects;
+# * **where the SAE hides interactions**: how much of an interaction injected into the activations a
+#   retrained SAE absorbs into its own latents (so no residual model can see it), and latents that act as
+#   conjunctions of two others;
+# * **which features** carry each part of the NFM (see `featint_utils.contributions`).
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
 n_top_features: int = 20  # features shown and compared per part
-seed: int = 0  # the seed whose NFM is taken apart
+n_boot: int = 2000  # bootstrap draws of test documents and seeds for every interval
+absorption_share: float = 0.02  # size of the interaction injected before SAE training (share of activation variance)
+absorption_pairs: int = 16  # latent pairs in the injected interaction
+absorption_train_tokens: int = 0  # the retrained SAE's budget (0: the primary SAE's own; then it is the reference)
+conjunction_candidates: int = 6  # per latent, the most correlated latents whose pairs are searched
+seed: int = 0  # the seed whose NFM is taken apart; also seeds the bootstrap and the injection
 
 # %%
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
-from featint_utils import contributions, plots
+from featint_utils import absorption, contributions, interaction, plots
+from featint_utils.activations import ActivationStore
 from featint_utils.io import update_metrics
 from featint_utils.nfm import NFM
 from featint_utils.residuals import load_sets, open_residual_data
+from featint_utils.sae import TopKSAE
 
 nfm_dir = Path(run_dir) / "nfm"
-ladder = pd.read_csv(nfm_dir / "ladder.csv")
-test = load_sets(open_residual_data(nfm_dir / "residuals"), nfm_dir / "sets.json")["test"]
+results = interaction.Results(nfm_dir, n_boot=n_boot, seed=seed)
+sets = load_sets(open_residual_data(nfm_dir / "residuals"), nfm_dir / "sets.json")
 
 # %% [markdown]
 # ## The baseline ladder
+# Gain over zero: how much less held-out error than the SAE alone, in units of the residual's variance, with
+# its interval. A model whose interval does not lie above zero is a failed fit: nothing is concluded from it.
 
 # %%
-summary = contributions.ladder_summary(ladder)
-display(summary[["label", "residual_fvu", "residual_fvu_sd", "residual_r2", "total_fvu", "total_fvu_sd"]]
-        .style.format("{:.4f}", subset=["residual_fvu", "residual_fvu_sd", "residual_r2", "total_fvu",
-                                        "total_fvu_sd"], na_rep="–"))  # fmt: skip
-fig = plots.baseline_ladder(ladder, contributions.LADDER)
+summary = contributions.ladder_summary(results.ladder)
+beats = results.beats_zero()
+summary = summary.join(beats[["ci_low", "ci_high", "beats_zero"]].add_prefix("gain_"))
+display(summary[["label", "residual_fvu", "residual_fvu_sd", "gain_over_zero", "gain_ci_low", "gain_ci_high",
+                 "gain_beats_zero", "total_fvu"]]
+        .style.format("{:.4f}", subset=["residual_fvu", "residual_fvu_sd", "total_fvu"])
+        .format("{:+.4f}", subset=["gain_over_zero", "gain_ci_low", "gain_ci_high"]), na_rep="–")  # fmt: skip
+failed = set(beats.index[~beats["beats_zero"].astype(bool)])
+fig = plots.baseline_ladder(results.ladder.query("target == 'residual'"), interaction.MODELS, failed)
 plots.save(fig, run_dir, "03_baseline_ladder")
 
 # %% [markdown]
-# ## The interaction share
-# Positive means the pairwise term predicts held-out residual variance that the first-order model does not.
-# The control row should sit at or below zero: whatever a pairwise term gains there, it gains without
-# real pairs.
+# ## The interaction share, with its interval and its null control
+# Positive means the term predicts held-out residual variance that its first-order fit does not. The null
+# control runs the same nested fits on a target that keeps every token's first-order part and permutes what
+# the first-order fit leaves, so its interval shows what the estimator reports when there is nothing to find.
 
 # %%
-shares = contributions.interaction_shares(ladder)
-display(shares.style.format("{:+.5f}"))
-share_spread = contributions.spread(shares)
-display(share_spread.style.format("{:+.5f}"))
-fig = plots.interaction_shares(shares)
+shares = results.shares()
+control = results.control_shares()
+both = pd.concat({"share": shares, "null control": control})[["mean", "ci_low", "ci_high", "sd", "n_seeds"]]
+display(both.style.format("{:+.5f}", subset=["mean", "ci_low", "ci_high", "sd"]).format("{:.0f}", subset=["n_seeds"]))
+
+# %% [markdown]
+# ## Power: what this run could have detected
+# Interactions among the most frequently co-firing latent pairs, of known size, added to this run's own
+# residual; the oracle ridge knows the planted pairs, so its increment is what is there to find. "Detected"
+# means the recovered increment's interval lies above the un-injected estimate's.
+
+# %%
+power = results.power()
+limits = {name: interaction.detection_limit(power, name) for name in interaction.ESTIMATORS}
+display(power.set_index("nominal_share")[["oracle", "over_linear", "over_linear_ci_low", "over_linear_detected",
+                                          "pair_ridge", "pair_ridge_ci_low", "pair_ridge_detected"]]
+        .style.format("{:+.5f}", subset=["oracle", "over_linear", "over_linear_ci_low", "pair_ridge",
+                                         "pair_ridge_ci_low"]))  # fmt: skip
+fig = plots.power_curve(power, limits)
+plots.save(fig, run_dir, "03_power")
+fig = plots.interaction_forest(shares, control, limits["over_linear"])
 plots.save(fig, run_dir, "03_interaction_share")
+display(Markdown(interaction.verdict(results)))
+
+# %% [markdown]
+# ## Where the SAE hides interactions
+# **Absorption.** An interaction among the primary SAE's own frequently co-firing latents is added to the
+# activations (train and held-out), an SAE with the same settings is trained on them, and its held-out
+# residual is compared with the primary SAE's: the absorbed fraction is the part of the injected interaction
+# that the new SAE reconstructs, which no model of its residual could then see.
+
+# %%
+store = ActivationStore(Path(run_dir) / "activations")
+sae = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
+absorbed = absorption.sensitivity_run(store, sae, Path(run_dir) / "absorption", share=absorption_share,
+                                      n_pairs=absorption_pairs, train_tokens=absorption_train_tokens, seed=seed)
+display(pd.Series(absorbed, name="sensitivity run").to_frame())
+
+# %% [markdown]
+# Does that SAE give the injected interaction latents of its own, and does the conjunction search below flag
+# them? (Its positive control: the search is only worth running on the primary SAE if it finds these.)
+
+# %%
+injected = absorption.injected_conjunctions(Path(run_dir) / "absorption", candidates=conjunction_candidates)
+display(pd.Series(injected, name="injected directions").to_frame())
+
+# %% [markdown]
+# **Conjunction latents.** Latents whose activation (on held-out documents) is predicted far better by the
+# product of two other latents' presences (their pre-TopK activations: TopK often silences the latents that a
+# conjunction has absorbed) than by the two linearly, with a decoder direction mostly outside the span of
+# theirs: latents that stand for "a and b together".
+
+# %%
+conjunctions = absorption.conjunction_latents(store, sae, "val", candidates=conjunction_candidates)
+display(conjunctions.head(15).style.format("{:.3f}", subset=["r2_product", "r2_single", "r2_additive", "gain",
+                                                             "outside_span"]).hide(axis="index"))  # fmt: skip
+print(f"{int(conjunctions['conjunction'].sum())} of {len(conjunctions)} firing latents are conjunction latents "
+      "(R² of the product ≥ 0.3 and ≥ 0.2 above the additive fit; ≥ half the decoder outside the pair's span)")
 
 # %% [markdown]
 # ## Which features carry each part
@@ -77,7 +146,7 @@ plots.save(fig, run_dir, "03_interaction_share")
 
 # %%
 nfm = NFM.load(nfm_dir / "nfm" / f"seed{seed}" / "model")
-attribution = contributions.variance_attribution(nfm, test)
+attribution = contributions.variance_attribution(nfm, sets["test"])
 attribution.to_csv(nfm_dir / "attribution.csv", index=False)  # notebook 06 clamps a linear-path feature from it
 fig = plots.top_feature_bars(attribution, n_top_features)
 plots.save(fig, run_dir, "03_top_features")
@@ -87,7 +156,8 @@ display(pd.Series(overlap, name="top-feature overlap").to_frame())
 # %% [markdown]
 # The factor embeddings' inner products `⟨vᵢ, vⱼ⟩` among the top interaction features: in a plain
 # factorization machine this is the weight of the pair `fᵢfⱼ`; in the NFM it is the pair's pooled vector
-# summed over its K dimensions, before the MLP.
+# summed over its K dimensions, before the MLP. (An NFM that kept its start has untrained embeddings: read
+# this only when the interaction share is detected.)
 
 # %%
 top = contributions.top_features(attribution, n_top_features)["interaction"]
@@ -95,6 +165,13 @@ fig = plots.interaction_matrix(contributions.interaction_strength(nfm, top))
 plots.save(fig, run_dir, "03_interaction_matrix")
 
 # %%
-headline = contributions.headline(ladder, shares, overlap)
+headline = interaction.headline(results) | {
+    "absorbed_fraction": absorbed["absorbed_fraction"],
+    "absorption_injected_share": absorbed["injected_share"],
+    "absorption_directions_with_latent": injected["with_a_latent"],
+    "absorption_directions_as_conjunction": injected["as_conjunction_latent"],
+    "conjunction_latents": int(conjunctions["conjunction"].sum()),
+    "conjunction_latents_fraction": float(conjunctions["conjunction"].mean()),
+    "top_overlap": overlap["shared"], "top_overlap_chance": overlap["chance_shared"], "top_n": overlap["n"],
+}  # fmt: skip
 update_metrics(run_dir, "contributions", headline)
-print(contributions.verdict(share_spread))

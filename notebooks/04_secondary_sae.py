@@ -45,7 +45,7 @@ import pandas as pd
 from IPython.display import display
 
 from featint_utils import features, models, plots, secondary
-from featint_utils.activations import ActivationStore
+from featint_utils.activations import ActivationStore, is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.metrics import evaluate_sae
 from featint_utils.nfm import NFM
@@ -93,9 +93,10 @@ plots.save(fig, run_dir, "04_feature_density")
 
 # %%
 shown = features.pick_features(metrics["firing_frequency"], n_show_features)
-tokenizer = models.load_model(store.manifest["model"]).tokenizer
-display(features.top_activations(sae2.encode, vectors, shown, tokenizer, n=4).style.format({"activation": "{:.2f}"})
-        .hide(axis="index"))  # fmt: skip
+if not is_activation_corpus(store.manifest["corpus"]):  # activations from a file have no tokens to show
+    tokenizer = models.load_model(store.manifest["model"]).tokenizer
+    display(features.top_activations(sae2.encode, vectors, shown, tokenizer, n=4)
+            .style.format({"activation": "{:.2f}"}).hide(axis="index"))  # fmt: skip
 for feature in shown:
     pairs, _ = secondary.drivers(nfm, sae2, feature, secondary.top_codes(primary, nfm, sae2, store, feature, n=50))
     display(pairs.head(5).assign(secondary_feature=feature).style.format({"contribution": "{:.4f}"}).hide(axis="index"))

@@ -38,7 +38,7 @@ import pandas as pd
 from IPython.display import display
 
 from featint_utils import identification, manipulation, models, plots, secondary, widgets
-from featint_utils.activations import ActivationStore
+from featint_utils.activations import ActivationStore, require_model
 from featint_utils.corpus import load_stimuli
 from featint_utils.io import update_metrics
 from featint_utils.nfm import NFM
@@ -55,6 +55,7 @@ from featint_utils.sae import TopKSAE
 # strongly (|d| ≥ 1) and the other one barely (|d| ≤ 0.3).
 
 # %%
+require_model(ActivationStore(Path(run_dir) / "activations"), "05")  # a run on activations from a file stops here
 stimuli = load_stimuli()
 scored = manipulation.score_texts(stimuli)
 print(f"{stimuli.item_id.nunique()} items × 4 variants, {stimuli.topic.nunique()} topics")

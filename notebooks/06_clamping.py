@@ -48,7 +48,7 @@ import pandas as pd
 from IPython.display import display
 
 from featint_utils import clamping, features, identification, models, plots
-from featint_utils.activations import ActivationStore
+from featint_utils.activations import ActivationStore, require_model
 from featint_utils.corpus import load_prompt_frames, load_stimuli, load_wordlists
 from featint_utils.io import update_metrics
 from featint_utils.nfm import NFM
@@ -60,6 +60,7 @@ from featint_utils.sae import TopKSAE
 # %%
 run = Path(run_dir)
 store = ActivationStore(run / "activations")
+require_model(store, "06")
 loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
 primary = TopKSAE.load(run / "primary_sae" / "sae")
 nfm = NFM.load(run / "nfm" / "nfm" / f"seed{seed}" / "model")

@@ -1,0 +1,732 @@
+"""The interaction estimator: what pairs of SAE features add to a converged first-order model of the SAE
+residual, on held-out documents, with an interval, a calibrated null control and measured power.
+
+**Nested fits** (:class:`Estimator`). For a target ``y`` (the residual, or a control or injected version of it):
+
+1. the first-order model is the closed-form ridge from the code (penalty chosen on tune): converged;
+2. the additive per-feature model starts from it (hinge weights at zero) and is trained with its penalty;
+3. every pairwise model (the NFM over the linear and over the additive fit, and the parameter-matched MLP)
+   starts *as* its first-order model (first-order part copied and kept fixed, new branch's output at zero),
+   so it fits what the converged first-order model leaves; its start is the first candidate of early
+   stopping, so it never ends worse than that start on tune;
+4. the explicit-pairs ridge nests in the code ridge in closed form (pair penalty on tune, infinity included).
+
+The *share* of a comparison is ``FVU_test(base) - FVU_test(model)`` (an incremental R-squared of the target).
+
+**Intervals.** Each model's summed squared error is kept per test document, with each document's summed
+squared deviation from the test mean; a bootstrap draws documents and seeds with replacement and recomputes
+the share (percentile interval). The same draws serve every comparison, so differences are paired.
+
+**Null control** (Freedman & Lane, 1983). ``y* = yhat(f_t) + r(pi(t))`` with ``yhat`` the first-order fit,
+``r = y - yhat`` and ``pi`` a random permutation of the tokens within each of fit, tune and test. Every token
+keeps its own code and the whole first-order part of its target; only what the first-order model leaves
+(where pairwise structure would be) is detached from the code. The same pipeline (first-order refit, the same
+nested fits, learning rates and seeds) runs on ``y*``. If the residual holds no pairwise structure, the real
+and control shares have the same distribution, so the control shows, in this run and at this size, what
+the estimator reports when there is nothing to find. (The shuffled-pair control it replaces fed the pairwise
+branch another token's code: that also removed the token's own first-order information, so a pairwise
+branch that merely re-learned first-order signal beat it.)
+
+**Power.** Planted interactions ``c * sum over (a, b) in S of f_a f_b u_ab`` (``S``: random pairs among the most
+frequently co-firing ones in the fit set, ``u`` random unit directions) are added to the run's own residual,
+at sizes given as a share of its variance; the estimator and an oracle ridge that knows ``S`` run on each.
+The detection limit is the smallest injected share (the oracle's held-out increment) whose recovered
+increment over the un-injected estimate has an interval above zero, at that size and every larger one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .baselines import (
+    RIDGE_ALPHAS,
+    CodeMLP,
+    PairLookup,
+    SparseDesign,
+    cofiring_pairs,
+    fit_pair_ridge,
+    fit_ridge,
+    matched_hidden,
+)
+from .io import read_json, write_json
+from .metrics import VarianceAccumulator
+from .nfm import NFM, NFMConfig
+from .nfm_training import FitConfig, ResidualTrainer, residual_fvu, select_lr
+from .progress import progress
+from .residuals import CodeBatch, CodeData
+
+MODELS = {
+    "zero": "SAE alone (predict 0)",
+    "raw_ridge": "ridge from the raw activation",
+    "code_ridge": "linear in the code (ridge)",
+    "additive": "additive per-feature non-linear",
+    "pair_ridge": "ridge: code + explicit pairs",
+    "nfm": "NFM: linear + pairwise",
+    "nfm_additive": "NFM: additive + pairwise",
+    "mlp": "linear + MLP (NFM's size)",
+    "oracle": "ridge: code + the planted pairs",
+}
+"""Model keys, with the label a table or figure shows."""
+
+GRADIENT = ("additive", "nfm", "nfm_additive", "mlp")
+"""Models fitted by gradient (seeded, learning rate chosen on tune), in the order they are fitted."""
+
+COMPARISONS = {
+    "over_linear": ("code_ridge", "nfm"),
+    "over_additive": ("additive", "nfm_additive"),
+    "pair_ridge": ("code_ridge", "pair_ridge"),
+    "mlp_over_linear": ("code_ridge", "mlp"),
+    "additive_over_linear": ("code_ridge", "additive"),
+    "oracle": ("code_ridge", "oracle"),
+}
+"""Share name: (base model, model). The first two are the interaction shares."""
+
+ESTIMATORS = ("over_linear", "pair_ridge")
+"""The two estimators of the pairwise term over the linear fit: the nested NFM and the explicit-pairs ridge."""
+
+RESIDUAL = "residual"
+CONTROL = "control"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets: the null control and planted interactions
+
+
+class _Transform:
+    """Base of the target transforms: reads the base set's own target (which may itself be computed)."""
+
+    def __init__(self, base: CodeData):
+        self.base = base
+
+    def base_target(self, at: np.ndarray, batch: CodeBatch) -> torch.Tensor:
+        if self.base.target_transform is None:
+            return batch.target
+        return self.base.target_transform(at, batch)
+
+
+class PermutedRemainder(_Transform):
+    """The null control's target ``yhat(f_t) + (y - yhat)(pi(t))`` (see the module docstring)."""
+
+    def __init__(self, base: CodeData, sets: dict[str, CodeData], first_order: torch.nn.Module, seed: int):
+        super().__init__(base)
+        self.first_order = first_order.eval()
+        self.source = np.arange(len(base.values))
+        rng = np.random.default_rng(seed + 104_729)
+        for data in sets.values():  # within each set: no token moves across fit / tune / test
+            self.source[data.rows] = data.rows[rng.permutation(len(data.rows))]
+
+    @torch.no_grad()
+    def __call__(self, at: np.ndarray, batch: CodeBatch) -> torch.Tensor:
+        src = self.source[at]
+        moved = self.base.stored(src)
+        remainder = self.base_target(src, moved) - self.first_order.predict(moved)
+        return self.first_order.predict(batch) + remainder
+
+
+class WithoutNonLinearPart(_Transform):
+    """The target minus what a model adds beyond its linear rows: what a first-order refit is fitted to."""
+
+    def __init__(self, base: CodeData, model: torch.nn.Module):
+        super().__init__(base)
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, at: np.ndarray, batch: CodeBatch) -> torch.Tensor:
+        beyond = self.model.predict(batch) - self.model.linear_part(batch.values, batch.indices)
+        return self.base_target(at, batch) - beyond
+
+
+class PlantedPairs(NamedTuple):
+    """Planted pairwise interactions ``scale * sum over pairs of f_a f_b direction``."""
+
+    pairs: np.ndarray
+    """[P, 2] latent pairs."""
+    directions: torch.Tensor
+    """[P, d] unit directions, one per pair."""
+    scale: float
+    """Multiplier that gives the planted term its size."""
+    share: float
+    """Its variance on the fit set as a share of the residual's (the nominal size)."""
+
+
+class AddPlanted(_Transform):
+    """The target plus a planted interaction of the code's own latents."""
+
+    def __init__(self, base: CodeData, planted: PlantedPairs):
+        super().__init__(base)
+        self.planted = planted
+        self.lookup = PairLookup(planted.pairs, base.n_latents)
+
+    def term(self, batch: CodeBatch) -> torch.Tensor:
+        column, product = self.lookup.active(batch.values, batch.indices)
+        return self.planted.scale * F.embedding_bag(column, self.planted.directions, per_sample_weights=product,
+                                                    mode="sum")  # fmt: skip
+
+    def __call__(self, at: np.ndarray, batch: CodeBatch) -> torch.Tensor:
+        return self.base_target(at, batch) + self.term(batch)
+
+
+def plant_pairs(
+    fit: CodeData, share: float, design: SparseDesign, penalty: float, n_planted: int = 16, candidates: int = 256,
+    seed: int = 0,
+) -> PlantedPairs:  # fmt: skip
+    """``n_planted`` random pairs among the ``candidates`` most frequently co-firing ones of ``fit``, random unit
+    directions, scaled so that the part of the planted term a first-order ridge (``design``'s code block,
+    ``penalty``) cannot explain has ``share`` of the residual's variance on ``fit``: the products of frequent
+    latents are largely first-order, and only what is left is a pairwise interaction to find."""
+    if not share > 0:
+        raise ValueError(f"a planted share must be positive, got {share}")
+    pool = cofiring_pairs(fit, candidates)
+    if len(pool) < n_planted:
+        raise ValueError(f"only {len(pool)} co-firing pairs in the fit set; cannot plant {n_planted}")
+    rng = np.random.default_rng(seed + 7_919)
+    pairs = pool[np.sort(rng.choice(len(pool), n_planted, replace=False))]
+    directions = torch.from_numpy(rng.normal(size=(n_planted, fit.d_out))).float()
+    directions /= directions.norm(dim=1, keepdim=True)
+    unit = AddPlanted(fit, PlantedPairs(pairs, directions, 1.0, share))
+    gram, cross, _, _ = design.centred(*design.cross(fit.with_target(lambda at, batch: unit.term(batch))))
+    code = slice(0, fit.n_latents)
+    gram, cross = gram[code, code], cross[code]
+    weight = torch.cholesky_solve(cross, torch.linalg.cholesky(gram + penalty * torch.eye(len(gram), dtype=gram.dtype)))
+    term_ss = float(document_totals(fit.with_target(lambda at, batch: unit.term(batch)))["centred_ss"].sum())
+    left = term_ss - 2 * float((weight * cross).sum()) + float((weight * (gram @ weight)).sum())
+    if not left > 1e-12 * max(term_ss, 1e-30):
+        raise ValueError("the chosen pairs' products are first-order on the fit set: nothing pairwise to plant")
+    residual_ss = float(document_totals(fit.with_target(unit.base_target))["centred_ss"].sum())
+    return PlantedPairs(pairs, directions, float(np.sqrt(share * residual_ss / left)), share)
+
+
+def _stored_batches(data: CodeData, batch_size: int = 8192):
+    for start in range(0, len(data), batch_size):
+        at = data.rows[start : start + batch_size]
+        yield at, data.stored(at)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-document sums and the bootstrap
+
+
+def document_totals(data: CodeData, batch_size: int = 8192) -> pd.DataFrame:
+    """Per document of ``data``: tokens, summed squared deviation of the target from the set's mean, and the
+    summed squared target (the error of predicting zero). Sorted by document."""
+    documents, inverse = np.unique(data.document, return_inverse=True)
+    sums = torch.zeros(len(documents), data.d_out, dtype=torch.float64)
+    squares = torch.zeros(len(documents), dtype=torch.float64)
+    tokens = np.bincount(inverse, minlength=len(documents))
+    position = 0
+    for batch in data.batches(batch_size):
+        doc = torch.from_numpy(inverse[position : position + len(batch.target)])
+        position += len(batch.target)
+        target = batch.target.double()
+        sums.index_add_(0, doc, target)
+        squares.index_add_(0, doc, target.square().sum(1))
+    mean = sums.sum(0) / tokens.sum()
+    centred = squares - 2 * sums @ mean + torch.from_numpy(tokens).double() * (mean @ mean)
+    return pd.DataFrame({"document": documents, "tokens": tokens, "centred_ss": centred.numpy(),
+                         "zero_sse": squares.numpy()})  # fmt: skip
+
+
+@torch.no_grad()
+def document_sse(model, data: CodeData, batch_size: int = 8192) -> tuple[np.ndarray, float | None]:
+    """Per document (sorted): the model's summed squared error; and the total-activation FVU of SAE + model
+    (None when the target is not the stored residual)."""
+    if hasattr(model, "eval"):
+        model.eval()
+    documents, inverse = np.unique(data.document, return_inverse=True)
+    sse = torch.zeros(len(documents), dtype=torch.float64)
+    total = VarianceAccumulator(data.d_out) if data.target_transform is None else None
+    position = 0
+    for batch in data.batches(batch_size):
+        prediction = model.predict(batch)
+        doc = torch.from_numpy(inverse[position : position + len(batch.target)])
+        position += len(batch.target)
+        sse.index_add_(0, doc, (batch.target.double() - prediction.double()).square().sum(1))
+        if total is not None:  # x - (SAE(x) + e_hat) = e - e_hat
+            total.add(batch.inputs, batch.inputs - batch.target + prediction)
+    return sse.numpy(), (total.fvu() if total is not None else None)
+
+
+class Draws(NamedTuple):
+    """Bootstrap draws shared by every comparison: document weights and seed picks."""
+
+    weights: np.ndarray
+    """[n_boot, n_documents] how often each document is drawn."""
+    seeds: np.ndarray
+    """[n_boot, n_seeds] which seed (position) fills each seed slot."""
+
+
+def bootstrap_draws(n_documents: int, n_seeds: int, n_boot: int = 2000, seed: int = 0) -> Draws:
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_documents, np.full(n_documents, 1 / n_documents), size=n_boot).astype(float)
+    return Draws(weights, rng.integers(0, n_seeds, size=(n_boot, n_seeds)))
+
+
+def increments(centred: np.ndarray, base: np.ndarray, model: np.ndarray, draws: Draws | None = None) -> np.ndarray:
+    """Share ``(SSE_base - SSE_model) / SS`` averaged over seeds: on the whole set (draws None: one value per
+    seed, [S]) or per bootstrap draw ([n_boot]). ``base`` and ``model`` are [S, D] (or [D] for an unseeded
+    model, used for every seed)."""
+    base, model = np.atleast_2d(base), np.atleast_2d(model)
+    diff = base - model  # [S, D]
+    # a model that kept its start predicts what its base does; float summation order is not a finding
+    diff = np.where(np.abs(diff) <= 1e-9 * np.abs(base), 0.0, diff)
+    if draws is None:
+        return diff.sum(1) / centred.sum()
+    n_seeds = diff.shape[0]
+    per_seed = draws.weights @ diff.T  # [B, S]
+    picked = np.take_along_axis(per_seed, draws.seeds[:, :n_seeds] % n_seeds, axis=1)
+    return picked.mean(1) / (draws.weights @ centred)
+
+
+def interval(point_per_seed: np.ndarray, boot: np.ndarray, level: float = 0.95) -> dict:
+    low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": float(np.mean(point_per_seed)), "ci_low": float(low), "ci_high": float(high),
+            "sd": float(np.std(point_per_seed, ddof=1)) if len(point_per_seed) > 1 else 0.0,
+            "n_seeds": len(point_per_seed)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimator
+
+
+@dataclass
+class EstimatorConfig:
+    """What the estimator fits and how."""
+
+    nfm: NFMConfig
+    """Shape of the NFMs (``knots`` sets the additive models' hinges; 0 means 3)."""
+    fit: FitConfig
+    """Trainer settings of every gradient-trained model (its ``lr`` is replaced by the one chosen on tune)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of every gradient-trained model."""
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    """Learning rates tried for each gradient-trained model (first seed, real residual); best on tune wins."""
+    n_pairs: int = 1024
+    """Explicit pairs in the pair ridge: the most frequently co-firing in the fit set."""
+    n_boot: int = 2000
+    """Bootstrap draws of the intervals."""
+    level: float = 0.95
+    """Interval coverage."""
+
+    @property
+    def knots(self) -> int:
+        return self.nfm.knots or 3
+
+
+class Estimator:
+    """Fits every model of the ladder on a target and keeps, per test document, every model's squared error.
+
+    ``out_dir`` holds the trained models (``<model>/seed<s>/``, resumable; the real residual's NFMs are saved
+    under ``<model>/seed<s>/model``) and, per target other than the residual, ``targets/<target>/...``."""
+
+    def __init__(self, sets: dict[str, CodeData], cfg: EstimatorConfig, out_dir: str | Path, resume: bool = True):
+        missing = {"fit", "tune", "test"} - set(sets)
+        if missing:
+            raise ValueError(f"the estimator needs fit, tune and test sets; missing {sorted(missing)}")
+        if not cfg.seeds:
+            raise ValueError("the estimator needs at least one seed")
+        self.sets, self.cfg, self.out_dir, self.resume = sets, cfg, Path(out_dir), resume
+        self.pairs = cofiring_pairs(sets["fit"], cfg.n_pairs)
+        self.design = SparseDesign(sets["fit"], self.pairs)  # its code block serves the first-order ridges
+        self.feature_scale = sets["fit"].feature_scale()
+        lr_file = self.out_dir / "learning_rates.json"
+        self.lrs: dict[str, float] = read_json(lr_file) if resume and lr_file.exists() else {}
+        self.rows: list[dict] = []
+        self.sse: dict[tuple[str, str, int], np.ndarray] = {}
+        self.totals: dict[str, pd.DataFrame] = {}
+        self.first_order: dict[str, torch.nn.Module] = {}  # (target) code ridge, (target, seed) additive
+
+    # -- models ----------------------------------------------------------------------------------------
+    def _model(self, name: str, seed: int, start: torch.nn.Module, target_rms: float) -> torch.nn.Module:
+        """A fresh nested model equal to its first-order ``start``, its new branch calibrated on the fit set."""
+        cfg = self.cfg.nfm
+        sample = self.sets["fit"].batch(np.arange(min(len(self.sets["fit"]), 8192)))
+        if name == "additive":
+            model = NFM(replace(cfg, form="first_order", knots=self.cfg.knots), seed=seed)
+            model.set_knots(self.feature_scale)
+            return model.start_from(start.weight, start.bias)
+        if name == "nfm":
+            model = NFM(replace(cfg, form="nfm", knots=0), seed=seed).start_from(start.weight, start.bias)
+        elif name == "nfm_additive":
+            model = NFM(replace(cfg, form="nfm", knots=self.cfg.knots), seed=seed)
+            model.start_from(start.linear_weight, start.bias, start.knot_values)
+        elif name == "mlp":
+            nfm = NFM(replace(cfg, form="nfm", knots=0))
+            branch = nfm.n_parameters() - nfm.linear_weight.numel() - nfm.bias.numel()
+            hidden = matched_hidden(branch, cfg.n_latents, cfg.d_out)
+            model = CodeMLP(cfg.n_latents, cfg.d_out, hidden, seed=seed).start_from(start.weight, start.bias)
+        else:
+            raise ValueError(f"unknown gradient-trained model {name!r}; known: {GRADIENT}")
+        return model.calibrate(sample.values, sample.indices, target_rms)
+
+    def _train(self, target: str, name: str, seed: int, start, sets, target_rms: float):
+        out = (self.out_dir if target == RESIDUAL else self.out_dir / "targets" / target) / name / f"seed{seed}"
+        cfg = replace(self.cfg.fit, seed=seed)
+        desc = f"{name} (seed {seed})" if target == RESIDUAL else f"{target}: {name} (seed {seed})"
+        if name not in self.lrs:
+            if target != RESIDUAL:
+                raise ValueError(f"fit the residual first: it chooses the learning rate of {name!r}")
+            lr, model, trainer = select_lr(lambda: self._model(name, seed, start, target_rms), sets["fit"],
+                                           sets["tune"], cfg, self.cfg.lr_grid, out, resume=self.resume, desc=desc)
+            self.lrs[name] = lr
+            write_json(self.out_dir / "learning_rates.json", self.lrs)
+        else:
+            trainer = ResidualTrainer(self._model(name, seed, start, target_rms), sets["fit"], sets["tune"],
+                                      replace(cfg, lr=self.lrs[name]), out)  # fmt: skip
+            model = trainer.train(resume=self.resume, desc=desc)
+        info = trainer.summary()
+        if name != "additive" and trainer.improved:
+            info |= self._refit_linear(model, start, sets, trainer.start_fvu)
+        if isinstance(model, NFM):
+            model.save(out / "model", extra=info)
+        return model, info
+
+    def _refit_linear(self, model, start, sets, start_fvu: float) -> dict:
+        """The Frisch-Waugh step that makes a trained pairwise model nested: refit its linear block in closed
+        form (the first-order fit's own penalty) to the target minus everything else the model predicts. The
+        branch can also learn corrections that are linear in the code (its pooled vector carries f_i times the
+        code's total, so it can undo part of the ridge's shrinkage); those are absorbed back into the linear
+        block, and only the part of the branch that no linear map of the code gives remains as its increment.
+        If the result is worse on tune than the start, the model goes back to its start."""
+        first = self.first_order[RESIDUAL] if RESIDUAL in self.first_order else start
+        alpha = getattr(start, "alpha", None) or first.alpha
+        refit = fit_ridge(sets["fit"].with_target(WithoutNonLinearPart(sets["fit"], model)), sets["tune"],
+                          alphas=(alpha,), design=self.design)  # fmt: skip
+        model.set_linear(refit.weight, refit.bias)
+        tune_fvu = residual_fvu(model, sets["tune"])
+        if tune_fvu > start_fvu:  # never worse than the start: back to it (the branch's output off)
+            with torch.no_grad():
+                model.out.weight.zero_()
+                model.out.bias.zero_()
+            model.set_linear(*self._start_linear(start))
+            return {"refit_tune_fvu": tune_fvu, "kept_start": True}
+        return {"refit_tune_fvu": tune_fvu, "kept_start": False}
+
+    @staticmethod
+    def _start_linear(start) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, NFM):  # an additive start: its linear rows
+            return start.linear_weight[:: 1 + start.cfg.knots].detach(), start.bias.detach()
+        return start.weight, start.bias
+
+    def _record(self, target: str, name: str, seed: int, model, sets, started: float, **extra) -> None:
+        sse, total_fvu = document_sse(model, sets["test"])
+        self.sse[(target, name, seed)] = sse
+        totals = self.totals[target]
+        self.rows.append({"target": target, "model": name, "label": MODELS[name], "seed": seed,
+                          "residual_fvu": float(sse.sum() / totals["centred_ss"].sum()),
+                          "gain_over_zero": float((totals["zero_sse"].sum() - sse.sum()) / totals["centred_ss"].sum()),
+                          "total_fvu": total_fvu, "n_parameters": sum(p.numel() for p in model.parameters()),
+                          "seconds": time.perf_counter() - started, **extra})  # fmt: skip
+
+    def fit_target(
+        self,
+        target: str,
+        sets: dict[str, CodeData],
+        models: tuple[str, ...],
+        seeds: tuple[int, ...] | None = None,
+        oracle_pairs: np.ndarray | None = None,
+    ) -> None:
+        """Fit ``models`` (keys of :data:`MODELS`; the code ridge always) on ``sets``' target."""
+        unknown = set(models) - set(MODELS)
+        if unknown:
+            raise ValueError(f"unknown models {sorted(unknown)}; known: {list(MODELS)}")
+        seeds = tuple(self.cfg.seeds if seeds is None else seeds)
+        fit, tune, test = sets["fit"], sets["tune"], sets["test"]
+        self.totals[target] = document_totals(test)
+        target_rms = float(np.sqrt(document_totals(fit)["centred_ss"].sum() / (len(fit) * fit.d_out)))
+        started = time.perf_counter()
+        if "zero" in models:
+            self._record(target, "zero", -1, _Zero(), sets, started)
+        if "raw_ridge" in models:
+            started = time.perf_counter()
+            raw = fit_ridge(fit, tune, "inputs")
+            self._record(target, "raw_ridge", -1, raw, sets, started, alpha=raw.alpha)
+        started = time.perf_counter()
+        # the residual chooses the first-order penalty; a control or planted target keeps it (same design)
+        alphas = (self.first_order[RESIDUAL].alpha,) if RESIDUAL in self.first_order else RIDGE_ALPHAS
+        first = fit_ridge(fit, tune, "codes", alphas=alphas, design=self.design)
+        self.first_order[target] = first
+        self._record(target, "code_ridge", -1, first, sets, started, alpha=first.alpha)
+        if "pair_ridge" in models and len(self.pairs):
+            started = time.perf_counter()
+            pair = fit_pair_ridge(fit, tune, first, design=self.design)
+            self._record(target, "pair_ridge", -1, pair, sets, started, alpha=pair.alpha, n_pairs=len(self.pairs))
+        if "oracle" in models:
+            started = time.perf_counter()
+            oracle = fit_pair_ridge(fit, tune, first, pairs=oracle_pairs)
+            self._record(target, "oracle", -1, oracle, sets, started, alpha=oracle.alpha, n_pairs=len(oracle_pairs))
+        for seed in seeds:
+            additive = None
+            for name in (m for m in GRADIENT if m in models):
+                if name == "nfm_additive" and additive is None:
+                    raise ValueError("nfm_additive nests in the additive model: fit 'additive' too")
+                started = time.perf_counter()
+                start = additive if name == "nfm_additive" else first
+                model, info = self._train(target, name, seed, start, sets, target_rms)
+                self._record(target, name, seed, model, sets, started, **info)
+                if name == "additive":
+                    additive = model
+                    self.first_order[(target, seed)] = model
+
+    def control_sets(self, base: str = RESIDUAL, first_order: torch.nn.Module | None = None, seed: int = 0):
+        """The null control's sets (see the module docstring) around ``base``'s first-order fit."""
+        first_order = first_order or self.first_order[base]
+        return {name: data.with_target(PermutedRemainder(data, self.sets, first_order, seed))
+                for name, data in self.sets.items()}  # fmt: skip
+
+    # -- results ---------------------------------------------------------------------------------------
+    def table(self) -> pd.DataFrame:
+        """One row per (target, model, seed): held-out residual FVU, gain over predicting zero, fit details."""
+        return pd.DataFrame(self.rows)
+
+    def sse_table(self) -> pd.DataFrame:
+        """Long table: target, model, seed, document, summed squared error on the test set."""
+        frames = []
+        for (target, name, seed), sse in self.sse.items():
+            documents = self.totals[target]["document"].to_numpy()
+            frames.append(pd.DataFrame({"target": target, "model": name, "seed": seed, "document": documents,
+                                        "sse": sse}))  # fmt: skip
+        return pd.concat(frames, ignore_index=True)
+
+    def totals_table(self) -> pd.DataFrame:
+        return pd.concat([t.assign(target=name) for name, t in self.totals.items()], ignore_index=True)
+
+    def save(self) -> None:
+        """``ladder.csv`` (all targets), ``test_sse.csv`` and ``test_documents.csv`` in ``out_dir``."""
+        self.table().to_csv(self.out_dir / "ladder.csv", index=False)
+        self.sse_table().to_csv(self.out_dir / "test_sse.csv", index=False)
+        self.totals_table().to_csv(self.out_dir / "test_documents.csv", index=False)
+        write_json(self.out_dir / "pairs.json", {"explicit_pairs": self.pairs.tolist()})
+
+
+class _Zero(torch.nn.Module):
+    def predict(self, batch) -> torch.Tensor:
+        return torch.zeros_like(batch.target)
+
+
+def run(
+    sets: dict[str, CodeData],
+    cfg: EstimatorConfig,
+    out_dir: str | Path,
+    power_shares: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03),
+    n_planted: int = 16,
+    resume: bool = True,
+) -> Estimator:
+    """Everything notebook 02 fits: the ladder on the residual, the null control over the linear and the
+    additive fits, and a planted interaction of each of ``power_shares`` (every seed). Saves the tables."""
+    estimator = Estimator(sets, cfg, out_dir, resume)
+    estimator.fit_target(RESIDUAL, sets, tuple(MODELS.keys() - {"oracle"}))
+    estimator.fit_target(CONTROL, estimator.control_sets(), ("nfm",))
+    for seed in cfg.seeds:  # the control over the additive fit permutes what that seed's additive model leaves
+        name = f"{CONTROL}_additive_seed{seed}"
+        control = estimator.control_sets(first_order=estimator.first_order[(RESIDUAL, seed)], seed=seed)
+        estimator.fit_target(name, control, ("additive", "nfm_additive"), seeds=(seed,))
+    planted_pairs = {}
+    first = estimator.first_order[RESIDUAL]
+    for share in progress(power_shares, desc="planted interactions", unit="size"):
+        planted = plant_pairs(sets["fit"], share, estimator.design, first.penalty, n_planted, seed=cfg.seeds[0])
+        injected = {name: data.with_target(AddPlanted(data, planted)) for name, data in sets.items()}
+        target = f"planted_{share:g}"
+        estimator.fit_target(target, injected, ("pair_ridge", "oracle", "nfm"), oracle_pairs=planted.pairs)
+        planted_pairs[target] = {"share": share, "scale": planted.scale, "pairs": planted.pairs.tolist()}
+    write_json(Path(out_dir) / "planted.json", planted_pairs)
+    estimator.save()
+    return estimator
+
+
+# ---------------------------------------------------------------------------------------------------
+# Analysis of the saved tables (notebook 03)
+
+
+class Results:
+    """The saved tables of a :func:`run`, with the shares, intervals, power curve and verdict."""
+
+    def __init__(self, out_dir: str | Path, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
+        out_dir = Path(out_dir)
+        self.ladder = pd.read_csv(out_dir / "ladder.csv")
+        self.sse = pd.read_csv(out_dir / "test_sse.csv")
+        self.documents = pd.read_csv(out_dir / "test_documents.csv")
+        self.planted = read_json(out_dir / "planted.json") if (out_dir / "planted.json").exists() else {}
+        self.level = level
+        n_documents = self.documents.query("target == @RESIDUAL")["document"].nunique()
+        n_seeds = max(1, self.ladder.query("seed >= 0")["seed"].nunique())
+        self.draws = bootstrap_draws(n_documents, n_seeds, n_boot, seed)
+
+    def _sse(self, target: str, model: str) -> np.ndarray:
+        table = self.sse.query("target == @target and model == @model").sort_values(["seed", "document"])
+        if table.empty:
+            raise KeyError(f"no {model!r} fit on target {target!r}")
+        return table.pivot(index="seed", columns="document", values="sse").to_numpy()
+
+    def _centred(self, target: str) -> np.ndarray:
+        return self.documents.query("target == @target").sort_values("document")["centred_ss"].to_numpy()
+
+    def _boot(self, target: str, base: str, model: str) -> tuple[np.ndarray, np.ndarray]:
+        centred = self._centred(target)
+        if base == "zero":
+            base_sse = self.documents.query("target == @target").sort_values("document")["zero_sse"].to_numpy()
+        else:
+            base_sse = self._sse(target, base)
+        model_sse = self._sse(target, model)
+        return increments(centred, base_sse, model_sse), increments(centred, base_sse, model_sse, self.draws)
+
+    def share(self, target: str, comparison: str) -> dict:
+        """Mean over seeds, seed sd and bootstrap interval of a comparison of :data:`COMPARISONS` on a target."""
+        per_seed, boot = self._boot(target, *COMPARISONS[comparison])
+        return interval(per_seed, boot, self.level)
+
+    def shares(self, target: str = RESIDUAL) -> pd.DataFrame:
+        """Every comparison available on ``target``."""
+        fitted = set(self.sse.query("target == @target")["model"])
+        rows = {name: self.share(target, name) for name, (base, model) in COMPARISONS.items()
+                if {base, model} <= fitted}  # fmt: skip
+        return pd.DataFrame(rows).T
+
+    def control_shares(self) -> pd.DataFrame:
+        """The null control's shares: over the linear fit, and over the additive fit (pooled over seeds)."""
+        rows = {"over_linear": self.share(CONTROL, "over_linear")}
+        per_seed, boots = [], []
+        for target in sorted(t for t in self.sse["target"].unique() if t.startswith(f"{CONTROL}_additive")):
+            point, boot = self._boot(target, *COMPARISONS["over_additive"])
+            per_seed.append(point[0])
+            boots.append(boot)
+        if boots:
+            rows["over_additive"] = interval(np.array(per_seed), np.mean(boots, 0), self.level)
+        return pd.DataFrame(rows).T
+
+    def beats_zero(self) -> pd.DataFrame:
+        """Per model of the real residual: held-out gain over predicting zero, with its interval."""
+        rows = {}
+        for model in self.ladder.query("target == @RESIDUAL")["model"].unique():
+            if model != "zero":
+                rows[model] = interval(*self._boot(RESIDUAL, "zero", model), self.level)
+        table = pd.DataFrame(rows).T
+        table["beats_zero"] = table["ci_low"] > 0
+        return table
+
+    def power(self) -> pd.DataFrame:
+        """Per planted size: nominal share, the oracle's and each estimator's recovered share with intervals,
+        and whether each estimator's recovery exceeds its own un-injected estimate (``detected``: bootstrap of
+        the paired difference over test documents and seeds, so that the refits' own variation counts)."""
+        rows = []
+        for target, info in sorted(self.planted.items(), key=lambda item: item[1]["share"]):
+            row = {"target": target, "nominal_share": info["share"]}
+            for comparison in ("oracle",) + ESTIMATORS:
+                stats = self.share(target, comparison)
+                row |= {f"{comparison}": stats["mean"], f"{comparison}_ci_low": stats["ci_low"],
+                        f"{comparison}_ci_high": stats["ci_high"]}  # fmt: skip
+            for comparison in ESTIMATORS:
+                _, injected = self._boot(target, *COMPARISONS[comparison])
+                _, baseline = self._boot(RESIDUAL, *COMPARISONS[comparison])
+                low = np.percentile(injected - baseline, 50 * (1 - self.level))
+                row |= {f"{comparison}_excess_ci_low": float(low), f"{comparison}_detected": bool(low > 0)}
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def detection_limit(power: pd.DataFrame, estimator: str = "over_linear") -> float | None:
+    """The smallest planted share (by the oracle's recovered share) that ``estimator`` detects at that size and
+    every larger one; None when it does not detect the largest planted size."""
+    if power.empty:
+        return None
+    ordered = power.sort_values("oracle")
+    undetected = np.flatnonzero(~ordered[f"{estimator}_detected"].to_numpy())
+    if len(undetected) and undetected[-1] == len(ordered) - 1:
+        return None
+    first = 0 if not len(undetected) else undetected[-1] + 1
+    return float(ordered["oracle"].iloc[first])
+
+
+def share_text(stats: dict) -> str:
+    return f"{stats['mean']:+.4f} [{stats['ci_low']:+.4f}, {stats['ci_high']:+.4f}]"
+
+
+def headline(results: Results) -> dict:
+    """The numbers metrics.json keeps: per-model held-out FVUs and gains over zero, every share with its
+    interval, the null control's, the power curve's detection limit."""
+    from .contributions import ladder_summary
+
+    summary = ladder_summary(results.ladder)
+    out = {f"residual_fvu.{m}": float(summary.loc[m, "residual_fvu"]) for m in summary.index}
+    out |= {f"total_fvu.{m}": float(summary.loc[m, "total_fvu"]) for m in summary.index}
+    for model, row in results.beats_zero().iterrows():
+        out |= {f"gain_over_zero.{model}.{k}": float(row[k]) for k in ("mean", "ci_low", "ci_high")}
+    for name, row in results.shares().iterrows():
+        out |= {f"interaction_share.{name}.{k}": float(row[k]) for k in ("mean", "ci_low", "ci_high", "sd")}
+    for name, row in results.control_shares().iterrows():
+        out |= {f"control.{name}.{k}": float(row[k]) for k in ("mean", "ci_low", "ci_high")}
+    nfm_r2 = 1 - float(summary.loc["nfm", "residual_fvu"])
+    # what share of the NFM's own R-squared the pairs are: undefined (None) unless that R-squared is positive
+    out["interaction_share.of_explained"] = out["interaction_share.over_linear.mean"] / nfm_r2 if nfm_r2 > 0 else None
+    power = results.power()
+    out["detection_limit"] = detection_limit(power)  # None: not detected even at the largest planted size
+    out["detection_limit.pair_ridge"] = detection_limit(power, "pair_ridge")
+    out["largest_planted_share"] = float(power["oracle"].max()) if len(power) else None
+    for comparison in ESTIMATORS:  # how much of the largest planted interaction each estimator recovers
+        recovered = power[comparison].iloc[-1] / power["oracle"].iloc[-1] if len(power) else None
+        out[f"recovered_of_planted.{comparison}"] = None if recovered is None else float(recovered)
+    out["n_seeds"] = int(results.ladder.query("target == @RESIDUAL and seed >= 0")["seed"].nunique())
+    out["n_test_documents"] = int(len(results._centred(RESIDUAL)))
+    return out
+
+
+def _limit_text(power: pd.DataFrame, estimator: str) -> str:
+    limit = detection_limit(power, estimator)
+    if limit is not None:
+        return f"{limit:.4f}"
+    return f"above the largest planted size ({power['oracle'].max():.4f})" if len(power) else "not measured"
+
+
+def verdict(results: Results) -> str:
+    """What the estimate does and does not show, in plain sentences (the rules of the module docstring)."""
+    shares, control, zero = results.shares(), results.control_shares(), results.beats_zero()
+    power = results.power()
+    lines = []
+    failed = [m for m in ("code_ridge", "nfm") if m in zero.index and not zero.loc[m, "beats_zero"]]
+    if failed:
+        lines.append(f"Failed fit: {', '.join(MODELS[m] for m in failed)} does not beat predicting zero on the "
+                     "test documents (interval of the gain not above 0), so no conclusion is drawn about "
+                     "interactions from it.")  # fmt: skip
+    over = shares.loc["over_linear"]
+    lines.append(f"Pairwise term over the linear fit (nested NFM): {share_text(over)} held-out R² of the residual "
+                 f"({int(over['n_seeds'])} seeds, {len(results._centred(RESIDUAL))} test documents, "
+                 f"{100 * results.level:.0f}% bootstrap interval).")  # fmt: skip
+    if "over_additive" in shares.index:
+        lines.append(f"Over the additive per-feature fit: {share_text(shares.loc['over_additive'])}.")
+    if "pair_ridge" in shares.index:
+        lines.append(f"Explicit-pairs ridge over the linear fit: {share_text(shares.loc['pair_ridge'])}.")
+    lines.append(f"Null control (first-order remainder permuted): {share_text(control.loc['over_linear'])}.")
+    if len(power):
+        largest = power.iloc[-1]
+        lines.append(f"Planted interactions of known size in this residual: the smallest detected at every larger "
+                     f"size is {_limit_text(power, 'over_linear')} for the NFM and "
+                     f"{_limit_text(power, 'pair_ridge')} for the explicit pairs; of the largest "
+                     f"({largest['oracle']:.4f}), they recover {largest['over_linear']:+.4f} and "
+                     f"{largest['pair_ridge']:+.4f}.")  # fmt: skip
+    detected = [name for name in ESTIMATORS if name in shares.index and shares.loc[name, "ci_low"] > 0]
+    if control.loc["over_linear", "ci_low"] > 0:
+        lines.append("The null control shows a gain: the estimator is not calibrated on this data, so no "
+                     "conclusion is drawn.")  # fmt: skip
+    if failed or control.loc["over_linear", "ci_low"] > 0:
+        return " ".join(lines)
+    if detected:
+        lines.append("The pairs carry information beyond the first-order fit: the interval of "
+                     f"{' and '.join(SHARE_NAMES[d] for d in detected)} lies above zero and the null control's "
+                     "does not.")  # fmt: skip
+    else:
+        limits = [detection_limit(power, name) for name in ESTIMATORS]
+        known = [limit for limit in limits if limit is not None]
+        lines.append("No pairwise interaction is detected" + (f" above {min(known):.4f} of the residual's held-out "
+                     "variance (the smaller detection limit)." if known else "; this run could not detect even "
+                     "the largest planted interaction, so absence is not shown either."))  # fmt: skip
+    return " ".join(lines)
+
+
+SHARE_NAMES = {"over_linear": "the nested NFM", "pair_ridge": "the explicit-pairs ridge"}
