@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= embedded
 ARGS ?=
 
-.PHONY: setup run test report bench bench-setup sync lint
+.PHONY: setup run test report bench bench-setup calibration sync lint
 
 setup:  ## create .venv and install the pinned requirements + this package (editable)
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench:  ## side-by-side performance comparisons (see benchmarks/README.md); need
 	.venv-bench/bin/python benchmarks/sae_train.py
 	.venv-bench/bin/python benchmarks/nfm_train.py
 	.venv-bench/bin/python benchmarks/saelens_interop.py
+
+calibration:  ## the interaction estimator on planted data: null calibration, power, absorption (~25 min)
+	$(PY) benchmarks/interaction_calibration.py
 
 sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
 	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py

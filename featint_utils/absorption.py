@@ -16,9 +16,10 @@ SAE's own frequently co-firing latents.
 by the product ``g_a g_b`` of two other latents' presences than by ``g_a`` and ``g_b`` linearly (R-squared
 over tokens, zeros included), and whose decoder direction lies largely outside the span of ``a``'s and
 ``b``'s: a latent that stands for "a and b together", i.e. an absorbed interaction. A latent's *presence*
-``g`` is its ReLU pre-activation (among the ``2k`` largest), not its code: when ``c`` absorbs "a and b", TopK
-usually keeps ``c`` and drops ``a`` and ``b``, so their codes are zero exactly where ``c`` fires (measured on
-planted data: the latents for a planted pair fire with their conjunction latent in 0-30% of its tokens).
+``g`` is the input's projection on its unit decoder direction (among the ``2k`` largest), not its code: when
+``c`` absorbs "a and b", the SAE keeps ``a``'s and ``b``'s own latents quiet where both are there (measured on
+planted data: they fire with their conjunction latent in 0-30% of its tokens, and their encoders learn the
+exclusion too), so neither their codes nor their pre-activations show that ``a`` and ``b`` are present.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ActivationStore, derived_store
-from .baselines import cofiring_pairs
+from .baselines import PairLookup
+from .interaction import random_pairs
 from .io import state_digest, write_json
-from .residuals import code_data_from_arrays
+from .residuals import code_data_from_arrays, split_fit_tune
 from .sae import TopKSAE
 from .sae_training import SAETrainer, TrainConfig
 
@@ -64,8 +66,6 @@ class PairInteraction:
     """``I(x) = scale * sum over pairs of f_a(x) f_b(x) u_ab`` in raw units, ``f`` the code of a fixed SAE."""
 
     def __init__(self, sae: TopKSAE, pairs: np.ndarray, directions: torch.Tensor, scale: float = 1.0):
-        from .baselines import PairLookup
-
         self.sae, self.pairs, self.directions, self.scale = sae.eval(), pairs, directions, scale
         self.lookup = PairLookup(pairs, sae.cfg.n_latents)
 
@@ -108,14 +108,7 @@ def sensitivity_run(
     out_dir = Path(out_dir)
     train_cfg = TrainConfig(**sae.cfg.extra["train"])
     budget = train_tokens or train_cfg.train_tokens
-    codes = _code_data(store, sae, "train")
-    pool = cofiring_pairs(codes, candidates)
-    if len(pool) < n_pairs:
-        raise ValueError(f"only {len(pool)} co-firing pairs on the training split; cannot inject {n_pairs}")
-    rng = np.random.default_rng(seed + 31_337)
-    pairs = pool[np.sort(rng.choice(len(pool), n_pairs, replace=False))]
-    directions = torch.from_numpy(rng.normal(size=(n_pairs, store.d_model))).float()
-    directions /= directions.norm(dim=1, keepdim=True)
+    pairs, directions = random_pairs(_code_data(store, sae, "train"), n_pairs, candidates, store.d_model, seed + 31_337)
     unit = PairInteraction(sae, pairs, directions)
     scale = float(np.sqrt(share / (1 - share) * _variance(store, "train") / _variance(store, "train", unit)))
     interaction = PairInteraction(sae, pairs, directions, scale)
@@ -141,7 +134,7 @@ def sensitivity_run(
     return result
 
 
-def injected_conjunctions(out_dir: str | Path, candidates: int = 6, min_cosine: float = 0.5) -> dict:
+def injected_conjunctions(out_dir: str | Path, candidates: int = 10, min_cosine: float = 0.5) -> dict:
     """The conjunction search's positive control, on a :func:`sensitivity_run`'s SAE: of the injected interaction
     directions, how many have a latent of that SAE along them (``|cos| >= min_cosine``: a conjunction latent's
     decoder also carries the directions it absorbed, so it does not meet its interaction direction at 1), and
@@ -171,6 +164,7 @@ def _code_data(store: ActivationStore, sae: TopKSAE, split: str, presence_k: int
     ``presence_k``, each token's presence code (:meth:`TopKSAE.presence`) follows as latents ``n .. 2n - 1``."""
     values, indices = [], []
     n, seen = sae.cfg.n_latents, 0
+    documents = store.tokens(split)["text_index"].to_numpy()
     for x in store.batches(split, 8192, shuffle=False, normalize=False):
         x = x * sae.cfg.input_scale
         code = sae.encode(x)
@@ -185,47 +179,83 @@ def _code_data(store: ActivationStore, sae: TopKSAE, split: str, presence_k: int
             break
     values, indices = np.concatenate(values), np.concatenate(indices)
     width = 2 * n if presence_k else n
-    return code_data_from_arrays(values, indices, np.zeros((len(values), 1), np.float32), n_latents=width)
+    return code_data_from_arrays(values, indices, np.zeros((len(values), 1), np.float32),
+                                 groups=documents[: len(values)], n_latents=width)  # fmt: skip
 
 
 def conjunction_latents(
-    store: ActivationStore, sae: TopKSAE, split: str = "val", candidates: int = 6, max_tokens: int = 100_000,
-    min_r2: float = 0.3, min_gain: float = 0.2, min_outside: float = 0.5, batch_size: int = 1024,
+    store: ActivationStore, sae: TopKSAE, split: str = "val", candidates: int = 10, max_tokens: int = 100_000,
+    min_r2: float = 0.3, min_gain: float = 0.2, min_outside: float = 0.5, seed: int = 0,
 ) -> pd.DataFrame:  # fmt: skip
     """For every latent ``c`` that fires: of the pairs among the ``candidates`` latents whose presence correlates
     most with ``f_c``, the one whose presence product ``g_a g_b`` best predicts ``f_c`` beyond ``g_a`` and ``g_b``
     linearly; with the R-squared of the product alone, of the better single presence, of both together
     (linear), the product's gain over that, and the share of ``c``'s unit decoder direction outside the span of
     ``a``'s and ``b``'s (see the module docstring). ``conjunction`` marks ``r2_product >= min_r2``,
-    ``gain >= min_gain`` and ``outside_span >= min_outside``. Best gain first; over up to ``max_tokens`` tokens."""
+    ``gain >= min_gain`` and ``outside_span >= min_outside``. Best gain first.
+
+    Choosing among thousands of latents and pairs on the same tokens that score the choice finds
+    "conjunctions" in noise, so the split's documents (up to ``max_tokens`` tokens) are halved: candidates and
+    each latent's pair are chosen on one half, and every reported number is measured on the other."""
     n, k = sae.cfg.n_latents, sae.cfg.k
     if not 2 <= candidates < n:
         raise ValueError(f"candidates must be in [2, {n}), got {candidates}")
     data = _code_data(store, sae, split, presence_k=2 * k, max_tokens=max_tokens)
-    tokens = len(data)
-    # pass 1: first and second moments of codes f and presences g, and the cross-moments sum f_c g_j
+    choose, score = split_fit_tune(data, 0.5, seed)
+    moments = _moments(choose, n, k)
+    corr = moments["corr_fg"].copy()
+    np.fill_diagonal(corr, -np.inf)  # c's own presence is not a candidate
+    top = np.argsort(-corr, axis=1)[:, :candidates]
+    slot_a, slot_b = np.triu_indices(candidates, 1)
+    pair_a, pair_b = top[:, slot_a], top[:, slot_b]  # [n, M]: each latent's candidate pairs
+    gain = _pair_scores(choose, moments, pair_a, pair_b)[2]
+    best = np.argmax(gain, axis=1)
+    a, b = pair_a[np.arange(n), best], pair_b[np.arange(n), best]
+    held_out = _moments(score, n, k)
+    product, additive, gain, r_ca, r_cb = (v[:, 0] for v in _pair_scores(score, held_out, a[:, None], b[:, None]))
+    unit = F.normalize(sae.W_dec.detach().double(), dim=1)
+    basis = torch.stack([unit[a], unit[b]], 2)  # [n, d, 2]
+    inside = (basis @ torch.linalg.lstsq(basis, unit.unsqueeze(2)).solution).squeeze(2).square().sum(1)
+    table = pd.DataFrame({
+        "latent": np.arange(n), "a": a, "b": b, "r2_product": product, "r2_single": np.maximum(r_ca**2, r_cb**2),
+        "r2_additive": additive, "gain": gain, "outside_span": (1 - inside).clamp(min=0).numpy(),
+    })  # fmt: skip
+    table = table[np.isfinite(table["gain"]) & (held_out["f_sd"] > 0)]
+    table["conjunction"] = (table["r2_product"] >= min_r2) & (table["gain"] >= min_gain) & (
+        table["outside_span"] >= min_outside
+    )
+    return table.sort_values("gain", ascending=False).reset_index(drop=True)
+
+
+def _moments(data, n: int, k: int) -> dict:
+    """Means and SDs of codes ``f`` and presences ``g``, and their correlations ``corr(f_c, g_j)`` [n, n]."""
     f_sum, f_sq, g_sum, g_sq = (np.zeros(n) for _ in range(4))
-    cross_fg = np.zeros((n, n))
+    cross = np.zeros((n, n))
     for batch in data.batches(8192):
         f, g = _split_sparse(batch, n, k)
         product = (f.T @ g).tocoo()
-        cross_fg[product.row, product.col] += product.data
+        cross[product.row, product.col] += product.data
         f_sum += np.asarray(f.sum(0)).ravel()
         f_sq += np.asarray(f.multiply(f).sum(0)).ravel()
         g_sum += np.asarray(g.sum(0)).ravel()
         g_sq += np.asarray(g.multiply(g).sum(0)).ravel()
-    f_mean, g_mean = f_sum / tokens, g_sum / tokens
-    f_sd = np.sqrt(np.maximum(f_sq / tokens - f_mean**2, 0))
-    g_sd = np.sqrt(np.maximum(g_sq / tokens - g_mean**2, 0))
+    tokens = len(data)
+    out = {"tokens": tokens, "f_mean": f_sum / tokens, "g_mean": g_sum / tokens}
+    out["f_sd"] = np.sqrt(np.maximum(f_sq / tokens - out["f_mean"] ** 2, 0))
+    out["g_sd"] = np.sqrt(np.maximum(g_sq / tokens - out["g_mean"] ** 2, 0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        corr_fg = np.nan_to_num((cross_fg / tokens - np.outer(f_mean, g_mean)) / np.outer(f_sd, g_sd))
-    np.fill_diagonal(corr_fg, -np.inf)  # c's own presence is not a candidate
-    top = np.argsort(-corr_fg, axis=1)[:, :candidates]  # [n, m]
-    slot_a, slot_b = np.triu_indices(candidates, 1)
-    pair_a, pair_b = top[:, slot_a], top[:, slot_b]  # [n, M]: the candidate pairs of each latent
-    # pass 2: for each latent's candidate pairs, sums of p = g_a g_b, p^2 and f_c p over every token
-    p_sum, p_sq, cross_fp = (np.zeros(pair_a.shape) for _ in range(3))
-    chunk = max(1, 2**22 // (batch_size * len(slot_a)))
+        out["corr_fg"] = np.nan_to_num((cross / tokens - np.outer(out["f_mean"], out["g_mean"]))
+                                       / np.outer(out["f_sd"], out["g_sd"]))  # fmt: skip
+    return out
+
+
+def _pair_scores(data, moments: dict, pair_a: np.ndarray, pair_b: np.ndarray, batch_size: int = 1024):
+    """For latent ``c`` and its pairs ``(pair_a[c, j], pair_b[c, j])``: R-squared of ``f_c`` on ``g_a g_b``, on
+    ``g_a`` and ``g_b`` linearly, the product's gain, and ``corr(f_c, g_a)``, ``corr(f_c, g_b)``; [n, M] each."""
+    n = len(pair_a)
+    k = data.values.shape[1] // 3  # the code's k, then 2k presences
+    p_sum, p_sq, cross = (np.zeros(pair_a.shape) for _ in range(3))
+    chunk = max(1, 2**22 // (batch_size * pair_a.shape[1]))
     for batch in data.batches(batch_size):
         f, g = (torch.from_numpy(m.toarray()) for m in _split_sparse(batch, n, k))
         for start in range(0, n, chunk):
@@ -233,33 +263,19 @@ def conjunction_latents(
             products = g[:, pair_a[latents]] * g[:, pair_b[latents]]  # [B, C, M]
             p_sum[latents] += products.sum(0).double().numpy()
             p_sq[latents] += products.square().sum(0).double().numpy()
-            cross_fp[latents] += torch.einsum("bc,bcm->cm", f[:, latents], products).double().numpy()
+            cross[latents] += torch.einsum("bc,bcm->cm", f[:, latents], products).double().numpy()
+    tokens, f_mean, f_sd, g_mean, g_sd = (moments[key] for key in ("tokens", "f_mean", "f_sd", "g_mean", "g_sd"))
     p_mean = p_sum / tokens
     p_sd = np.sqrt(np.maximum(p_sq / tokens - p_mean**2, 0))
     rows = np.arange(n)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        r_cp = (cross_fp / tokens - f_mean[:, None] * p_mean) / (f_sd[:, None] * p_sd)
+        r_cp = (cross / tokens - f_mean[:, None] * p_mean) / (f_sd[:, None] * p_sd)
         r_ab = (p_mean - g_mean[pair_a] * g_mean[pair_b]) / (g_sd[pair_a] * g_sd[pair_b])
-        r_ca, r_cb = corr_fg[rows, pair_a], corr_fg[rows, pair_b]
+        r_ca, r_cb = moments["corr_fg"][rows, pair_a], moments["corr_fg"][rows, pair_b]
         additive = (r_ca**2 + r_cb**2 - 2 * r_ca * r_cb * r_ab) / (1 - r_ab**2)
     product = r_cp**2
     gain = np.where(np.isfinite(product) & np.isfinite(additive), product - additive, -np.inf)
-    best = np.argmax(gain, axis=1)
-    a, b = pair_a[np.arange(n), best], pair_b[np.arange(n), best]
-    unit = F.normalize(sae.W_dec.detach().double(), dim=1)
-    basis = torch.stack([unit[a], unit[b]], 2)  # [n, d, 2]
-    inside = (basis @ torch.linalg.lstsq(basis, unit.unsqueeze(2)).solution).squeeze(2).square().sum(1)
-    pick = (np.arange(n), best)
-    table = pd.DataFrame({
-        "latent": np.arange(n), "a": a, "b": b, "r2_product": product[pick],
-        "r2_single": np.maximum(r_ca[pick] ** 2, r_cb[pick] ** 2), "r2_additive": additive[pick],
-        "gain": gain[pick], "outside_span": (1 - inside).clamp(min=0).numpy(),
-    })  # fmt: skip
-    table = table[np.isfinite(table["gain"]) & (f_sd > 0)]
-    table["conjunction"] = (table["r2_product"] >= min_r2) & (table["gain"] >= min_gain) & (
-        table["outside_span"] >= min_outside
-    )
-    return table.sort_values("gain", ascending=False).reset_index(drop=True)
+    return product, additive, gain, r_ca, r_cb
 
 
 def _split_sparse(batch, n: int, k: int):

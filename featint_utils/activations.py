@@ -411,7 +411,7 @@ def derived_store(store: ActivationStore, transform, store_dir: str | Path, requ
         shard_tokens = max([s["n_tokens"] for s in store.manifest["splits"][name]["shards"]] + [1])
         writers[name] = _ShardWriter(partial, name, store.d_model, np_dtype, shard_tokens)
         for acts, meta in store.shards(name):
-            new = transform(torch.from_numpy(np.asarray(acts, dtype=np.float32)))
+            new = transform(torch.from_numpy(np.array(acts, dtype=np.float32)))  # a writable copy of the shard
             writers[name].add(new.numpy().astype(np_dtype, copy=False), np.asarray(meta))
     drop = ("splits", "normalisation", "created", "git_commit", "request")
     keep = {k: v for k, v in store.manifest.items() if k not in drop}

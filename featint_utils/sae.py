@@ -161,11 +161,12 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def presence(self, x: torch.Tensor, k: int) -> TopKCode:
-        """The ``k`` largest ReLU pre-activations (``k`` may exceed the SAE's own): how strongly each latent's
-        direction is present in ``x`` before the TopK competition, which can silence a latent whose content
-        another latent (a conjunction of it and something else) has absorbed."""
-        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
-        values, indices = pre.topk(min(k, self.cfg.n_latents), dim=-1, sorted=False)
+        """The ``k`` largest positive projections of ``x - b_dec`` on the unit decoder directions (``k`` may exceed
+        the SAE's own): how much of each latent's direction the input holds, whatever the encoder does with it.
+        Where a latent has absorbed "a and b together", the encoder learns to keep ``a``'s and ``b``'s own latents
+        quiet when both are there, so neither their codes nor their pre-activations show that they are."""
+        projection = (x - self.b_dec) @ F.normalize(self.W_dec, dim=1).t()
+        values, indices = projection.topk(min(k, self.cfg.n_latents), dim=-1, sorted=False)
         return TopKCode(values.relu_(), indices)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True) -> torch.Tensor:

@@ -25,11 +25,11 @@ def planted_saes(tmp_path_factory):
     """Planted activations with and without a pairwise interaction (15% of the variance), as two stores made
     through the ``activations:`` path, and an SAE trained the same way on each."""
     root = tmp_path_factory.mktemp("absorption")
-    data = planted.activations(60_000, d=32, n_features=128, k=4, interaction_share=0.15, n_pairs=8, noise=0.02)
+    data = planted.activations(100_000, d=32, n_features=128, k=4, interaction_share=0.15, n_pairs=8, noise=0.02)
     clean = data._replace(acts=data.acts - data.interaction)
     out = {"data": data}
     for name, version in (("with", data), ("without", clean)):
-        store = store_from_npz(f"activations:{version.save_npz(root / f'{name}.npz')}", root / name, 0.2, seed=0)
+        store = store_from_npz(f"activations:{version.save_npz(root / f'{name}.npz')}", root / name, 0.3, seed=0)
         trainer = SAETrainer(store, 256, 8, TrainConfig(train_tokens=1_500_000, batch_size=1024, lr=3e-3,
                                                         dead_tokens=200_000), root / f"sae_{name}")  # fmt: skip
         out[name] = (store, trainer.train())
