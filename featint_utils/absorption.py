@@ -164,7 +164,7 @@ def _code_data(store: ActivationStore, sae: TopKSAE, split: str, presence_k: int
     ``presence_k``, each token's presence code (:meth:`TopKSAE.presence`) follows as latents ``n .. 2n - 1``."""
     values, indices = [], []
     n, seen = sae.cfg.n_latents, 0
-    documents = store.tokens(split)["text_index"].to_numpy()
+    documents = store.token_groups(split)
     for x in store.batches(split, 8192, shuffle=False, normalize=False):
         x = x * sae.cfg.input_scale
         code = sae.encode(x)

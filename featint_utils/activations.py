@@ -590,6 +590,16 @@ class ActivationStore:
         meta = np.concatenate(parts) if parts else np.empty((0, 3), np.int32)
         return pd.DataFrame(meta, columns=["text_index", "position", "token_id"])
 
+    def token_groups(self, split: str) -> np.ndarray:
+        """The split unit of every stored token of a split (its text's group: a document, or a stimulus item whose
+        variants are separate texts), as integers; a token's own text where the store records no groups."""
+        text_index = self.tokens(split)["text_index"].to_numpy()
+        texts = self.texts()
+        if texts.empty:
+            return text_index
+        codes = pd.Series(pd.factorize(texts["group"].astype(str))[0], index=texts["index"])
+        return codes.reindex(text_index).to_numpy()
+
     def load(self, split: str, normalize: bool = False) -> np.ndarray:
         """A whole split in memory as float32 (for small stores and evaluation)."""
         parts = [np.asarray(acts, dtype=np.float32) for acts, _ in self.shards(split)]

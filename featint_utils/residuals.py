@@ -58,7 +58,7 @@ class CodeData:
     target: np.ndarray
     inputs: np.ndarray
     groups: np.ndarray
-    """Document (store text index) of every token."""
+    """Split unit of every token: its document, or its stimulus item (whose four variants are separate texts)."""
     n_latents: int
     rows: np.ndarray | None = None
     """Rows of the arrays that belong to this set (None: all)."""
@@ -163,6 +163,7 @@ def split_fit_tune_test(
 
 def _fingerprint(sae: TopKSAE, store: ActivationStore) -> str:
     key = f"{state_digest(sae)}|{sae.cfg.k}|{sae.cfg.input_scale}|{store.manifest['created']}|{store.path.resolve()}"
+    key += "|groups"  # caches from before the split unit was the store's group are rebuilt
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -196,7 +197,7 @@ def build_residual_data(
               "inputs": ((n, d), np.float32), "groups": ((n,), np.int32)}  # fmt: skip
     out = {name: np.lib.format.open_memmap(partial / split / f"{name}.npy", "w+", dtype, shape)
            for name, (shape, dtype) in shapes.items()}  # fmt: skip
-    out["groups"][:] = store.tokens(split)["text_index"].to_numpy()
+    out["groups"][:] = store.token_groups(split)  # the split unit: a stimulus item's variants stay together
     start = 0
     bar = progress(total=n, desc=f"SAE codes and residuals ({split})", unit="tok")
     for x in store.batches(split, batch_size, shuffle=False, normalize=False):

@@ -173,3 +173,19 @@ def test_residual_data_holds_the_sae_code_and_error_and_is_rebuilt_when_the_sae_
         sae.b_dec += 1.0
     rebuilt = build_residual_data(sae, store, tmp_path / "cache", batch_size=64).batch(np.arange(100))
     torch.testing.assert_close(rebuilt.target, x - sae(x))
+
+
+def test_the_split_unit_is_the_stimulus_item_not_the_text(tmp_path):
+    """The four variants of a stimulus item are four texts; fit, tune and test must not share an item."""
+    rng = np.random.default_rng(0)
+    texts = [{"index": i, "text_id": f"item{i // 4}/v{i % 4}", "group": f"item{i // 4}", "split": "val", "text": ""}
+             for i in range(40)]  # fmt: skip
+    meta = {"train": np.c_[np.zeros(50), np.arange(50), np.zeros(50)],
+            "val": np.c_[np.repeat(np.arange(40), 5), np.tile(np.arange(5), 40), np.zeros(200)]}  # fmt: skip
+    arrays = {"train": rng.normal(size=(50, 16)), "val": rng.normal(size=(200, 16))}
+    store = store_from_arrays(tmp_path / "store", arrays, meta=meta, texts=texts)
+    data = build_residual_data(TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_scale=store.scale)), store,
+                               tmp_path / "cache")  # fmt: skip
+    assert list(np.unique(data.document)) == list(range(10))  # ten items, not forty texts
+    sets = split_fit_tune_test(data, 0.2, 0.3)
+    assert not set(sets["fit"].document) & (set(sets["tune"].document) | set(sets["test"].document))
