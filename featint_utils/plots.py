@@ -180,7 +180,7 @@ def interaction_forest(shares: pd.DataFrame, control: pd.DataFrame, limit: float
         ax.text(stats["ci_high"], i, f"  {stats['mean']:+.4f}", va="center", fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
     if limit is not None:
-        ax.axvline(limit, color="#8172b2", ls="--", lw=1, label=f"detection limit {limit:.4f}")
+        ax.axvline(limit, color="#8172b2", ls="--", lw=1, label=f"NFM's detection limit in this run ({limit:.4f})")
         ax.legend(fontsize=8, loc="lower right")
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=9)
     ax.invert_yaxis()
@@ -210,10 +210,10 @@ def power_curve(power: pd.DataFrame, limits: dict[str, float | None] | None = No
     for column, color in (("over_linear", "#4c72b0"), ("pair_ridge", "#dd8452")):
         limit = (limits or {}).get(column)
         if limit is not None:
-            ax.axvline(limit, color=color, ls="--", lw=1, label=f"its detection limit {limit:.4f}")
+            ax.axvline(limit, color=color, ls="--", lw=1, label=f"detection limit {limit:.4f}")
     ax.set(xlabel="planted share (oracle fit with the planted pairs, held-out Δ R²)",
            ylabel="added to the estimate (held-out Δ R²)",
-           title="power: planted interactions in this run's residual")
+           title="power: planted interactions in this run's residual\n(hollow: not detected at that size)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

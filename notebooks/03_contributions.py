@@ -84,6 +84,9 @@ shares = results.shares()
 control = results.control_shares()
 both = pd.concat({"share": shares, "null control": control})[["mean", "ci_low", "ci_high", "sd", "n_seeds"]]
 display(both.style.format("{:+.5f}", subset=["mean", "ci_low", "ci_high", "sd"]).format("{:.0f}", subset=["n_seeds"]))
+fraction = results.of_explained()
+print("as a fraction of what the NFM explains (the original study's kind of share): "
+      + (f"{fraction:.1%}" if fraction is not None else "undefined, the NFM's held-out R² is not positive"))
 
 # %% [markdown]
 # ## Power: what this run could have detected

@@ -2,6 +2,7 @@
 oracle's; and the pieces it is built from (nested starts, the pair ridge, the null control, the bootstrap)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -182,3 +183,18 @@ def test_false_positive_rate_over_repeated_nulls_is_at_most_nominal(tmp_path):
             covered += covers_zero(stats)
     assert positives <= 2, positives  # 2 of 40 intervals
     assert covered >= 38, covered
+
+
+def test_share_of_what_the_nfm_explains_is_undefined_when_the_nfm_explains_nothing(tmp_path):
+    documents = pd.DataFrame({"target": "residual", "document": [0, 1], "tokens": [10, 10],
+                              "centred_ss": [50.0, 50.0], "zero_sse": [51.0, 51.0]})  # fmt: skip
+    for nfm_fvu, expected in ((1.02, None), (0.9, 0.01 / 0.1)):
+        errors = [(nfm_fvu + 0.01) * 50] * 2 + [nfm_fvu * 50] * 2
+        sse = pd.DataFrame({"target": "residual", "model": ["code_ridge"] * 2 + ["nfm"] * 2, "seed": [-1, -1, 0, 0],
+                            "document": [0, 1, 0, 1], "sse": errors})  # fmt: skip
+        ladder = pd.DataFrame({"target": "residual", "model": ["code_ridge", "nfm"], "seed": [-1, 0],
+                               "residual_fvu": [nfm_fvu + 0.01, nfm_fvu]})  # fmt: skip
+        for name, table in (("ladder", ladder), ("test_sse", sse), ("test_documents", documents)):
+            table.to_csv(tmp_path / f"{name}.csv", index=False)
+        fraction = interaction.Results(tmp_path, n_boot=50).of_explained()
+        assert fraction == (None if expected is None else pytest.approx(expected))
