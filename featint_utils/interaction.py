@@ -1,15 +1,19 @@
 """The interaction estimator: what pairs of SAE features add to a converged first-order model of the SAE
 residual, on held-out documents, with an interval, a calibrated null control and measured power.
 
-**Nested fits** (:class:`Estimator`). For a target ``y`` (the residual, or a control or injected version of it):
+**Nested fits** (:class:`Estimator`). For a target ``y`` (the residual, or a control or planted version of it):
 
 1. the first-order model is the closed-form ridge from the code (penalty chosen on tune): converged;
-2. the additive per-feature model starts from it (hinge weights at zero) and is trained with its penalty;
-3. every pairwise model (the NFM over the linear and over the additive fit, and the parameter-matched MLP)
-   starts *as* its first-order model (first-order part copied and kept fixed, new branch's output at zero),
-   so it fits what the converged first-order model leaves; its start is the first candidate of early
-   stopping, so it never ends worse than that start on tune;
-4. the explicit-pairs ridge nests in the code ridge in closed form (pair penalty on tune, infinity included).
+2. every trained model (the additive per-feature model, the NFM over the linear and over the additive fit,
+   the parameter-matched MLP) starts *as* its first-order model (that part copied and kept fixed, the new
+   hinges or branch at zero), so it fits what the converged first-order model leaves; its start is the first
+   candidate of early stopping, so it never ends worse than that start on tune; the learning rate is chosen
+   on tune;
+3. a trained model's linear block is then refitted in closed form around what it learnt (a Frisch-Waugh
+   step): the new part can also learn corrections that are linear in the code, and those are not
+   interactions; the refit is kept only if it is not worse than the start on tune;
+4. the explicit-pairs ridge nests in the code ridge in closed form (pair penalty and how many of the
+   strongest pairs to keep chosen on tune, "no pairs" included).
 
 The *share* of a comparison is ``FVU_test(base) - FVU_test(model)`` (an incremental R-squared of the target).
 
@@ -28,10 +32,12 @@ branch another token's code: that also removed the token's own first-order infor
 branch that merely re-learned first-order signal beat it.)
 
 **Power.** Planted interactions ``c * sum over (a, b) in S of f_a f_b u_ab`` (``S``: random pairs among the most
-frequently co-firing ones in the fit set, ``u`` random unit directions) are added to the run's own residual,
-at sizes given as a share of its variance; the estimator and an oracle ridge that knows ``S`` run on each.
-The detection limit is the smallest injected share (the oracle's held-out increment) whose recovered
-increment over the un-injected estimate has an interval above zero, at that size and every larger one.
+frequently co-firing ones in the fit set, ``u`` random unit directions), their linear shadow on the code
+removed, are added to the run's own residual at sizes given as a share of its variance; every estimator and
+an oracle ridge that knows ``S`` run on each. An estimator detects a size when what the planted interaction
+adds to its estimate (paired bootstrap over test documents and seeds) has an interval above zero; its
+detection limit is the smallest planted share (the oracle's increment) it detects at that size and every
+larger one.
 """
 
 from __future__ import annotations
@@ -220,12 +226,6 @@ def plant_pairs(
         raise ValueError("the chosen pairs' products are first-order on the fit set: nothing pairwise to plant")
     residual_ss = float(document_totals(fit.with_target(products.base_target))["centred_ss"].sum())
     return unit._replace(scale=float(np.sqrt(share * residual_ss / planted_ss)))
-
-
-def _stored_batches(data: CodeData, batch_size: int = 8192):
-    for start in range(0, len(data), batch_size):
-        at = data.rows[start : start + batch_size]
-        yield at, data.stored(at)
 
 
 # ---------------------------------------------------------------------------------------------------
