@@ -565,7 +565,7 @@ class Results:
     """The saved tables of a :func:`run`, with the shares, intervals, power curve and verdict."""
 
     def __init__(self, out_dir: str | Path, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
-        out_dir = Path(out_dir)
+        self.out_dir = out_dir = Path(out_dir)
         self.ladder = pd.read_csv(out_dir / "ladder.csv")
         self.sse = pd.read_csv(out_dir / "test_sse.csv")
         self.documents = pd.read_csv(out_dir / "test_documents.csv")

@@ -271,7 +271,15 @@ class NFM(nn.Module):
         raw = json.loads((directory / "cfg.json").read_text())
         if raw.pop("format", None) != "featint-nfm":
             raise ValueError(f"{directory / 'cfg.json'} is not a featint NFM config")
-        raw.pop("extra", None)
+        extra = raw.pop("extra", None) or {}
         model = cls(NFMConfig(**raw))
         model.load_state_dict(load_file(str(directory / "nfm.safetensors")))
+        model.extra = extra  # what was saved with it: the fit's summary for a trained NFM
         return model.eval()
+
+    @property
+    def learnt(self) -> bool:
+        """Whether its fit moved it from its (nested) start and kept the move; an NFM without a fit record (built
+        directly, or saved before fits were recorded) counts as learnt."""
+        extra = getattr(self, "extra", {})
+        return bool(extra.get("improved_on_start", True)) and not extra.get("kept_start", False)

@@ -42,7 +42,7 @@ seed: int = 0  # the NFM seed whose vector is decomposed; seeds the secondary SA
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
 from featint_utils import features, models, plots, secondary
 from featint_utils.activations import ActivationStore, is_activation_corpus
@@ -60,6 +60,10 @@ from featint_utils.sae_training import SAETrainer, TrainConfig
 store = ActivationStore(Path(run_dir) / "activations")
 primary = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
 nfm = NFM.load(Path(run_dir) / "nfm" / "nfm" / f"seed{seed}" / "model")
+if not nfm.learnt:
+    display(Markdown(f"**The NFM of seed {seed} kept its start: its pairwise branch learnt nothing on the tune "
+                     "documents, so its vector is the random starting map of the pooled pairs, and what follows "
+                     "(04-06) describes that map, not learnt interactions.**"))  # fmt: skip
 test = load_sets(open_residual_data(Path(run_dir) / "nfm" / "residuals"), Path(run_dir) / "nfm" / "sets.json")["test"]
 vectors = secondary.build_embedding_store(primary, nfm, store, test, Path(run_dir) / "secondary" / "activations")
 display(pd.Series({"training tokens": vectors.n_tokens("train"), "held-out tokens": vectors.n_tokens("val"),
@@ -81,7 +85,8 @@ plots.save(fig, run_dir, "04_training_curves")
 # %%
 metrics = evaluate_sae(sae2, vectors, "val")
 headline = {k: v for k, v in metrics.items() if k != "firing_frequency"}
-update_metrics(run_dir, "secondary_sae", {"n_latents": secondary_latents, "k": secondary_k, **headline})
+update_metrics(run_dir, "secondary_sae", {"n_latents": secondary_latents, "k": secondary_k, "nfm_learnt": nfm.learnt,
+                                          **headline})  # fmt: skip
 display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
 fig = plots.feature_density(metrics["firing_frequency"])
 plots.save(fig, run_dir, "04_feature_density")

@@ -145,6 +145,8 @@ def test_on_a_null_residual_every_interval_covers_zero(planted_run):
     for name in control.index:
         assert covers_zero(control.loc[name]), (name, control.loc[name].to_dict())
     assert planted_run.beats_zero()["beats_zero"].all()  # the fits themselves are not failed fits
+    nfm = NFM.load(planted_run.out_dir / "nfm" / "seed0" / "model")
+    assert not nfm.learnt  # it kept its start, and says so to the stages that read its vector
 
 
 def test_planted_interactions_are_recovered_near_the_oracle_and_monotone_in_size(planted_run):
