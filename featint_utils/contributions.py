@@ -103,9 +103,12 @@ def top_features(attribution: pd.DataFrame, n: int = 20) -> dict[str, np.ndarray
             for part in ("linear", "interaction") if f"{part}_share" in attribution}  # fmt: skip
 
 
-def top_feature_overlap(attribution: pd.DataFrame, n: int = 20) -> dict:
-    """Overlap of the top-``n`` feature sets of the two parts, beside what chance would give."""
+def top_feature_overlap(attribution: pd.DataFrame, n: int = 20) -> dict | None:
+    """Overlap of the top-``n`` feature sets of the two parts, beside what chance would give; None when a
+    part has no variance on these tokens (an NFM that kept its zero-output start has no interaction part)."""
     top = top_features(attribution, n)
+    if len(top) < 2:
+        return None
     shared = np.intersect1d(top["linear"], top["interaction"])
     alive = int((attribution["firing_frequency"] > 0).sum())
     return {"n": n, "shared": len(shared), "jaccard": len(shared) / len(np.union1d(top["linear"], top["interaction"])),

@@ -155,7 +155,11 @@ attribution.to_csv(nfm_dir / "attribution.csv", index=False)  # notebook 06 clam
 fig = plots.top_feature_bars(attribution, n_top_features)
 plots.save(fig, run_dir, "03_top_features")
 overlap = contributions.top_feature_overlap(attribution, n_top_features)
-display(pd.Series(overlap, name="top-feature overlap").to_frame())
+if overlap is None:
+    print("The NFM's interaction output is zero on every test token (it kept its start): no feature carries "
+          "an interaction part, so there is nothing to rank or compare.")
+else:
+    display(pd.Series(overlap, name="top-feature overlap").to_frame())
 
 # %% [markdown]
 # The factor embeddings' inner products `⟨vᵢ, vⱼ⟩` among the top interaction features: in a plain
@@ -164,9 +168,10 @@ display(pd.Series(overlap, name="top-feature overlap").to_frame())
 # this only when the interaction share is detected.)
 
 # %%
-top = contributions.top_features(attribution, n_top_features)["interaction"]
-fig = plots.interaction_matrix(contributions.interaction_strength(nfm, top))
-plots.save(fig, run_dir, "03_interaction_matrix")
+top = contributions.top_features(attribution, n_top_features).get("interaction")
+if top is not None:
+    fig = plots.interaction_matrix(contributions.interaction_strength(nfm, top))
+    plots.save(fig, run_dir, "03_interaction_matrix")
 
 # %%
 headline = interaction.headline(results) | {
@@ -176,6 +181,7 @@ headline = interaction.headline(results) | {
     "absorption_directions_as_conjunction": injected["as_conjunction_latent"],
     "conjunction_latents": int(conjunctions["conjunction"].sum()),
     "conjunction_latents_fraction": float(conjunctions["conjunction"].mean()),
-    "top_overlap": overlap["shared"], "top_overlap_chance": overlap["chance_shared"], "top_n": overlap["n"],
+    "top_n": n_top_features,
+    "top_overlap": overlap and overlap["shared"], "top_overlap_chance": overlap and overlap["chance_shared"],
 }  # fmt: skip
 update_metrics(run_dir, "contributions", headline)

@@ -105,6 +105,15 @@ def test_variance_attribution_finds_the_planted_pair_and_linear_shares_sum_to_on
     assert strength.shape == (3, 3) and np.allclose(strength.values, strength.values.T)
 
 
+def test_an_nfm_at_its_nested_start_has_no_interaction_part_to_attribute():
+    data = planted(2_000, 0, 2.0)[0]
+    weight = torch.randn(N_LAT, D_OUT, generator=torch.Generator().manual_seed(0))
+    nfm = NFM(NFMConfig(N_LAT, D_OUT, k_embed=8, dropout=0.0), seed=0).start_from(weight, torch.zeros(D_OUT))
+    attribution = contributions.variance_attribution(nfm, data)
+    assert "interaction_share" not in attribution and attribution["linear_share"].sum() == pytest.approx(1.0, abs=1e-6)
+    assert contributions.top_feature_overlap(attribution, 5) is None
+
+
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path):
     fit, tune = split_fit_tune(planted(3_000, 0)[0], 0.2)
     cfg = FitConfig(batch_size=128, lr=3e-3, max_epochs=6, patience=100)

@@ -117,7 +117,8 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
     }  # fmt: skip
     for section, keys in headline.items():
         assert set(keys) <= set(metrics[section]), (section, set(keys) - set(metrics[section]))
-    undefined_allowed = {"detection_limit", "detection_limit.pair_ridge", "interaction_share.of_explained"}
+    undefined_allowed = {"detection_limit", "detection_limit.pair_ridge", "interaction_share.of_explained",
+                         "top_overlap", "top_overlap_chance"}  # undefined when the NFM kept its start
     numbers = [v for section in metrics.values() for key, value in section.items()
                if not (value is None and key in undefined_allowed)
                for v in (value if isinstance(value, list) else [value])]  # fmt: skip
