@@ -63,9 +63,8 @@ from .baselines import (
     matched_hidden,
 )
 from .io import read_json, write_json
-from .metrics import VarianceAccumulator
 from .nfm import NFM, NFMConfig
-from .nfm_training import FitConfig, ResidualTrainer, residual_fvu, select_lr
+from .nfm_training import FitConfig, ResidualTrainer, document_sse, residual_fvu, select_lr
 from .progress import progress
 from .residuals import CodeBatch, CodeData
 
@@ -250,26 +249,6 @@ def document_totals(data: CodeData, batch_size: int = 8192) -> pd.DataFrame:
     centred = squares - 2 * sums @ mean + torch.from_numpy(tokens).double() * (mean @ mean)
     return pd.DataFrame({"document": documents, "tokens": tokens, "centred_ss": centred.numpy(),
                          "zero_sse": squares.numpy()})  # fmt: skip
-
-
-@torch.no_grad()
-def document_sse(model, data: CodeData, batch_size: int = 8192) -> tuple[np.ndarray, float | None]:
-    """Per document (sorted): the model's summed squared error; and the total-activation FVU of SAE + model
-    (None when the target is not the stored residual)."""
-    if hasattr(model, "eval"):
-        model.eval()
-    documents, inverse = np.unique(data.document, return_inverse=True)
-    sse = torch.zeros(len(documents), dtype=torch.float64)
-    total = VarianceAccumulator(data.d_out) if data.target_transform is None else None
-    position = 0
-    for batch in data.batches(batch_size):
-        prediction = model.predict(batch)
-        doc = torch.from_numpy(inverse[position : position + len(batch.target)])
-        position += len(batch.target)
-        sse.index_add_(0, doc, (batch.target.double() - prediction.double()).square().sum(1))
-        if total is not None:  # x - (SAE(x) + e_hat) = e - e_hat
-            total.add(batch.inputs, batch.inputs - batch.target + prediction)
-    return sse.numpy(), (total.fvu() if total is not None else None)
 
 
 class Draws(NamedTuple):
@@ -468,7 +447,7 @@ class Estimator:
             self._record(target, "pair_ridge", -1, pair, sets, started, alpha=pair.alpha, n_pairs=len(self.pairs))
         if "oracle" in models:
             started = time.perf_counter()
-            oracle = fit_pair_ridge(fit, tune, first, pairs=oracle_pairs)
+            oracle = fit_pair_ridge(fit, tune, first, pairs=oracle_pairs, clear_gain=False)
             self._record(target, "oracle", -1, oracle, sets, started, alpha=oracle.alpha, n_pairs=len(oracle_pairs))
         for seed in seeds:
             additive, trained = None, {}

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -84,6 +85,26 @@ def residual_fvu(model, data: CodeData, batch_size: int = 8192) -> float:
         acc.add(batch.target, model.predict(batch))
     model.train(was_training)
     return acc.fvu()
+
+
+@torch.no_grad()
+def document_sse(model, data: CodeData, batch_size: int = 8192) -> tuple[np.ndarray, float | None]:
+    """Per document (sorted): the model's summed squared error; and the total-activation FVU of SAE + model
+    (None when the target is not the stored residual)."""
+    if hasattr(model, "eval"):
+        model.eval()
+    documents, inverse = np.unique(data.document, return_inverse=True)
+    sse = torch.zeros(len(documents), dtype=torch.float64)
+    total = VarianceAccumulator(data.d_out) if data.target_transform is None else None
+    position = 0
+    for batch in data.batches(batch_size):
+        prediction = model.predict(batch)
+        doc = torch.from_numpy(inverse[position : position + len(batch.target)])
+        position += len(batch.target)
+        sse.index_add_(0, doc, (batch.target.double() - prediction.double()).square().sum(1))
+        if total is not None:  # x - (SAE(x) + e_hat) = e - e_hat
+            total.add(batch.inputs, batch.inputs - batch.target + prediction)
+    return sse.numpy(), (total.fvu() if total is not None else None)
 
 
 class ResidualTrainer:
