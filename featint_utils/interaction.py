@@ -695,8 +695,9 @@ def verdict(results: Results) -> str:
                      "test documents (interval of the gain not above 0), so no conclusion is drawn about "
                      "interactions from it.")  # fmt: skip
     over = shares.loc["over_linear"]
+    seeds = f"{int(over['n_seeds'])} seed" + ("s" if int(over["n_seeds"]) != 1 else "")
     lines.append(f"Pairwise term over the linear fit (nested NFM): {share_text(over)} held-out R² of the residual "
-                 f"({int(over['n_seeds'])} seeds, {len(results._centred(RESIDUAL))} test documents, "
+                 f"({seeds}, {len(results._centred(RESIDUAL))} test documents, "
                  f"{100 * results.level:.0f}% bootstrap interval).")  # fmt: skip
     if "over_additive" in shares.index:
         lines.append(f"Over the additive per-feature fit: {share_text(shares.loc['over_additive'])}.")
