@@ -33,7 +33,7 @@ bench:  ## side-by-side performance comparisons (see benchmarks/README.md); need
 	.venv-bench/bin/python benchmarks/nfm_train.py
 	.venv-bench/bin/python benchmarks/saelens_interop.py
 
-calibration:  ## the interaction estimator on planted data: null calibration, power, absorption (~25 min)
+calibration:  ## the interaction estimator on planted data: null calibration, power, absorption (~6 min)
 	$(PY) benchmarks/interaction_calibration.py
 
 sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
