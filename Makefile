@@ -13,14 +13,14 @@ setup:  ## create .venv and install the pinned requirements + this package (edit
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 
-run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/
+run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/ (ARGS="--name N" elsewhere)
 	$(PY) -m featint_utils run --profile $(PROFILE) $(ARGS)
 
 test:  ## unit tests + papermill smoke run of every notebook
 	$(PY) -m pytest
 
-report:  ## render the executed notebooks of runs/PROFILE/ to HTML, inputs hidden
-	$(PY) -m featint_utils report --profile $(PROFILE)
+report:  ## render the executed notebooks of runs/PROFILE/ (ARGS="--name N": runs/N/) to HTML, inputs hidden
+	$(PY) -m featint_utils report --profile $(PROFILE) $(ARGS)
 
 bench-setup:  ## a separate .venv-bench with featint + the peer libraries the benchmarks compare against
 	$(PYTHON) -m venv .venv-bench
@@ -40,5 +40,6 @@ sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
 	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py
 	touch notebooks/[0-9][0-9]_*.ipynb  # the derived file is never older than its source
 
-lint:
+lint:  ## ruff's lint rules and formatting (CI runs this)
 	$(VENV)/bin/ruff check featint_utils tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check featint_utils tests benchmarks notebooks

@@ -1,5 +1,6 @@
-"""Command line: ``python -m featint_utils run --profile NAME [--only 00,01] [--set key=value ...]``
-and ``python -m featint_utils report --profile NAME``."""
+"""Command line: ``python -m featint_utils run --profile NAME [--name RUN | --run-dir DIR] [--only 00,01]
+[--set key=value ...]``, ``python -m featint_utils report [--profile NAME] [--name RUN | --run-dir DIR]`` and
+``python -m featint_utils profiles``."""
 
 from __future__ import annotations
 
@@ -9,26 +10,41 @@ import sys
 from . import runner
 
 
+def _where(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="embedded", help="profiles/<NAME>.toml (default: embedded)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--name", help="the run's name: runs/<NAME>/ (default: the profile's name)")
+    where.add_argument("--run-dir", help="the run's directory, anywhere")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m featint_utils", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="execute the notebooks of a profile into runs/<profile>/")
-    run.add_argument("--profile", default="embedded", help="profiles/<NAME>.toml (default: embedded)")
+    run = commands.add_parser("run", help="execute the notebooks of a profile into runs/<name>/")
+    _where(run)
     run.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 00,01")
-    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a parameter (repeatable)")  # fmt: skip
+    run.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"
+    )
     run.add_argument("--no-reports", action="store_true", help="skip the HTML reports")
     rep = commands.add_parser("report", help="render a run's executed notebooks to HTML, inputs hidden")
-    rep.add_argument("--profile", default="embedded")
+    _where(rep)
     commands.add_parser("profiles", help="list the available profiles")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             only = [n.strip() for n in args.only.split(",") if n.strip()] or None
-            run_dir = runner.run(args.profile, only, runner.parse_sets(args.sets), reports=not args.no_reports)
+            run_dir = runner.run(
+                args.profile,
+                only,
+                runner.parse_sets(args.sets),
+                reports=not args.no_reports,
+                name=args.name,
+                run_dir=args.run_dir,
+            )
             print(f"[featint] run complete: {run_dir}")
         elif args.command == "report":
-            for html in runner.report(args.profile):
+            for html in runner.report(args.profile, name=args.name, run_dir=args.run_dir):
                 print(html)
         else:
             print("\n".join(runner.available_profiles()))

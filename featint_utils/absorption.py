@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .activations import ActivationStore, derived_store
 from .baselines import PairLookup
+from .decomposition import Decomposition
 from .interaction import random_pairs
 from .io import state_digest, write_json
 from .residuals import code_data_from_arrays, split_fit_tune
@@ -66,12 +67,12 @@ class PairInteraction:
     """``I(x) = scale * sum over pairs of f_a(x) f_b(x) u_ab`` in raw units, ``f`` the code of a fixed SAE."""
 
     def __init__(self, sae: TopKSAE, pairs: np.ndarray, directions: torch.Tensor, scale: float = 1.0):
-        self.sae, self.pairs, self.directions, self.scale = sae.eval(), pairs, directions, scale
+        self.code, self.pairs, self.directions, self.scale = Decomposition(sae.eval()), pairs, directions, scale
         self.lookup = PairLookup(pairs, sae.cfg.n_latents)
 
     @torch.no_grad()
     def __call__(self, x_raw: torch.Tensor) -> torch.Tensor:
-        values, indices = self.sae.encode(x_raw * self.sae.cfg.input_scale)
+        values, indices = self.code.primary_code(x_raw)
         column, product = self.lookup.active(values, indices)
         return self.scale * F.embedding_bag(column, self.directions, per_sample_weights=product, mode="sum")
 
@@ -112,8 +113,9 @@ def sensitivity_run(
     unit = PairInteraction(sae, pairs, directions)
     scale = float(np.sqrt(share / (1 - share) * _variance(store, "train") / _variance(store, "train", unit)))
     interaction = PairInteraction(sae, pairs, directions, scale)
-    request = {"injected": {"share": share, "pairs": pairs.tolist(), "scale": scale, "seed": seed,
-                            "sae": state_digest(sae)}}  # fmt: skip
+    request = {
+        "injected": {"share": share, "pairs": pairs.tolist(), "scale": scale, "seed": seed, "sae": state_digest(sae)}
+    }
     injected = derived_store(store, lambda x: x + interaction(x), out_dir / "activations", request)
     settings = asdict(train_cfg) | {"train_tokens": budget}
     trained = SAETrainer(injected, sae.cfg.n_latents, sae.cfg.k, TrainConfig(**settings), out_dir / "sae_injected")
@@ -126,9 +128,14 @@ def sensitivity_run(
     clean = store.load("val")
     term = interaction(torch.from_numpy(clean)).numpy()
     absorbed = absorbed_fraction(raw_residual(sae_without, clean), raw_residual(sae_with, injected.load("val")), term)
-    result = {"absorbed_fraction": absorbed, "injected_share": share, "n_pairs": n_pairs, "train_tokens": budget,
-              "reference": "primary SAE" if sae_without is sae else "retrained on the original activations",
-              "interaction_variance_share_val": float(_share_of(clean + term, term))}  # fmt: skip
+    result = {
+        "absorbed_fraction": absorbed,
+        "injected_share": share,
+        "n_pairs": n_pairs,
+        "train_tokens": budget,
+        "reference": "primary SAE" if sae_without is sae else "retrained on the original activations",
+        "interaction_variance_share_val": float(_share_of(clean + term, term)),
+    }
     write_json(out_dir / "absorption.json", result | {"pairs": pairs.tolist()})
     np.save(out_dir / "directions.npy", directions.numpy())
     return result
@@ -146,9 +153,11 @@ def injected_conjunctions(out_dir: str | Path, candidates: int = 10, min_cosine:
     cosine = (F.normalize(directions, dim=1) @ F.normalize(sae.W_dec.detach().double(), dim=1).T).abs()  # [P, n]
     flagged = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
     flagged[torch.tensor(table.loc[table["conjunction"], "latent"].to_numpy(), dtype=torch.long)] = True
-    return {"injected_directions": len(directions),
-            "with_a_latent": int((cosine.max(1).values >= min_cosine).sum()),
-            "as_conjunction_latent": int(((cosine >= min_cosine) & flagged).any(1).sum())}  # fmt: skip
+    return {
+        "injected_directions": len(directions),
+        "with_a_latent": int((cosine.max(1).values >= min_cosine).sum()),
+        "as_conjunction_latent": int(((cosine >= min_cosine) & flagged).any(1).sum()),
+    }
 
 
 def _share_of(total: np.ndarray, part: np.ndarray) -> float:
@@ -179,14 +188,22 @@ def _code_data(store: ActivationStore, sae: TopKSAE, split: str, presence_k: int
             break
     values, indices = np.concatenate(values), np.concatenate(indices)
     width = 2 * n if presence_k else n
-    return code_data_from_arrays(values, indices, np.zeros((len(values), 1), np.float32),
-                                 groups=documents[: len(values)], n_latents=width)  # fmt: skip
+    return code_data_from_arrays(
+        values, indices, np.zeros((len(values), 1), np.float32), groups=documents[: len(values)], n_latents=width
+    )
 
 
 def conjunction_latents(
-    store: ActivationStore, sae: TopKSAE, split: str = "val", candidates: int = 10, max_tokens: int = 100_000,
-    min_r2: float = 0.3, min_gain: float = 0.2, min_outside: float = 0.5, seed: int = 0,
-) -> pd.DataFrame:  # fmt: skip
+    store: ActivationStore,
+    sae: TopKSAE,
+    split: str = "val",
+    candidates: int = 10,
+    max_tokens: int = 100_000,
+    min_r2: float = 0.3,
+    min_gain: float = 0.2,
+    min_outside: float = 0.5,
+    seed: int = 0,
+) -> pd.DataFrame:
     """For every latent ``c`` that fires: of the pairs among the ``candidates`` latents whose presence correlates
     most with ``f_c``, the one whose presence product ``g_a g_b`` best predicts ``f_c`` beyond ``g_a`` and ``g_b``
     linearly; with the R-squared of the product alone, of the better single presence, of both together
@@ -216,13 +233,21 @@ def conjunction_latents(
     unit = F.normalize(sae.W_dec.detach().double(), dim=1)
     basis = torch.stack([unit[a], unit[b]], 2)  # [n, d, 2]
     inside = (basis @ torch.linalg.lstsq(basis, unit.unsqueeze(2)).solution).squeeze(2).square().sum(1)
-    table = pd.DataFrame({
-        "latent": np.arange(n), "a": a, "b": b, "r2_product": product, "r2_single": np.maximum(r_ca**2, r_cb**2),
-        "r2_additive": additive, "gain": gain, "outside_span": (1 - inside).clamp(min=0).numpy(),
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "latent": np.arange(n),
+            "a": a,
+            "b": b,
+            "r2_product": product,
+            "r2_single": np.maximum(r_ca**2, r_cb**2),
+            "r2_additive": additive,
+            "gain": gain,
+            "outside_span": (1 - inside).clamp(min=0).numpy(),
+        }
+    )
     table = table[np.isfinite(table["gain"]) & (held_out["f_sd"] > 0)]
-    table["conjunction"] = (table["r2_product"] >= min_r2) & (table["gain"] >= min_gain) & (
-        table["outside_span"] >= min_outside
+    table["conjunction"] = (
+        (table["r2_product"] >= min_r2) & (table["gain"] >= min_gain) & (table["outside_span"] >= min_outside)
     )
     return table.sort_values("gain", ascending=False).reset_index(drop=True)
 
@@ -244,8 +269,9 @@ def _moments(data, n: int, k: int) -> dict:
     out["f_sd"] = np.sqrt(np.maximum(f_sq / tokens - out["f_mean"] ** 2, 0))
     out["g_sd"] = np.sqrt(np.maximum(g_sq / tokens - out["g_mean"] ** 2, 0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        out["corr_fg"] = np.nan_to_num((cross / tokens - np.outer(out["f_mean"], out["g_mean"]))
-                                       / np.outer(out["f_sd"], out["g_sd"]))  # fmt: skip
+        out["corr_fg"] = np.nan_to_num(
+            (cross / tokens - np.outer(out["f_mean"], out["g_mean"])) / np.outer(out["f_sd"], out["g_sd"])
+        )
     return out
 
 
@@ -280,6 +306,7 @@ def _pair_scores(data, moments: dict, pair_a: np.ndarray, pair_b: np.ndarray, ba
 
 def _split_sparse(batch, n: int, k: int):
     """A :func:`_code_data` batch as two sparse [batch, n] matrices: the code and the presences."""
+
     def matrix(values, indices):
         values, indices = values.double().numpy(), indices.numpy()
         token = np.broadcast_to(np.arange(len(values))[:, None], values.shape)

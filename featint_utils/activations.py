@@ -37,6 +37,7 @@ from .progress import progress
 FORMAT = "featint-activations"
 VERSION = 1
 SPLITS = ("train", "val")
+VERIFIED = "verified.json"  # sizes, mtimes and checksums of the files that passed the last check
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -165,15 +166,10 @@ def extract(
             "\x00".join(f"{t.text_id}\x01{t.text}" for name in SPLITS for t in getattr(split, name)).encode()
         ).hexdigest(),
     }
-    if reuse and (Path(store_dir) / "manifest.json").exists():
-        try:
-            existing = ActivationStore(store_dir)
-            if existing.manifest.get("request") == request:
-                shutil.rmtree(Path(store_dir).with_name(Path(store_dir).name + ".partial"), ignore_errors=True)
-                print(f"reusing the activation store at {store_dir} (same model, layer, texts and split)")
-                return existing
-        except StoreError:
-            pass  # an unreadable old store is simply rebuilt
+    existing = reusable_store(store_dir, request) if reuse else None
+    if existing is not None:
+        print(f"reusing the activation store at {store_dir} (same model, layer, texts and split; checksums verified)")
+        return existing
     prefix, suffix = special_frame(tokenizer)
     if context_tokens - len(prefix) - len(suffix) < 1:
         raise ValueError(
@@ -246,6 +242,11 @@ def _finish_store(partial: Path, store_dir: Path, writers: dict, dtype: str, n_t
     d_model = len(train.sum)
     mean = train.sum / train.n_tokens
     mean_sq_norm = train.sum_sq_norm / train.n_tokens
+    if not mean_sq_norm > 0:
+        raise StoreError(
+            "every training activation is zero: there is nothing to normalise or decompose "
+            "(a wrong layer, or a model that outputs zeros?)"
+        )
     np.save(partial / "mean.npy", mean)
     manifest = {
         "format": FORMAT,
@@ -256,6 +257,7 @@ def _finish_store(partial: Path, store_dir: Path, writers: dict, dtype: str, n_t
         "splits": {
             name: {"n_tokens": w.n_tokens, "n_texts": n_texts[name], "shards": w.shards} for name, w in writers.items()
         },
+        "files_sha256": {name: _sha256(partial / name) for name in ("texts.jsonl", "mean.npy")},
         "normalisation": {
             "mean_file": "mean.npy",
             "mean_sq_norm": mean_sq_norm,
@@ -283,7 +285,7 @@ def store_from_arrays(
     normalisation and manifest as extraction: for derived activations (the NFM embedding) and planted data.
     ``meta`` gives each row's (text index, position, token id); without it every row is its own document
     (the rows are taken as independent), never one document for all. ``texts`` are the ``texts.jsonl``
-    records; ``info`` is merged into the manifest."""  # fmt: skip
+    records; ``info`` is merged into the manifest."""
     store_dir = Path(store_dir)
     partial = store_dir.with_name(store_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -324,15 +326,22 @@ def require_model(store: ActivationStore, stage: str) -> None:
     """Refuse, with a clear message, to run a stage that needs the language model on a store made from a file."""
     corpus = store.manifest.get("corpus", "")
     if is_activation_corpus(corpus):
-        raise ValueError(f"stage {stage} runs the language model itself, but this run's activations come from "
-                         f"a file ({corpus}): stages 00-04 work on such runs; 05 and 06 need a text corpus and its "
-                         "model")  # fmt: skip
+        raise ValueError(
+            f"stage {stage} runs the language model itself, but this run's activations come from "
+            f"a file ({corpus}): stages 00-04 work on such runs; 05 and 06 need a text corpus and its "
+            "model"
+        )
 
 
 def store_from_npz(
-    corpus: str, store_dir: str | Path, val_fraction: float, seed: int, max_groups: int | None = None,
-    dtype: str = "float32", reuse: bool = True,
-) -> ActivationStore:  # fmt: skip
+    corpus: str,
+    store_dir: str | Path,
+    val_fraction: float,
+    seed: int,
+    max_groups: int | None = None,
+    dtype: str = "float32",
+    reuse: bool = True,
+) -> ActivationStore:
     """A store from activations cached elsewhere: ``activations:PATH.npz`` with arrays ``acts`` [n, d] (float)
     and ``doc`` [n] (int, the document of each row). Documents are split exactly as texts are
     (:func:`featint_utils.corpus.split_by_group`); rows keep their order within a document. There is no model
@@ -357,16 +366,18 @@ def store_from_npz(
         raise ValueError(f"'doc' in {path} must be an integer array of length {len(acts)}, got {doc.dtype} {doc.shape}")
     if not np.isfinite(acts).all():
         raise StoreError(f"'acts' in {path} holds NaN or Inf values: refusing to build a store from it")
-    request = {"corpus": corpus, "sha256": _sha256(path), "val_fraction": val_fraction, "seed": seed,
-               "max_groups": max_groups, "dtype": dtype}  # fmt: skip
-    if reuse and (Path(store_dir) / "manifest.json").exists():
-        try:
-            existing = ActivationStore(store_dir)
-            if existing.manifest.get("request") == request:
-                print(f"reusing the activation store at {store_dir} (same file and split)")
-                return existing
-        except StoreError:
-            pass
+    request = {
+        "corpus": corpus,
+        "sha256": _sha256(path),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "max_groups": max_groups,
+        "dtype": dtype,
+    }
+    existing = reusable_store(store_dir, request) if reuse else None
+    if existing is not None:
+        print(f"reusing the activation store at {store_dir} (same file and split; checksums verified)")
+        return existing
     documents = np.unique(doc)
     texts = [Text(text_id=str(d), group=str(d), text="") for d in documents]
     split = split_by_group(texts, val_fraction, seed, max_groups=max_groups)
@@ -377,14 +388,29 @@ def store_from_npz(
         for d in chosen:
             rows = np.flatnonzero(doc == d)
             index = len(records)
-            records.append({"index": index, "text_id": str(d), "group": str(d), "split": name,
-                            "text": f"rows of document {d} in {path.name}"})  # fmt: skip
+            records.append(
+                {
+                    "index": index,
+                    "text_id": str(d),
+                    "group": str(d),
+                    "split": name,
+                    "text": f"rows of document {d} in {path.name}",
+                }
+            )
             parts.append(acts[rows])
             metas.append(np.c_[np.full(len(rows), index), np.arange(len(rows)), np.full(len(rows), -1)])
         arrays_out[name] = np.concatenate(parts) if parts else np.empty((0, acts.shape[1]), np.float32)
         meta[name] = np.concatenate(metas) if metas else np.empty((0, 3), np.int64)
-    info = {"request": request, "model": corpus, "model_source": str(path), "layer": -1, "hook": "",
-            "corpus": corpus, "split": split.record(), "is_causal_lm": False}  # fmt: skip
+    info = {
+        "request": request,
+        "model": corpus,
+        "model_source": str(path),
+        "layer": -1,
+        "hook": "",
+        "corpus": corpus,
+        "split": split.record(),
+        "is_causal_lm": False,
+    }
     return store_from_arrays(store_dir, arrays_out, info=info, meta=meta, dtype=dtype, texts=records)
 
 
@@ -393,14 +419,10 @@ def derived_store(store: ActivationStore, transform, store_dir: str | Path, requ
     shard by shard, with the same texts and token provenance (for sensitivity runs). ``request`` describes the
     transform (JSON); a finished store made from the same source store and request is reused."""
     store_dir = Path(store_dir)
-    request = {"source": str(store.path.resolve()), "source_created": store.manifest["created"], **request}
-    if reuse and (store_dir / "manifest.json").exists():
-        try:
-            existing = ActivationStore(store_dir)
-            if existing.manifest.get("request") == json.loads(json.dumps(request)):
-                return existing
-        except StoreError:
-            pass
+    request = json.loads(json.dumps({"source": store.fingerprint, **request}))
+    existing = reusable_store(store_dir, request) if reuse else None
+    if existing is not None:
+        return existing
     partial = store_dir.with_name(store_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -416,8 +438,14 @@ def derived_store(store: ActivationStore, transform, store_dir: str | Path, requ
     drop = ("splits", "normalisation", "created", "git_commit", "request")
     keep = {k: v for k, v in store.manifest.items() if k not in drop}
     n_texts = {name: store.manifest["splits"][name]["n_texts"] for name in SPLITS}
-    return _finish_store(partial, store_dir, writers, store.manifest["dtype"], n_texts,
-                         {**keep, "derived_from": str(store.path), "request": request})  # fmt: skip
+    return _finish_store(
+        partial,
+        store_dir,
+        writers,
+        store.manifest["dtype"],
+        n_texts,
+        {**keep, "derived_from": str(store.path), "request": request},
+    )
 
 
 @dataclass
@@ -500,6 +528,24 @@ def _pad(split: str, batch: list[_Chunk], prefix, suffix, excluded: np.ndarray, 
 # Reading
 
 
+def reusable_store(store_dir: str | Path, request) -> ActivationStore | None:
+    """The finished store at ``store_dir`` if it was made for ``request`` and every file still matches its
+    checksum; None (and the reason, when there was a store) if it must be built again."""
+    if not (Path(store_dir) / "manifest.json").exists():
+        return None
+    try:
+        existing = ActivationStore(store_dir)
+        if existing.manifest.get("request") != request:
+            print(f"rebuilding the store at {store_dir}: it was made for other inputs or settings")
+            return None
+        existing.verify()
+    except StoreError as err:
+        print(f"rebuilding the store at {store_dir}: {err}")
+        return None
+    shutil.rmtree(Path(store_dir).with_name(Path(store_dir).name + ".partial"), ignore_errors=True)
+    return existing
+
+
 class ActivationStore:
     """A finished activation store, opened read-only with every shard checked against the manifest."""
 
@@ -513,8 +559,15 @@ class ActivationStore:
                 else ""
             )
             raise StoreError(f"no activation store at {str(self.path)!r}: manifest.json is missing{hint}")
-        self.manifest = read_json(manifest_path)
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+        try:
+            self.manifest = read_json(manifest_path)
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{manifest_path} is unreadable ({err}): the store is corrupt, extract it again") from err
+        if (
+            not isinstance(self.manifest, dict)
+            or self.manifest.get("format") != FORMAT
+            or self.manifest.get("version") != VERSION
+        ):
             raise StoreError(f"{manifest_path} is not a {FORMAT} v{VERSION} manifest")
         self.d_model: int = self.manifest["d_model"]
         self._maps: dict[str, list[np.ndarray]] = {}
@@ -542,13 +595,49 @@ class ActivationStore:
                     f"the manifest says {shape} {dtype}; the store is corrupt: extract it again"
                 )
 
-    def verify(self) -> None:
-        """Check every shard's checksum (reads every byte; the constructor only checks shapes)."""
+    def checksummed_files(self) -> dict[str, str]:
+        """Every file of the store the manifest records a checksum for: relative name -> sha256."""
+        files = dict(self.manifest.get("files_sha256", {}))
         for split in SPLITS:
             for shard in self.manifest["splits"][split]["shards"]:
-                for key in ("acts", "meta"):
-                    if _sha256(self.path / shard[key]) != shard[f"{key}_sha256"]:
-                        raise StoreError(f"store {str(self.path)!r}: shard {shard[key]} does not match its checksum")
+                files |= {shard[key]: shard[f"{key}_sha256"] for key in ("acts", "meta")}
+        return files
+
+    def verify(self, cached: bool = True) -> None:
+        """Check every file's checksum against the manifest. Hashing reads every byte, so with ``cached`` a file
+        whose size and modification time are those of its last successful check (recorded in
+        ``verified.json`` beside the manifest) is not read again: any rewrite of a shard changes its mtime."""
+        record_path = self.path / VERIFIED
+        try:
+            record = read_json(record_path) if cached and record_path.exists() else {}
+        except (OSError, ValueError):
+            record = {}  # an unreadable record only costs a full check
+        checked = {}
+        for name, expected in self.checksummed_files().items():
+            stat = (self.path / name).stat()
+            key = [stat.st_size, stat.st_mtime_ns, expected]
+            if record.get(name) != key:
+                if _sha256(self.path / name) != expected:
+                    raise StoreError(
+                        f"store {str(self.path)!r}: {name} does not match its checksum in the manifest "
+                        "(the file changed after extraction): the store is corrupt, extract it again"
+                    )
+            checked[name] = key
+        if checked != record:
+            write_json(record_path, checked)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the store's content (every file's checksum and the normalisation), for the lineage of
+        everything made from it; valid once :meth:`verify` has passed."""
+        content = {
+            "files": self.checksummed_files(),
+            "normalisation": self.manifest["normalisation"],
+            "d_model": self.d_model,
+            "layer": self.manifest.get("layer"),
+            "model": self.manifest.get("model"),
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- facts --------------------------------------------------------------------------------------
     @property
@@ -628,7 +717,13 @@ class ActivationStore:
         for number, rows in enumerate(self.batch_rows(split, batch_size, shuffle, seed, mix_shards)):
             if number < skip or (drop_last and len(rows) < batch_size):
                 continue
-            yield torch.from_numpy(self.gather(split, rows) * scale)
+            batch = self.gather(split, rows) * scale
+            if not np.isfinite(batch).all():
+                raise StoreError(
+                    f"store {str(self.path)!r}: non-finite activations (NaN/Inf) in the {split} split "
+                    f"(rows {rows[~np.isfinite(batch).all(1)][:5].tolist()}...): the store is corrupt"
+                )
+            yield torch.from_numpy(batch)
 
     def batch_rows(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, mix_shards: int = 4):
         """The row numbers (into the split, store order) of each batch :meth:`batches` yields."""
@@ -674,14 +769,16 @@ def summary(store: ActivationStore) -> pd.DataFrame:
     for split in SPLITS:
         info = store.manifest["splits"][split]
         size = sum((store.path / s[k]).stat().st_size for s in info["shards"] for k in ("acts", "meta"))
-        rows.append({
-            "split": split,
-            "texts": info["n_texts"],
-            "groups": len(split_record[f"{split}_groups"]),
-            "tokens": info["n_tokens"],
-            "shards": len(info["shards"]),
-            "MB on disk": round(size / 2**20, 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "split": split,
+                "texts": info["n_texts"],
+                "groups": len(split_record[f"{split}_groups"]),
+                "tokens": info["n_tokens"],
+                "shards": len(info["shards"]),
+                "MB on disk": round(size / 2**20, 2),
+            }
+        )
     return pd.DataFrame(rows).set_index("split")
 
 

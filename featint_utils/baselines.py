@@ -173,8 +173,12 @@ class SparseDesign:
     def centred(self, cross: torch.Tensor, y_sum: torch.Tensor):
         """Centred Gram, centred cross-products, and the column and target means."""
         z_mean, y_mean = self.z_sum / self.n, y_sum / self.n
-        return (self.gram - self.n * torch.outer(z_mean, z_mean), cross - self.n * torch.outer(z_mean, y_mean),
-                z_mean, y_mean)  # fmt: skip
+        return (
+            self.gram - self.n * torch.outer(z_mean, z_mean),
+            cross - self.n * torch.outer(z_mean, y_mean),
+            z_mean,
+            y_mean,
+        )
 
 
 def _dense_normal_equations(data: CodeData, batch_size: int = 8192):
@@ -247,9 +251,15 @@ class PairRidgeModel(nn.Module):
 
 
 def fit_pair_ridge(
-    fit: CodeData, tune: CodeData, first_order: RidgeModel, pairs: np.ndarray | None = None,
-    alphas=PAIR_ALPHAS, design: SparseDesign | None = None, keep=PAIR_KEEP, clear_gain: bool = True,
-) -> PairRidgeModel:  # fmt: skip
+    fit: CodeData,
+    tune: CodeData,
+    first_order: RidgeModel,
+    pairs: np.ndarray | None = None,
+    alphas=PAIR_ALPHAS,
+    design: SparseDesign | None = None,
+    keep=PAIR_KEEP,
+    clear_gain: bool = True,
+) -> PairRidgeModel:
     """Ridge on the code plus pair products, nested in ``first_order`` (see the module docstring), in two
     stages: all the listed pairs, then only the ``m`` of them with the largest standardised coefficients in
     that fit (``m`` in ``keep``), refitted. The pairs kept and the pair penalty are chosen on ``tune``; the

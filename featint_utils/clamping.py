@@ -25,7 +25,6 @@ unit: bucket formality x bucket emotion.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -33,89 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from .corpus import CONDITIONS
+from .decomposition import Clamp, Decomposition
 from .interventions import splice
 from .models import LoadedModel, mean_pool
-from .nfm import NFM
 from .progress import progress
-from .sae import TopKSAE
 from .stats import CONTRASTS, block_anova, holm, sign_flip_test
-
-MODES = ("set", "multiply", "add")
-
-
-@dataclass(frozen=True)
-class Clamp:
-    """One edit of one feature (see the module docstring)."""
-
-    path: str
-    """"secondary" (a feature of the NFM vector) or "linear" (a primary feature in the first-order term)."""
-    feature: int
-    mode: str
-    """"set", "multiply" or "add"."""
-    value: float
-
-    def __post_init__(self):
-        if self.path not in ("secondary", "linear"):
-            raise ValueError(f"clamp path must be 'secondary' or 'linear', got {self.path!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"clamp mode must be one of {MODES}, got {self.mode!r}")
-
-    def apply(self, current: torch.Tensor) -> torch.Tensor:
-        if self.mode == "set":
-            return torch.full_like(current, self.value)
-        return current * self.value if self.mode == "multiply" else current + self.value
-
-
-@dataclass
-class Decomposition:
-    """The models the splice runs at one layer: primary SAE, NFM and (for secondary clamps) secondary SAE."""
-
-    primary: TopKSAE
-    nfm: NFM
-    secondary: TopKSAE | None = None
-
-    def __post_init__(self):
-        self.nfm.eval()
-        if self.nfm.cfg.n_latents != self.primary.cfg.n_latents or self.nfm.cfg.d_out != self.primary.cfg.d_in:
-            raise ValueError("the NFM does not fit the primary SAE (latents or width differ)")
-
-    @torch.no_grad()
-    def edit(self, x_raw: torch.Tensor, clamp: Clamp | None = None, control: str | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
-        """The spliced layer output (raw units) for clean outputs ``x_raw`` [tokens, d]."""
-        scale = self.primary.cfg.input_scale
-        x = x_raw.float() * scale
-        values, indices = self.primary.encode(x)
-        reconstruction = self.primary.decode(values, indices)
-        parts = self.nfm(values, indices)
-        error = x - reconstruction - parts.output
-        edited = parts.output
-        if clamp is not None:
-            edited = parts.output + self._change(clamp, values, indices, parts)
-            if control == "random":
-                change = edited - parts.output
-                noise = torch.randn(change.shape, generator=generator)
-                noise *= change.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                edited = parts.output + noise
-            elif control is not None:
-                raise ValueError(f"control must be None or 'random', got {control!r}")
-        return (reconstruction + edited + error) / scale
-
-    def _change(self, clamp: Clamp, values, indices, parts) -> torch.Tensor:
-        """How the NFM output moves under ``clamp`` (normalised units)."""
-        if clamp.path == "linear":
-            current = (values * (indices == clamp.feature)).sum(1)
-            target = clamp.apply(current)
-            slot = torch.full((len(values), 1), clamp.feature, dtype=indices.dtype)
-            return self.nfm.first_order(target[:, None], slot) - self.nfm.first_order(current[:, None], slot)
-        if self.secondary is None or parts.hidden_pre is None:
-            raise ValueError("a secondary clamp needs a secondary SAE and an NFM with a Linear(K,K) layer")
-        h = parts.hidden_pre
-        s_values, s_indices = self.secondary.encode(h * self.secondary.cfg.input_scale)
-        current = (s_values * (s_indices == clamp.feature)).sum(1)
-        delta = clamp.apply(current) - current
-        h_edited = h + delta[:, None] * self.secondary.W_dec[clamp.feature] / self.secondary.cfg.input_scale
-        return self.nfm.interaction_from_hidden(h_edited) - parts.interaction
 
 
 @torch.no_grad()
@@ -127,8 +48,14 @@ def edit_norm(decomposition: Decomposition, clamp: Clamp, x_raw: torch.Tensor, c
 
 
 @contextmanager
-def clamped(loaded: LoadedModel, layer: int, decomposition: Decomposition, clamp: Clamp | None = None,
-            control: str | None = None, seed: int = 0):  # fmt: skip
+def clamped(
+    loaded: LoadedModel,
+    layer: int,
+    decomposition: Decomposition,
+    clamp: Clamp | None = None,
+    control: str | None = None,
+    seed: int = 0,
+):
     """Forwards inside the block run through the splice; set ``state["mask"]`` (real tokens) per batch.
     The hook is removed however the block exits."""
     generator = torch.Generator().manual_seed(seed)
@@ -136,8 +63,16 @@ def clamped(loaded: LoadedModel, layer: int, decomposition: Decomposition, clamp
         yield state
 
 
-def _forward(loaded: LoadedModel, layer: int, inputs: dict, keep: torch.Tensor, decomposition: Decomposition | None,
-             clamp: Clamp | None, control: str | None, seed: int):  # fmt: skip
+def _forward(
+    loaded: LoadedModel,
+    layer: int,
+    inputs: dict,
+    keep: torch.Tensor,
+    decomposition: Decomposition | None,
+    clamp: Clamp | None,
+    control: str | None,
+    seed: int,
+):
     """The model's output on ``inputs``: clean without a decomposition, else spliced at the ``keep`` tokens."""
     if decomposition is None:
         return loaded.model(**inputs)
@@ -155,9 +90,16 @@ def _real_token_batches(tokenizer, texts: list[str], batch_size: int):
 
 
 @torch.no_grad()
-def pooled_embeddings(loaded: LoadedModel, layer: int, texts: list[str], decomposition: Decomposition | None = None,
-                      clamp: Clamp | None = None, control: str | None = None, batch_size: int = 64,
-                      seed: int = 0) -> torch.Tensor:  # fmt: skip
+def pooled_embeddings(
+    loaded: LoadedModel,
+    layer: int,
+    texts: list[str],
+    decomposition: Decomposition | None = None,
+    clamp: Clamp | None = None,
+    control: str | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> torch.Tensor:
     """Mean-pooled output embeddings of ``texts`` (sentence-transformers' pooling), spliced when a
     decomposition is given (at real tokens only), clean otherwise."""
     out = []
@@ -201,9 +143,16 @@ def bucket_token_ids(tokenizer, buckets: dict[str, list[str]]) -> dict[str, list
 
 
 @torch.no_grad()
-def causal_readout(loaded: LoadedModel, layer: int, frames: list[str], bucket_ids: dict[str, list[int]],
-                   decomposition: Decomposition | None = None, clamp: Clamp | None = None,
-                   control: str | None = None, seed: int = 0) -> np.ndarray:  # fmt: skip
+def causal_readout(
+    loaded: LoadedModel,
+    layer: int,
+    frames: list[str],
+    bucket_ids: dict[str, list[int]],
+    decomposition: Decomposition | None = None,
+    clamp: Clamp | None = None,
+    control: str | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """[n_frames, 4]: mean next-token log-probability of each bucket's words after each prompt frame."""
     device = next(loaded.model.parameters()).device
     out = np.zeros((len(frames), len(CONDITIONS)))
@@ -218,8 +167,13 @@ def causal_readout(loaded: LoadedModel, layer: int, frames: list[str], bucket_id
     return out
 
 
-def clamp_statistics(changes: dict[str, np.ndarray], n_permutations: int = 10_000, n_boot: int = 2000,
-                     seed: int = 0, references: dict[str, str] | None = None) -> pd.DataFrame:  # fmt: skip
+def clamp_statistics(
+    changes: dict[str, np.ndarray],
+    n_permutations: int = 10_000,
+    n_boot: int = 2000,
+    seed: int = 0,
+    references: dict[str, str] | None = None,
+) -> pd.DataFrame:
     """Per condition (e.g. "feature 12 @ +1.0"): the change of the readout [n_units, 4] analysed as a 2x2
     over buckets with the unit as the block: partial eta-squared and ANOVA p of the interaction, the mean
     per-unit interaction contrast with a bootstrap 95% CI, its sign-flip permutation p, and Holm's
@@ -235,11 +189,20 @@ def clamp_statistics(changes: dict[str, np.ndarray], n_permutations: int = 10_00
         contrast = change @ CONTRASTS["interaction"]
         boot = rng.integers(0, len(contrast), size=(n_boot, len(contrast)))
         low, high = np.percentile(contrast[boot].mean(1), [2.5, 97.5])
-        rows.append({"condition": name, "interaction_contrast": contrast.mean(), "ci_low": low, "ci_high": high,
-                     "interaction_eta2": anova["interaction_eta2"], "anova_p": anova["interaction_p"],
-                     "sign_flip_p": sign_flip_test(contrast, n_permutations, seed)[0],
-                     "formality_effect": anova["formality_effect"], "emotion_effect": anova["emotion_effect"],
-                     "mean_abs_change": np.abs(change).mean()})  # fmt: skip
+        rows.append(
+            {
+                "condition": name,
+                "interaction_contrast": contrast.mean(),
+                "ci_low": low,
+                "ci_high": high,
+                "interaction_eta2": anova["interaction_eta2"],
+                "anova_p": anova["interaction_p"],
+                "sign_flip_p": sign_flip_test(contrast, n_permutations, seed)[0],
+                "formality_effect": anova["formality_effect"],
+                "emotion_effect": anova["emotion_effect"],
+                "mean_abs_change": np.abs(change).mean(),
+            }
+        )
     table = pd.DataFrame(rows)
     table["holm_p"] = holm(table["sign_flip_p"].to_numpy())
     if references:
@@ -264,8 +227,13 @@ def run_clamps(readout, plan: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.nd
     return clean, changes
 
 
-def clamp_plan(secondary_features: list[int], secondary_max: np.ndarray, linear_feature: int, linear_unit: float,
-               levels: list[float]) -> pd.DataFrame:  # fmt: skip
+def clamp_plan(
+    secondary_features: list[int],
+    secondary_max: np.ndarray,
+    linear_feature: int,
+    linear_unit: float,
+    levels: list[float],
+) -> pd.DataFrame:
     """Every condition of the experiment: each secondary feature at each level (``add`` a multiple of its
     largest observed activation), the random control matched to it token by token, and the linear-path
     feature with ``add`` ``level * linear_unit`` (choose ``linear_unit`` so its edits are as large as the
@@ -274,23 +242,52 @@ def clamp_plan(secondary_features: list[int], secondary_max: np.ndarray, linear_
     for feature in secondary_features:
         for level in levels:
             clamp = Clamp("secondary", int(feature), "add", float(level * secondary_max[feature]))
-            rows.append({"name": f"secondary {feature} @ {level:+g}", "group": f"secondary {feature}",
-                         "level": level, "clamp": clamp, "control": None})  # fmt: skip
-            rows.append({"name": f"random, matched to {feature} @ {level:+g}", "group": f"random (size of {feature})",
-                         "level": level, "clamp": clamp, "control": "random"})  # fmt: skip
+            rows.append(
+                {
+                    "name": f"secondary {feature} @ {level:+g}",
+                    "group": f"secondary {feature}",
+                    "level": level,
+                    "clamp": clamp,
+                    "control": None,
+                }
+            )
+            rows.append(
+                {
+                    "name": f"random, matched to {feature} @ {level:+g}",
+                    "group": f"random (size of {feature})",
+                    "level": level,
+                    "clamp": clamp,
+                    "control": "random",
+                }
+            )
     for level in levels:
-        rows.append({"name": f"linear {linear_feature} @ {level:+g}", "group": f"linear-path {linear_feature}",
-                     "level": level, "clamp": Clamp("linear", int(linear_feature), "add", float(level * linear_unit)),
-                     "control": None})  # fmt: skip
+        rows.append(
+            {
+                "name": f"linear {linear_feature} @ {level:+g}",
+                "group": f"linear-path {linear_feature}",
+                "level": level,
+                "clamp": Clamp("linear", int(linear_feature), "add", float(level * linear_unit)),
+                "control": None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def matched_linear_unit(decomposition: Decomposition, secondary_features: list[int], secondary_max: np.ndarray,
-                        linear_feature: int, x_raw: torch.Tensor) -> float:  # fmt: skip
+def matched_linear_unit(
+    decomposition: Decomposition,
+    secondary_features: list[int],
+    secondary_max: np.ndarray,
+    linear_feature: int,
+    x_raw: torch.Tensor,
+) -> float:
     """The ``add`` value for the linear-path feature whose mean edit size on ``x_raw`` equals the secondary
     clamps' mean at level +1 (the first-order edit is linear in the value, so one measurement suffices)."""
-    target = np.mean([edit_norm(decomposition, Clamp("secondary", int(f), "add", float(secondary_max[f])), x_raw)
-                      for f in secondary_features])  # fmt: skip
+    target = np.mean(
+        [
+            edit_norm(decomposition, Clamp("secondary", int(f), "add", float(secondary_max[f])), x_raw)
+            for f in secondary_features
+        ]
+    )
     per_unit = edit_norm(decomposition, Clamp("linear", int(linear_feature), "add", 1.0), x_raw)
     return float(target / per_unit) if per_unit > 0 else 0.0
 
@@ -302,8 +299,16 @@ def tidy_changes(plan: pd.DataFrame, changes: dict[str, np.ndarray]) -> pd.DataF
         change = changes[spec.name]
         for b, bucket in enumerate(CONDITIONS):
             se = change[:, b].std(ddof=1) / np.sqrt(len(change))
-            rows.append({"name": spec.name, "group": spec.group, "level": spec.level, "bucket": bucket,
-                         "mean_change": change[:, b].mean(), "se": se})  # fmt: skip
+            rows.append(
+                {
+                    "name": spec.name,
+                    "group": spec.group,
+                    "level": spec.level,
+                    "bucket": bucket,
+                    "mean_change": change[:, b].mean(),
+                    "se": se,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -317,9 +322,11 @@ def summary(table: pd.DataFrame, plan: pd.DataFrame, alpha: float = 0.05) -> str
         verdict = f"a non-additive effect at {len(significant)} of {len(rows)} levels (Holm p < {alpha})"
         if not len(significant):
             verdict = "no non-additive effect that survives Holm's correction at any level"
-        line = (f"- {group}: {verdict}; largest interaction contrast {strongest['interaction_contrast']:+.4f} "
-                f"(95% CI {strongest['ci_low']:+.4f} to {strongest['ci_high']:+.4f}) "
-                f"at level {strongest['level']:+g}")  # fmt: skip
+        line = (
+            f"- {group}: {verdict}; largest interaction contrast {strongest['interaction_contrast']:+.4f} "
+            f"(95% CI {strongest['ci_low']:+.4f} to {strongest['ci_high']:+.4f}) "
+            f"at level {strongest['level']:+g}"
+        )
         if "vs_control_holm_p" in rows and rows["vs_control_holm_p"].notna().any():
             beats = int((rows["vs_control_holm_p"] < alpha).sum())
             line += f"; larger than its size-matched random control at {beats} of {len(rows)} levels"
@@ -329,13 +336,21 @@ def summary(table: pd.DataFrame, plan: pd.DataFrame, alpha: float = 0.05) -> str
     secondary = [g for g in largest.index if g.startswith("secondary")]
     if linear and secondary:
         above = [g for g in secondary if largest[g] > largest[linear[0]]]
-        lines.append(f"- The size-matched {linear[0]} feature's largest contrast is {largest[linear[0]]:.4f}; "
-                     f"{len(above)} of {len(secondary)} secondary features exceed it"
-                     + ("." if above else ": edits of the first-order path move the readout non-additively at "
-                        "least as much, so these effects are not specific to the interaction path."))  # fmt: skip
-    lines.append("With hundreds of items even a random edit shifts the readout non-additively by a detectable "
-                 "amount, so a secondary feature's effect counts as specific only where it exceeds its "
-                 "size-matched random control (and is comparable with the size-matched linear-path feature). The "
-                 "readout is a model-internal similarity (encoders) or next-token log-probability (causal LMs), "
-                 "not a behavioural measure.")  # fmt: skip
+        lines.append(
+            f"- The size-matched {linear[0]} feature's largest contrast is {largest[linear[0]]:.4f}; "
+            f"{len(above)} of {len(secondary)} secondary features exceed it"
+            + (
+                "."
+                if above
+                else ": edits of the first-order path move the readout non-additively at "
+                "least as much, so these effects are not specific to the interaction path."
+            )
+        )
+    lines.append(
+        "With hundreds of items even a random edit shifts the readout non-additively by a detectable "
+        "amount, so a secondary feature's effect counts as specific only where it exceeds its "
+        "size-matched random control (and is comparable with the size-matched linear-path feature). The "
+        "readout is a model-internal similarity (encoders) or next-token log-probability (causal LMs), "
+        "not a behavioural measure."
+    )
     return "\n".join(lines)

@@ -35,15 +35,17 @@ def ladder_summary(table: pd.DataFrame, target: str = RESIDUAL) -> pd.DataFrame:
     (mean and spread over seeds), in ladder order."""
     table = table[table["target"] == target]
     grouped = table.groupby("model", sort=False)
-    summary = pd.DataFrame({
-        "label": grouped["label"].first(),
-        "residual_fvu": grouped["residual_fvu"].mean(),
-        "residual_fvu_sd": grouped["residual_fvu"].std(ddof=1),
-        "gain_over_zero": grouped["gain_over_zero"].mean(),
-        "total_fvu": grouped["total_fvu"].mean(),
-        "seeds": grouped["seed"].nunique(),
-        "n_parameters": grouped["n_parameters"].first(),
-    })  # fmt: skip
+    summary = pd.DataFrame(
+        {
+            "label": grouped["label"].first(),
+            "residual_fvu": grouped["residual_fvu"].mean(),
+            "residual_fvu_sd": grouped["residual_fvu"].std(ddof=1),
+            "gain_over_zero": grouped["gain_over_zero"].mean(),
+            "total_fvu": grouped["total_fvu"].mean(),
+            "seeds": grouped["seed"].nunique(),
+            "n_parameters": grouped["n_parameters"].first(),
+        }
+    )
     summary["residual_r2"] = 1 - summary["residual_fvu"]
     return summary.reindex([m for m in MODELS if m in summary.index])
 
@@ -55,8 +57,10 @@ def variance_attribution(model: NFM, data: CodeData, batch_size: int = 1024) -> 
     model.eval()
     n, d = model.cfg.n_latents, model.cfg.d_out
     zeros = {"cross": (n,), "term": (n, d), "out": (d,)}
-    sums = {part: {key: torch.zeros(shape, dtype=torch.float64) for key, shape in zeros.items()} | {"out_sq": 0.0}
-            for part in ("linear", "interaction")}  # fmt: skip
+    sums = {
+        part: {key: torch.zeros(shape, dtype=torch.float64) for key, shape in zeros.items()} | {"out_sq": 0.0}
+        for part in ("linear", "interaction")
+    }
     fires = torch.zeros(n, dtype=torch.float64)
     tokens = 0
     bar = progress(total=len(data), desc="variance attribution", unit="tok")
@@ -99,8 +103,11 @@ def variance_attribution(model: NFM, data: CodeData, batch_size: int = 1024) -> 
 
 def top_features(attribution: pd.DataFrame, n: int = 20) -> dict[str, np.ndarray]:
     """Indices of the ``n`` features with the largest share of each part."""
-    return {part: attribution.nlargest(n, f"{part}_share")["feature"].to_numpy()
-            for part in ("linear", "interaction") if f"{part}_share" in attribution}  # fmt: skip
+    return {
+        part: attribution.nlargest(n, f"{part}_share")["feature"].to_numpy()
+        for part in ("linear", "interaction")
+        if f"{part}_share" in attribution
+    }
 
 
 def top_feature_overlap(attribution: pd.DataFrame, n: int = 20) -> dict | None:
@@ -111,8 +118,13 @@ def top_feature_overlap(attribution: pd.DataFrame, n: int = 20) -> dict | None:
         return None
     shared = np.intersect1d(top["linear"], top["interaction"])
     alive = int((attribution["firing_frequency"] > 0).sum())
-    return {"n": n, "shared": len(shared), "jaccard": len(shared) / len(np.union1d(top["linear"], top["interaction"])),
-            "chance_shared": n * n / max(alive, 1), "shared_features": shared.tolist()}  # fmt: skip
+    return {
+        "n": n,
+        "shared": len(shared),
+        "jaccard": len(shared) / len(np.union1d(top["linear"], top["interaction"])),
+        "chance_shared": n * n / max(alive, 1),
+        "shared_features": shared.tolist(),
+    }
 
 
 def interaction_strength(model: NFM, features: np.ndarray) -> pd.DataFrame:

@@ -50,8 +50,14 @@ def top_activations(
                 continue
             text_index, position, _ = tokens.iloc[row]
             text = texts.loc[text_index]
-            records.append({"feature": feature, "activation": value, "text_id": text["text_id"],
-                            "context": _context(tokenizer, text["text"], int(position), window)})  # fmt: skip
+            records.append(
+                {
+                    "feature": feature,
+                    "activation": value,
+                    "text_id": text["text_id"],
+                    "context": _context(tokenizer, text["text"], int(position), window),
+                }
+            )
     return pd.DataFrame(records, columns=["feature", "activation", "text_id", "context"])
 
 

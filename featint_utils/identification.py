@@ -49,8 +49,9 @@ def text_activations(
     items = [("train", Text(str(i), str(i), text)) for i, text in enumerate(texts)]
     bar = progress(total=n_texts, desc="feature activations per text", unit="text")
     for batch in padded_batches(tokenizer, items, context_tokens, batch_size):
-        hidden = forward_to_layer(model, layer, input_ids=batch.input_ids.to(device),
-                                  attention_mask=batch.attention_mask.to(device))  # fmt: skip
+        hidden = forward_to_layer(
+            model, layer, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+        )
         x = hidden[batch.keep.to(hidden.device)].float().cpu()
         text_index = torch.from_numpy(batch.meta[:, 0].astype(np.int64))
         counts.index_add_(0, text_index, torch.ones(len(x), dtype=torch.float64))
@@ -65,10 +66,12 @@ def text_activations(
         empty = int(torch.nonzero(counts == 0)[0])
         raise ValueError(f"text {empty} ({texts[empty][:40]!r}) has no real tokens")
     return {
-        name: {"mean": (sums[name].view(n_texts, n) / counts[:, None]).float().numpy(),
-               "max": maxes[name].view(n_texts, n).numpy()}
+        name: {
+            "mean": (sums[name].view(n_texts, n) / counts[:, None]).float().numpy(),
+            "max": maxes[name].view(n_texts, n).numpy(),
+        }
         for name, (_, n) in encoders.items()
-    }  # fmt: skip
+    }
 
 
 def cells(per_text: np.ndarray, stimuli: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -115,18 +118,30 @@ def split_half_replication(
     first = feature_effects(cell_values[select])
     chosen = rank(first, effect, n_select, q)
     if chosen.empty:
-        return pd.DataFrame(columns=["feature", "select_eta2", "select_q", "replicate_eta2", "replicate_p",
-                                     "replicate_q", "same_sign", "replicated"])  # fmt: skip
+        return pd.DataFrame(
+            columns=[
+                "feature",
+                "select_eta2",
+                "select_q",
+                "replicate_eta2",
+                "replicate_p",
+                "replicate_q",
+                "same_sign",
+                "replicated",
+            ]
+        )
     second = block_anova(cell_values[replicate][:, :, chosen["feature"].to_numpy()])
-    result = pd.DataFrame({
-        "feature": chosen["feature"].to_numpy(),
-        "select_eta2": chosen[f"{effect}_eta2"].to_numpy(),
-        "select_effect": chosen[f"{effect}_effect"].to_numpy(),
-        "select_q": chosen[f"{effect}_q"].to_numpy(),
-        "replicate_eta2": second[f"{effect}_eta2"].to_numpy(),
-        "replicate_effect": second[f"{effect}_effect"].to_numpy(),
-        "replicate_p": second[f"{effect}_p"].to_numpy(),
-    })  # fmt: skip
+    result = pd.DataFrame(
+        {
+            "feature": chosen["feature"].to_numpy(),
+            "select_eta2": chosen[f"{effect}_eta2"].to_numpy(),
+            "select_effect": chosen[f"{effect}_effect"].to_numpy(),
+            "select_q": chosen[f"{effect}_q"].to_numpy(),
+            "replicate_eta2": second[f"{effect}_eta2"].to_numpy(),
+            "replicate_effect": second[f"{effect}_effect"].to_numpy(),
+            "replicate_p": second[f"{effect}_p"].to_numpy(),
+        }
+    )
     result["replicate_q"] = benjamini_hochberg(result["replicate_p"].to_numpy())
     result["same_sign"] = np.sign(result["select_effect"]) == np.sign(result["replicate_effect"])
     result["replicated"] = result["same_sign"] & (result["replicate_q"] < q)
@@ -138,8 +153,9 @@ def token_activations(loaded: LoadedModel, layer: int, text: str, encode: Encode
     """One feature's activation at every real token of one text (for highlighting), in text order."""
     batch = next(padded_batches(loaded.tokenizer, [("train", Text("0", "0", text))], 512, 1))
     device = next(loaded.model.parameters()).device
-    hidden = forward_to_layer(loaded.model, layer, input_ids=batch.input_ids.to(device),
-                              attention_mask=batch.attention_mask.to(device))  # fmt: skip
+    hidden = forward_to_layer(
+        loaded.model, layer, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+    )
     values, indices = encode(hidden[batch.keep.to(hidden.device)].float().cpu())
     activation = (values * (indices == feature)).sum(1).numpy()
     tokens = [loaded.tokenizer.decode([int(t)]) for t in batch.meta[:, 2]]

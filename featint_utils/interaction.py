@@ -180,8 +180,13 @@ class AddPlanted(_Transform):
         column, product = self.lookup.active(batch.values, batch.indices)
         term = F.embedding_bag(column, self.planted.directions, per_sample_weights=product, mode="sum")
         if self.planted.linear_weight is not None:
-            term = term - F.embedding_bag(batch.indices, self.planted.linear_weight, per_sample_weights=batch.values,
-                                          mode="sum") - self.planted.linear_bias  # fmt: skip
+            term = (
+                term
+                - F.embedding_bag(
+                    batch.indices, self.planted.linear_weight, per_sample_weights=batch.values, mode="sum"
+                )
+                - self.planted.linear_bias
+            )
         return self.planted.scale * term
 
     def __call__(self, at: np.ndarray, batch: CodeBatch) -> torch.Tensor:
@@ -201,9 +206,14 @@ def random_pairs(codes: CodeData, n_pairs: int, candidates: int, d: int, seed: i
 
 
 def plant_pairs(
-    fit: CodeData, share: float, design: SparseDesign, penalty: float, n_planted: int = 16, candidates: int = 256,
+    fit: CodeData,
+    share: float,
+    design: SparseDesign,
+    penalty: float,
+    n_planted: int = 16,
+    candidates: int = 256,
     seed: int = 0,
-) -> PlantedPairs:  # fmt: skip
+) -> PlantedPairs:
     """``n_planted`` random pairs among the ``candidates`` most frequently co-firing ones of ``fit``, random unit
     directions, minus the products' own projection on the code (a first-order ridge: ``design``'s code block,
     ``penalty``), scaled to ``share`` of the residual's variance on ``fit``. The products of frequent latents
@@ -247,8 +257,9 @@ def document_totals(data: CodeData, batch_size: int = 8192) -> pd.DataFrame:
         squares.index_add_(0, doc, target.square().sum(1))
     mean = sums.sum(0) / tokens.sum()
     centred = squares - 2 * sums @ mean + torch.from_numpy(tokens).double() * (mean @ mean)
-    return pd.DataFrame({"document": documents, "tokens": tokens, "centred_ss": centred.numpy(),
-                         "zero_sse": squares.numpy()})  # fmt: skip
+    return pd.DataFrame(
+        {"document": documents, "tokens": tokens, "centred_ss": centred.numpy(), "zero_sse": squares.numpy()}
+    )
 
 
 class Draws(NamedTuple):
@@ -284,9 +295,13 @@ def increments(centred: np.ndarray, base: np.ndarray, model: np.ndarray, draws: 
 
 def interval(point_per_seed: np.ndarray, boot: np.ndarray, level: float = 0.95) -> dict:
     low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
-    return {"mean": float(np.mean(point_per_seed)), "ci_low": float(low), "ci_high": float(high),
-            "sd": float(np.std(point_per_seed, ddof=1)) if len(point_per_seed) > 1 else 0.0,
-            "n_seeds": len(point_per_seed)}  # fmt: skip
+    return {
+        "mean": float(np.mean(point_per_seed)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "sd": float(np.std(point_per_seed, ddof=1)) if len(point_per_seed) > 1 else 0.0,
+        "n_seeds": len(point_per_seed),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,13 +385,26 @@ class Estimator:
         if name not in self.lrs:
             if target != RESIDUAL:
                 raise ValueError(f"fit the residual first: it chooses the learning rate of {name!r}")
-            lr, model, trainer = select_lr(lambda: self._model(name, seed, start, target_rms), sets["fit"],
-                                           sets["tune"], cfg, self.cfg.lr_grid, out, resume=self.resume, desc=desc)
+            lr, model, trainer = select_lr(
+                lambda: self._model(name, seed, start, target_rms),
+                sets["fit"],
+                sets["tune"],
+                cfg,
+                self.cfg.lr_grid,
+                out,
+                resume=self.resume,
+                desc=desc,
+            )
             self.lrs[name] = lr
             write_json(self.out_dir / "learning_rates.json", self.lrs)
         else:
-            trainer = ResidualTrainer(self._model(name, seed, start, target_rms), sets["fit"], sets["tune"],
-                                      replace(cfg, lr=self.lrs[name]), out)  # fmt: skip
+            trainer = ResidualTrainer(
+                self._model(name, seed, start, target_rms),
+                sets["fit"],
+                sets["tune"],
+                replace(cfg, lr=self.lrs[name]),
+                out,
+            )
             model = trainer.train(resume=self.resume, desc=desc)
         info = trainer.summary()
         if trainer.improved:
@@ -393,8 +421,12 @@ class Estimator:
         times the code's total, a hinge is linear wherever it is on), so it can undo part of the ridge's
         shrinkage; those go back into the linear block, and only what no linear map of the code gives remains
         as the increment. If the result is worse on tune than the start, the model goes back to its start."""
-        refit = fit_ridge(sets["fit"].with_target(WithoutNonLinearPart(sets["fit"], model)), sets["tune"],
-                          alphas=(alpha,), design=self.design)  # fmt: skip
+        refit = fit_ridge(
+            sets["fit"].with_target(WithoutNonLinearPart(sets["fit"], model)),
+            sets["tune"],
+            alphas=(alpha,),
+            design=self.design,
+        )
         model.set_linear(refit.weight, refit.bias)
         tune_fvu = residual_fvu(model, sets["tune"])
         if tune_fvu > start_fvu:  # never worse than the start: back to it
@@ -406,11 +438,20 @@ class Estimator:
         sse, total_fvu = document_sse(model, sets["test"])
         self.sse[(target, name, seed)] = sse
         totals = self.totals[target]
-        self.rows.append({"target": target, "model": name, "label": MODELS[name], "seed": seed,
-                          "residual_fvu": float(sse.sum() / totals["centred_ss"].sum()),
-                          "gain_over_zero": float((totals["zero_sse"].sum() - sse.sum()) / totals["centred_ss"].sum()),
-                          "total_fvu": total_fvu, "n_parameters": sum(p.numel() for p in model.parameters()),
-                          "seconds": time.perf_counter() - started, **extra})  # fmt: skip
+        self.rows.append(
+            {
+                "target": target,
+                "model": name,
+                "label": MODELS[name],
+                "seed": seed,
+                "residual_fvu": float(sse.sum() / totals["centred_ss"].sum()),
+                "gain_over_zero": float((totals["zero_sse"].sum() - sse.sum()) / totals["centred_ss"].sum()),
+                "total_fvu": total_fvu,
+                "n_parameters": sum(p.numel() for p in model.parameters()),
+                "seconds": time.perf_counter() - started,
+                **extra,
+            }
+        )
 
     def fit_target(
         self,
@@ -473,8 +514,10 @@ class Estimator:
     def control_sets(self, base: str = RESIDUAL, first_order: torch.nn.Module | None = None, seed: int = 0):
         """The null control's sets (see the module docstring) around ``base``'s first-order fit."""
         first_order = first_order or self.first_order[base]
-        return {name: data.with_target(PermutedRemainder(data, self.sets, first_order, seed))
-                for name, data in self.sets.items()}  # fmt: skip
+        return {
+            name: data.with_target(PermutedRemainder(data, self.sets, first_order, seed))
+            for name, data in self.sets.items()
+        }
 
     # -- results ---------------------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
@@ -486,8 +529,9 @@ class Estimator:
         frames = []
         for (target, name, seed), sse in self.sse.items():
             documents = self.totals[target]["document"].to_numpy()
-            frames.append(pd.DataFrame({"target": target, "model": name, "seed": seed, "document": documents,
-                                        "sse": sse}))  # fmt: skip
+            frames.append(
+                pd.DataFrame({"target": target, "model": name, "seed": seed, "document": documents, "sse": sse})
+            )
         return pd.concat(frames, ignore_index=True)
 
     def totals_table(self) -> pd.DataFrame:
@@ -580,8 +624,9 @@ class Results:
     def shares(self, target: str = RESIDUAL) -> pd.DataFrame:
         """Every comparison available on ``target``."""
         fitted = set(self.sse.query("target == @target")["model"])
-        rows = {name: self.share(target, name) for name, (base, model) in COMPARISONS.items()
-                if {base, model} <= fitted}  # fmt: skip
+        rows = {
+            name: self.share(target, name) for name, (base, model) in COMPARISONS.items() if {base, model} <= fitted
+        }
         return pd.DataFrame(rows).T
 
     def control_shares(self) -> pd.DataFrame:
@@ -621,14 +666,20 @@ class Results:
             row = {"target": target, "nominal_share": info["share"]}
             for comparison in ("oracle",) + ESTIMATORS:
                 stats = self.share(target, comparison)
-                row |= {f"{comparison}": stats["mean"], f"{comparison}_ci_low": stats["ci_low"],
-                        f"{comparison}_ci_high": stats["ci_high"]}  # fmt: skip
+                row |= {
+                    f"{comparison}": stats["mean"],
+                    f"{comparison}_ci_low": stats["ci_low"],
+                    f"{comparison}_ci_high": stats["ci_high"],
+                }
             for comparison in ESTIMATORS:  # what the planted interaction added to each estimate
                 injected_point, injected = self._boot(target, *COMPARISONS[comparison])
                 baseline_point, baseline = self._boot(RESIDUAL, *COMPARISONS[comparison])
                 low = np.percentile(injected - baseline, 50 * (1 - self.level))
-                row |= {f"{comparison}_excess": float(np.mean(injected_point) - np.mean(baseline_point)),
-                        f"{comparison}_excess_ci_low": float(low), f"{comparison}_detected": bool(low > 0)}  # fmt: skip
+                row |= {
+                    f"{comparison}_excess": float(np.mean(injected_point) - np.mean(baseline_point)),
+                    f"{comparison}_excess_ci_low": float(low),
+                    f"{comparison}_detected": bool(low > 0),
+                }
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -691,14 +742,18 @@ def verdict(results: Results) -> str:
     lines = []
     failed = [m for m in ("code_ridge", "nfm") if m in zero.index and not zero.loc[m, "beats_zero"]]
     if failed:
-        lines.append(f"Failed fit: {', '.join(MODELS[m] for m in failed)} does not beat predicting zero on the "
-                     "test documents (interval of the gain not above 0), so no conclusion is drawn about "
-                     "interactions from it.")  # fmt: skip
+        lines.append(
+            f"Failed fit: {', '.join(MODELS[m] for m in failed)} does not beat predicting zero on the "
+            "test documents (interval of the gain not above 0), so no conclusion is drawn about "
+            "interactions from it."
+        )
     over = shares.loc["over_linear"]
     seeds = f"{int(over['n_seeds'])} seed" + ("s" if int(over["n_seeds"]) != 1 else "")
-    lines.append(f"Pairwise term over the linear fit (nested NFM): {share_text(over)} held-out R² of the residual "
-                 f"({seeds}, {len(results._centred(RESIDUAL))} test documents, "
-                 f"{100 * results.level:.0f}% bootstrap interval).")  # fmt: skip
+    lines.append(
+        f"Pairwise term over the linear fit (nested NFM): {share_text(over)} held-out R² of the residual "
+        f"({seeds}, {len(results._centred(RESIDUAL))} test documents, "
+        f"{100 * results.level:.0f}% bootstrap interval)."
+    )
     if "over_additive" in shares.index:
         lines.append(f"Over the additive per-feature fit: {share_text(shares.loc['over_additive'])}.")
     if "pair_ridge" in shares.index:
@@ -706,27 +761,37 @@ def verdict(results: Results) -> str:
     lines.append(f"Null control (first-order remainder permuted): {share_text(control.loc['over_linear'])}.")
     if len(power):
         largest = power.iloc[-1]
-        lines.append(f"Planted interactions of known size in this residual: the smallest detected at every larger "
-                     f"size is {_limit_text(power, 'over_linear')} for the NFM and "
-                     f"{_limit_text(power, 'pair_ridge')} for the explicit pairs; the largest "
-                     f"({largest['oracle']:.4f}) adds {largest['over_linear_excess']:+.4f} and "
-                     f"{largest['pair_ridge_excess']:+.4f} to their estimates.")  # fmt: skip
+        lines.append(
+            f"Planted interactions of known size in this residual: the smallest detected at every larger "
+            f"size is {_limit_text(power, 'over_linear')} for the NFM and "
+            f"{_limit_text(power, 'pair_ridge')} for the explicit pairs; the largest "
+            f"({largest['oracle']:.4f}) adds {largest['over_linear_excess']:+.4f} and "
+            f"{largest['pair_ridge_excess']:+.4f} to their estimates."
+        )
     detected = [name for name in ESTIMATORS if name in shares.index and shares.loc[name, "ci_low"] > 0]
     if control.loc["over_linear", "ci_low"] > 0:
-        lines.append("The null control shows a gain: the estimator is not calibrated on this data, so no "
-                     "conclusion is drawn.")  # fmt: skip
+        lines.append(
+            "The null control shows a gain: the estimator is not calibrated on this data, so no conclusion is drawn."
+        )
     if failed or control.loc["over_linear", "ci_low"] > 0:
         return " ".join(lines)
     if detected:
-        lines.append("The pairs carry information beyond the first-order fit: the interval of "
-                     f"{' and '.join(SHARE_NAMES[d] for d in detected)} lies above zero and the null control's "
-                     "does not.")  # fmt: skip
+        lines.append(
+            "The pairs carry information beyond the first-order fit: the interval of "
+            f"{' and '.join(SHARE_NAMES[d] for d in detected)} lies above zero and the null control's "
+            "does not."
+        )
     else:
         limits = [detection_limit(power, name) for name in ESTIMATORS]
         known = [limit for limit in limits if limit is not None]
-        lines.append("No pairwise interaction is detected" + (f" above {min(known):.4f} of the residual's held-out "
-                     "variance (the smaller detection limit)." if known else "; this run could not detect even "
-                     "the largest planted interaction, so absence is not shown either."))  # fmt: skip
+        lines.append(
+            "No pairwise interaction is detected"
+            + (
+                f" above {min(known):.4f} of the residual's held-out variance (the smaller detection limit)."
+                if known
+                else "; this run could not detect even the largest planted interaction, so absence is not shown either."
+            )
+        )
     return " ".join(lines)
 
 

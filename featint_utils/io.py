@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -18,6 +25,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the result is shared like any other file
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -48,8 +56,21 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _non_finite(value) -> bool:
+    if isinstance(value, list | tuple):
+        return any(_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def update_metrics(run_dir: str | os.PathLike, section: str, values: dict) -> dict:
-    """Merge ``values`` into section ``section`` of ``<run_dir>/metrics.json`` (every stage's headline numbers)."""
+    """Merge ``values`` into section ``section`` of ``<run_dir>/metrics.json`` (every stage's headline numbers).
+    A NaN or infinite number is refused: a headline must be a number (or None where it is undefined)."""
+    bad = sorted(key for key, value in values.items() if _non_finite(value))
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {section} metric(s) {bad}: {[values[k] for k in bad]}; "
+            "something upstream diverged or read corrupt data"
+        )
     path = Path(run_dir) / "metrics.json"
     metrics = read_json(path) if path.exists() else {}
     metrics[section] = {**metrics.get(section, {}), **values}
@@ -103,8 +124,10 @@ def load_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dict] | No
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint in {directory} is unreadable ({err}); delete it to start over") from err
     if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"checkpoint in {directory} was made with other settings (model shape, data or "
-                              "training settings); delete it or choose another output directory")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint in {directory} was made with other settings (model shape, data or "
+            "training settings); delete it or choose another output directory"
+        )
     return state, tensors
 
 

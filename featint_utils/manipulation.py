@@ -38,9 +38,27 @@ CASUAL_MARKERS = frozenset(
 )
 PERSONAL_PRONOUNS = frozenset("i me my mine myself we us our ours ourselves you your yours yourself yourselves".split())
 LATINATE_SUFFIXES = (
-    "tion", "sion", "ment", "ance", "ence", "ity", "ive", "ous", "ate", "ise", "ize", "ial", "ual",
-    "ally", "ency", "ancy", "ible", "able", "ory", "ure",
-)  # fmt: skip
+    "tion",
+    "sion",
+    "ment",
+    "ance",
+    "ence",
+    "ity",
+    "ive",
+    "ous",
+    "ate",
+    "ise",
+    "ize",
+    "ial",
+    "ual",
+    "ally",
+    "ency",
+    "ancy",
+    "ible",
+    "able",
+    "ory",
+    "ure",
+)
 FORMALITY_SIGNS = {
     "contractions": -1.0,
     "slang": -1.0,
@@ -140,8 +158,16 @@ def effect_table(scored: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.
             d = _d_rows(values.reshape(1, -1), in_level)[0]
             boots = _d_rows(values[picks].reshape(n_boot, -1), in_level)
             low, high = np.percentile(boots, [2.5, 97.5])
-            rows.append({"score": score, "factor": f"{factor} ({level} - other)", "intended": factor == intended,
-                         "cohens_d": d, "ci_low": low, "ci_high": high})  # fmt: skip
+            rows.append(
+                {
+                    "score": score,
+                    "factor": f"{factor} ({level} - other)",
+                    "intended": factor == intended,
+                    "cohens_d": d,
+                    "ci_low": low,
+                    "ci_high": high,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -170,6 +196,14 @@ def probe_table(embeddings, stimuli: pd.DataFrame, n_splits: int = 5, seeds=(0, 
     for factor in ("formality", "emotion"):
         acc = probe_accuracy(embeddings, stimuli[factor], stimuli["item_id"], n_splits, seeds)
         chance = stimuli[factor].value_counts(normalize=True).max()
-        rows.append({"factor": factor, "accuracy_mean": acc.mean(), "accuracy_sd": acc.std(ddof=1),
-                     "accuracy_min": acc.min(), "chance": chance, "n_folds": len(acc)})  # fmt: skip
+        rows.append(
+            {
+                "factor": factor,
+                "accuracy_mean": acc.mean(),
+                "accuracy_sd": acc.std(ddof=1),
+                "accuracy_min": acc.min(),
+                "chance": chance,
+                "n_folds": len(acc),
+            }
+        )
     return pd.DataFrame(rows)

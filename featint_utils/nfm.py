@@ -211,8 +211,10 @@ class NFM(nn.Module):
             if knot_values is not None:
                 self.knot_values.copy_(knot_values)
         else:
-            raise ValueError(f"a first-order weight of shape {tuple(weight.shape)} does not fit this NFM "
-                             f"({n} latents, {self.cfg.knots} knots, d_out {self.cfg.d_out})")  # fmt: skip
+            raise ValueError(
+                f"a first-order weight of shape {tuple(weight.shape)} does not fit this NFM "
+                f"({n} latents, {self.cfg.knots} knots, d_out {self.cfg.d_out})"
+            )
         self.bias.copy_(bias.float())
         self.bias.requires_grad_(False)
         if trainable.any():  # only the hinge rows move: their gradient passes, the copied rows' is zeroed

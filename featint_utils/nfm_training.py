@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -73,6 +74,17 @@ class FitConfig:
     """Seconds between checkpoints (always one when a call ends)."""
     seed: int = 0
     """Seeds the data order and dropout (the model's initialisation has its own seed)."""
+    keep_optimizer: bool = False
+    """Keep Adam's moments in a finished fit's checkpoint (only needed to train it further)."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_epochs", "patience"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
 
 
 @torch.no_grad()
@@ -159,18 +171,37 @@ class ResidualTrainer:
     def _fingerprint(self) -> str:
         """Settings, shapes, the starting weights and a summary of the data: a checkpoint of anything else
         is refused rather than resumed."""
-        settings = {"model": type(self.model).__name__, "cfg": str(getattr(self.model, "cfg", "")),
-                    "start": self.start_digest, "fit": asdict(self.cfg), "n_fit": len(self.fit),
-                    "n_tune": len(self.tune), "variance": f"{self.fit_variance:.9g} {self.tune_variance:.9g}"}
+        settings = {
+            "model": type(self.model).__name__,
+            "cfg": str(getattr(self.model, "cfg", "")),
+            "start": self.start_digest,
+            "fit": asdict(replace(self.cfg, keep_optimizer=False)),
+            "n_fit": len(self.fit),
+            "n_tune": len(self.tune),
+            "variance": f"{self.fit_variance:.9g} {self.tune_variance:.9g}",
+        }
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        tensors |= {f"best.{k}": v.contiguous() for k, v in self.best_state.items()}
-        tensors |= optimizer_tensors(self.model, self.optimizer)
-        state = {"fingerprint": self._fingerprint(), "epoch": self.epoch, "best_fvu": self.best_fvu,
-                 "best_epoch": self.best_epoch, "start_fvu": self.start_fvu, "lr": self.lr, "decays": self.decays,
-                 "since": self.since, "stopped": self.stopped, "history": self.history}  # fmt: skip
+        """Best weights, schedule and history; the current weights and Adam's moments too unless the fit is
+        finished (and ``keep_optimizer`` is off): a finished fit is its best weights, and the rest, three times
+        their size, only serves to train further."""
+        tensors = {f"best.{k}": v.contiguous() for k, v in self.best_state.items()}
+        if not self.finished or self.cfg.keep_optimizer:
+            tensors |= {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            tensors |= optimizer_tensors(self.model, self.optimizer)
+        state = {
+            "fingerprint": self._fingerprint(),
+            "epoch": self.epoch,
+            "best_fvu": self.best_fvu,
+            "best_epoch": self.best_epoch,
+            "start_fvu": self.start_fvu,
+            "lr": self.lr,
+            "decays": self.decays,
+            "since": self.since,
+            "stopped": self.stopped,
+            "history": self.history,
+        }
         save_checkpoint(self.checkpoint_dir, tensors, state)
 
     def load_checkpoint(self) -> bool:
@@ -180,8 +211,9 @@ class ResidualTrainer:
             return False
         state, tensors = found
         try:
-            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             self.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+            current = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+            self.model.load_state_dict(current or self.best_state)  # a finished fit keeps its best weights only
             self.lr = state["lr"]
             self.optimizer = self._optimizer()
             restore_optimizer(self.model, self.optimizer, tensors)
@@ -275,8 +307,14 @@ class ResidualTrainer:
 
     def summary(self) -> dict:
         """What a ladder row records about the fit."""
-        return {"epochs": self.epoch, "best_epoch": self.best_epoch, "tune_fvu": self.best_fvu,
-                "start_tune_fvu": self.start_fvu, "lr": self.cfg.lr, "improved_on_start": self.improved}  # fmt: skip
+        return {
+            "epochs": self.epoch,
+            "best_epoch": self.best_epoch,
+            "tune_fvu": self.best_fvu,
+            "start_tune_fvu": self.start_fvu,
+            "lr": self.cfg.lr,
+            "improved_on_start": self.improved,
+        }
 
 
 def select_lr(

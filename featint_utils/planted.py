@@ -60,8 +60,14 @@ def codes(
     spread = ((linear - linear.mean(0)) ** 2).sum(1).mean() / d
     linear *= np.sqrt(0.2 * linear_share / spread)
     noise = rng.normal(0, np.sqrt(0.2 * (1 - linear_share)), size=linear.shape)
-    return code_data_from_arrays(values, indices, linear + noise, inputs=f @ projection,
-                                 groups=np.arange(n_tokens) // doc_len, n_latents=n_latents)  # fmt: skip
+    return code_data_from_arrays(
+        values,
+        indices,
+        linear + noise,
+        inputs=f @ projection,
+        groups=np.arange(n_tokens) // doc_len,
+        n_latents=n_latents,
+    )
 
 
 class PlantedActivations(NamedTuple):
@@ -129,9 +135,18 @@ def activations(
 
     scale = 0.0
     if interaction_share > 0:
-        scale = np.sqrt(interaction_share * (variance(linear) + variance(noise_term))
-                        / ((1 - interaction_share) * variance(raw)))  # fmt: skip
+        scale = np.sqrt(
+            interaction_share * (variance(linear) + variance(noise_term)) / ((1 - interaction_share) * variance(raw))
+        )
     interaction = scale * raw
     acts = linear + interaction + noise_term
-    return PlantedActivations(acts.astype(np.float32), np.arange(n_tokens) // doc_len, interaction.astype(np.float32),
-                              values, indices, features, pairs, directions)  # fmt: skip
+    return PlantedActivations(
+        acts.astype(np.float32),
+        np.arange(n_tokens) // doc_len,
+        interaction.astype(np.float32),
+        values,
+        indices,
+        features,
+        pairs,
+        directions,
+    )

@@ -56,13 +56,16 @@ def manipulation_checks(scored: pd.DataFrame, effects: pd.DataFrame, probes: pd.
     sizes with CIs, and the probe accuracies against chance."""
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     colors = {"emotional": "#c44e52", "neutral": "#4c72b0"}
-    for ax, score, label in ((axes[0], "emotion_score", "VADER |compound|"),
-                             (axes[1], "formality_score", "formality score (z)")):  # fmt: skip
+    for ax, score, label in (
+        (axes[0], "emotion_score", "VADER |compound|"),
+        (axes[1], "formality_score", "formality score (z)"),
+    ):
         for emotion, group in scored.groupby("emotion"):
             stats = group.groupby("formality")[score].agg(["mean", "std", "count"]).loc[["casual", "formal"]]
             half = 1.96 * stats["std"] / np.sqrt(stats["count"])
-            ax.errorbar(stats.index, stats["mean"], yerr=half, marker="o", capsize=4, label=emotion,
-                        color=colors[emotion])  # fmt: skip
+            ax.errorbar(
+                stats.index, stats["mean"], yerr=half, marker="o", capsize=4, label=emotion, color=colors[emotion]
+            )
         ax.set(title=label, xlabel="register", ylabel="mean over texts")
         ax.legend(title="affect", fontsize=8)
     ax = axes[2]
@@ -111,8 +114,11 @@ def feature_density(firing_frequency: np.ndarray, title: str = "") -> plt.Figure
         ax.axvline(np.log10(level), color="#c44e52", ls="--", lw=1)
         ax.text(np.log10(level), ax.get_ylim()[1] * 0.95, f" {level:.0%}", color="#c44e52", va="top", fontsize=8)
     dead = int((firing_frequency == 0).sum())
-    ax.set(xlabel="log10 firing frequency (held-out tokens)", ylabel="latents",
-           title=title or f"feature density ({dead} of {len(firing_frequency)} latents never fire)")  # fmt: skip
+    ax.set(
+        xlabel="log10 firing frequency (held-out tokens)",
+        ylabel="latents",
+        title=title or f"feature density ({dead} of {len(firing_frequency)} latents never fire)",
+    )
     fig.tight_layout()
     return fig
 
@@ -137,8 +143,10 @@ def baseline_ladder(table: pd.DataFrame, labels: dict[str, str], failed: set[str
     Models in ``failed`` (no gain over predicting zero) are drawn hatched."""
     order = [m for m in labels if m in set(table["model"])]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(order) + 1.6), sharey=True)
-    for ax, column, title in ((axes[0], "residual_fvu", "SAE residual: FVU of each model's prediction"),
-                              (axes[1], "total_fvu", "activation: FVU of SAE + the model")):  # fmt: skip
+    for ax, column, title in (
+        (axes[0], "residual_fvu", "SAE residual: FVU of each model's prediction"),
+        (axes[1], "total_fvu", "activation: FVU of SAE + the model"),
+    ):
         means = table.groupby("model")[column].mean().reindex(order)
         y = np.arange(len(order))
         bars = ax.barh(y, means, color=["#8c8c8c" if m == "zero" else "#4c72b0" for m in order], alpha=0.8)
@@ -185,8 +193,10 @@ def interaction_forest(shares: pd.DataFrame, control: pd.DataFrame, limit: float
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=9)
     ax.invert_yaxis()
     ax.margins(x=0.25)
-    ax.set(xlabel="Δ R² of the SAE residual on held-out documents (point: mean over seeds; bar: 95% interval)",
-           title="what each term adds over its first-order fit")  # fmt: skip
+    ax.set(
+        xlabel="Δ R² of the SAE residual on held-out documents (point: mean over seeds; bar: 95% interval)",
+        title="what each term adds over its first-order fit",
+    )
     fig.tight_layout()
     return fig
 
@@ -197,8 +207,10 @@ def power_curve(power: pd.DataFrame, limits: dict[str, float | None] | None = No
     each one's detection limit; the diagonal is full recovery. Hollow markers: not detected at that size."""
     fig, ax = plt.subplots(figsize=(6.5, 5))
     x = power["oracle"]
-    for column, label, color in (("over_linear", "nested NFM", "#4c72b0"), ("pair_ridge", "explicit-pairs ridge",
-                                                                             "#dd8452")):  # fmt: skip
+    for column, label, color in (
+        ("over_linear", "nested NFM", "#4c72b0"),
+        ("pair_ridge", "explicit-pairs ridge", "#dd8452"),
+    ):
         y = power[f"{column}_excess"]
         ax.plot(x, y, "-", color=color, label=label)
         detected = power[f"{column}_detected"].astype(bool)
@@ -211,9 +223,11 @@ def power_curve(power: pd.DataFrame, limits: dict[str, float | None] | None = No
         limit = (limits or {}).get(column)
         if limit is not None:
             ax.axvline(limit, color=color, ls="--", lw=1, label=f"detection limit {limit:.4f}")
-    ax.set(xlabel="planted share (oracle fit with the planted pairs, held-out Δ R²)",
-           ylabel="added to the estimate (held-out Δ R²)",
-           title="power: planted interactions in this run's residual\n(hollow: not detected at that size)")
+    ax.set(
+        xlabel="planted share (oracle fit with the planted pairs, held-out Δ R²)",
+        ylabel="added to the estimate (held-out Δ R²)",
+        title="power: planted interactions in this run's residual\n(hollow: not detected at that size)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -229,8 +243,10 @@ def top_feature_bars(attribution: pd.DataFrame, n: int = 15) -> plt.Figure:
         ax.barh(np.arange(len(top)), top[f"{part}_share"], color="#4c72b0" if part == "linear" else "#55a868")
         ax.set_yticks(np.arange(len(top)), [f"#{f}" for f in top["feature"]])
         ax.invert_yaxis()
-        ax.set(xlabel="share of the part's held-out variance",
-               title=f"top features of the {'first-order' if part == 'linear' else 'interaction'} part")  # fmt: skip
+        ax.set(
+            xlabel="share of the part's held-out variance",
+            title=f"top features of the {'first-order' if part == 'linear' else 'interaction'} part",
+        )
     fig.tight_layout()
     return fig
 
@@ -275,18 +291,30 @@ def effect_volcano(effects: pd.DataFrame, effect: str = "interaction", q: float 
     x = effects[f"{effect}_effect"]
     significant = effects[f"{effect}_q"] < q
     ax.scatter(x[~significant], -np.log10(p[~significant]), s=5, color="#8c8c8c", alpha=0.5)
-    ax.scatter(x[significant], -np.log10(p[significant]), s=8, color="#c44e52",
-               label=f"q < {q} ({int(significant.sum())} of {len(effects)})")  # fmt: skip
+    ax.scatter(
+        x[significant],
+        -np.log10(p[significant]),
+        s=8,
+        color="#c44e52",
+        label=f"q < {q} ({int(significant.sum())} of {len(effects)})",
+    )
     label = {"interaction": "(FE − FN) − (CE − CN)", "formality": "formal − casual", "emotion": "emotional − neutral"}
-    ax.set(xlabel=f"{effect} effect on the mean activation: {label[effect]}", ylabel="-log10 p",
-           title=title or f"{effect}: every feature")  # fmt: skip
+    ax.set(
+        xlabel=f"{effect} effect on the mean activation: {label[effect]}",
+        ylabel="-log10 p",
+        title=title or f"{effect}: every feature",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-BUCKET_STYLE = {"formal_emotional": ("#c44e52", "-"), "formal_neutral": ("#4c72b0", "-"),
-                "casual_emotional": ("#c44e52", "--"), "casual_neutral": ("#4c72b0", "--")}  # fmt: skip
+BUCKET_STYLE = {
+    "formal_emotional": ("#c44e52", "-"),
+    "formal_neutral": ("#4c72b0", "-"),
+    "casual_emotional": ("#c44e52", "--"),
+    "casual_neutral": ("#4c72b0", "--"),
+}
 
 
 def dose_response(tidy: pd.DataFrame, readout: str) -> plt.Figure:
@@ -301,8 +329,17 @@ def dose_response(tidy: pd.DataFrame, readout: str) -> plt.Figure:
         rows = tidy[tidy["group"] == group]
         for bucket, (color, style) in BUCKET_STYLE.items():
             b = rows[rows["bucket"] == bucket].sort_values("level")
-            ax.errorbar(b["level"], b["mean_change"], yerr=b["se"], color=color, ls=style, marker="o", ms=3,
-                        capsize=2, label=bucket.replace("_", " "))  # fmt: skip
+            ax.errorbar(
+                b["level"],
+                b["mean_change"],
+                yerr=b["se"],
+                color=color,
+                ls=style,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=bucket.replace("_", " "),
+            )
         ax.axhline(0, color="k", lw=0.7)
         ax.set(title=group, xlabel="clamp level (× max activation)")
     for row in axes:
@@ -335,8 +372,14 @@ def effect_forest(table: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(table) + 1.2))
     y = np.arange(len(table))
     colors = np.where(table["holm_p"] < 0.05, "#c44e52", "#4c72b0")
-    ax.errorbar(table["interaction_contrast"], y, xerr=[table["interaction_contrast"] - table["ci_low"],
-                table["ci_high"] - table["interaction_contrast"]], fmt="none", ecolor="#8c8c8c", capsize=2)  # fmt: skip
+    ax.errorbar(
+        table["interaction_contrast"],
+        y,
+        xerr=[table["interaction_contrast"] - table["ci_low"], table["ci_high"] - table["interaction_contrast"]],
+        fmt="none",
+        ecolor="#8c8c8c",
+        capsize=2,
+    )
     ax.scatter(table["interaction_contrast"], y, c=colors, zorder=3, s=14)
     ax.axvline(0, color="k", lw=0.7)
     ax.set_yticks(y, table["condition"], fontsize=7)

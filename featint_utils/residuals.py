@@ -98,8 +98,9 @@ class CodeData:
             out[order] = array[at[order]]
             return torch.from_numpy(out)
 
-        return CodeBatch(take(self.values).float(), take(self.indices).long(), take(self.target).float(),
-                         take(self.inputs).float())  # fmt: skip
+        return CodeBatch(
+            take(self.values).float(), take(self.indices).long(), take(self.target).float(), take(self.inputs).float()
+        )
 
     def batch(self, local: np.ndarray) -> CodeBatch:
         """Rows ``local`` of this set (any order) as tensors."""
@@ -130,8 +131,11 @@ class CodeData:
         count = np.zeros(self.n_latents)
         for batch in self.batches(65536):
             on = batch.values > 0
-            total += torch.zeros(self.n_latents, dtype=torch.float64).index_add_(
-                0, batch.indices[on], batch.values[on].double()).numpy()  # fmt: skip
+            total += (
+                torch.zeros(self.n_latents, dtype=torch.float64)
+                .index_add_(0, batch.indices[on], batch.values[on].double())
+                .numpy()
+            )
             count += torch.bincount(batch.indices[on], minlength=self.n_latents).numpy()
         return np.where(count > 0, total / np.maximum(count, 1), 1.0).astype(np.float32)
 
@@ -178,8 +182,10 @@ def build_residual_data(
             "they come from different models or layers"
         )
     if abs(store.scale - sae.cfg.input_scale) > 1e-6 * max(1.0, store.scale):
-        print(f"note: the SAE's input scale {sae.cfg.input_scale:.6g} differs from the store's "
-              f"{store.scale:.6g}; using the SAE's, as it was trained with it")  # fmt: skip
+        print(
+            f"note: the SAE's input scale {sae.cfg.input_scale:.6g} differs from the store's "
+            f"{store.scale:.6g}; using the SAE's, as it was trained with it"
+        )
     cache_dir = Path(cache_dir)
     fingerprint = _fingerprint(sae, store)
     manifest_path = cache_dir / "manifest.json"
@@ -193,10 +199,17 @@ def build_residual_data(
     split = "val"
     n = store.n_tokens(split)
     (partial / split).mkdir()
-    shapes = {"values": ((n, k), np.float32), "indices": ((n, k), np.int32), "target": ((n, d), np.float32),
-              "inputs": ((n, d), np.float32), "groups": ((n,), np.int32)}  # fmt: skip
-    out = {name: np.lib.format.open_memmap(partial / split / f"{name}.npy", "w+", dtype, shape)
-           for name, (shape, dtype) in shapes.items()}  # fmt: skip
+    shapes = {
+        "values": ((n, k), np.float32),
+        "indices": ((n, k), np.int32),
+        "target": ((n, d), np.float32),
+        "inputs": ((n, d), np.float32),
+        "groups": ((n,), np.int32),
+    }
+    out = {
+        name: np.lib.format.open_memmap(partial / split / f"{name}.npy", "w+", dtype, shape)
+        for name, (shape, dtype) in shapes.items()
+    }
     out["groups"][:] = store.token_groups(split)  # the split unit: a stimulus item's variants stay together
     start = 0
     bar = progress(total=n, desc=f"SAE codes and residuals ({split})", unit="tok")
@@ -216,8 +229,10 @@ def build_residual_data(
     for array in out.values():
         array.flush()
     del out
-    write_json(partial / "manifest.json", {"format": FORMAT, "fingerprint": fingerprint,
-                                           "n_latents": sae.cfg.n_latents, "k": k, "d": d})  # fmt: skip
+    write_json(
+        partial / "manifest.json",
+        {"format": FORMAT, "fingerprint": fingerprint, "n_latents": sae.cfg.n_latents, "k": k, "d": d},
+    )
     replace_dir(partial, cache_dir)
     return open_residual_data(cache_dir)
 
@@ -246,8 +261,12 @@ def code_data_from_arrays(values, indices, target, inputs=None, groups=None, n_l
 def set_sizes(sets: dict[str, CodeData]) -> pd.DataFrame:
     """Tokens and documents of each set, and what the set is used for."""
     roles = {"fit": "trains every model", "tune": "early stopping, ridge penalty", "test": "reported numbers only"}
-    return pd.DataFrame([{"set": name, "tokens": len(data), "documents": len(np.unique(data.document)),
-                          "role": roles.get(name, "")} for name, data in sets.items()]).set_index("set")  # fmt: skip
+    return pd.DataFrame(
+        [
+            {"set": name, "tokens": len(data), "documents": len(np.unique(data.document)), "role": roles.get(name, "")}
+            for name, data in sets.items()
+        ]
+    ).set_index("set")
 
 
 def save_sets(sets: dict[str, CodeData], path: str | Path) -> None:

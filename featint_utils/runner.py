@@ -1,9 +1,15 @@
-"""Run the notebooks of a profile with papermill, in order, into ``runs/<profile>/``; render HTML reports.
+"""Run the notebooks of a profile with papermill, in order, into a named run directory; render HTML reports.
 
-A profile is ``profiles/<name>.toml`` with a ``description`` and a ``[parameters]`` table. Each notebook
-receives the parameters its ``parameters`` cell declares, plus ``run_dir``. A key that no notebook
-declares is an error (a typo must not silently fall back to a default). String values may name
-environment variables: ``"${FEATINT_CORPUS}"`` or ``"${FEATINT_CORPUS:-stimuli}"``.
+A profile is ``profiles/<name>.toml`` with a ``description`` and a ``[parameters]`` table of values that
+differ from the shared defaults (:mod:`featint_utils.params`). String values may name environment
+variables: ``"${FEATINT_CORPUS}"`` or ``"${FEATINT_CORPUS:-stimuli}"``. A key no stage defines is an error
+(a typo must not silently fall back to a default), and every value is checked before anything runs.
+
+The runner executes each notebook's jupytext ``.py`` source (the ``.ipynb`` twin is for JupyterLab and may be
+stale), holds the run directory's lock while it runs, and keeps the history of attempts in ``run.json``. A
+notebook is executed into ``attempts/`` and moved into ``notebooks/`` only when it succeeds: a failed rerun
+never replaces the last good executed notebook, its report or ``metrics.json`` (the failed notebook, with
+its traceback, stays in ``attempts/``).
 """
 
 from __future__ import annotations
@@ -11,21 +17,24 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import time
 import tomllib
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from . import params
 from .activations import git_commit
-from .io import write_json
+from .io import read_json, write_json
+from .run import LOCK_ENV, RUNS_DIR, RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "profiles"
 NOTEBOOKS_DIR = ROOT / "notebooks"
-RUNS_DIR = ROOT / "runs"
 RECORDED_PACKAGES = ("torch", "transformers", "numpy", "pandas", "statsmodels", "papermill", "safetensors")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class RunError(RuntimeError):
@@ -34,6 +43,16 @@ class RunError(RuntimeError):
 
 def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
     return sorted(p.stem for p in profiles_dir.glob("*.toml"))
+
+
+def check_name(name: str, what: str) -> str:
+    """A profile or run name: letters, digits, ``-`` and ``_`` only, so it can never leave its directory."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise RunError(
+            f"{what} name {name!r} is not allowed: use letters, digits, '-' and '_' "
+            "(a run elsewhere is chosen with --run-dir)"
+        )
+    return name
 
 
 def _expand_env(value, key: str):
@@ -53,7 +72,7 @@ def _expand_env(value, key: str):
 
 def load_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
     """The profile's parameters with environment references expanded."""
-    path = profiles_dir / f"{name}.toml"
+    path = profiles_dir / f"{check_name(name, 'profile')}.toml"
     if not path.exists():
         raise RunError(f"unknown profile {name!r}; available: {', '.join(available_profiles(profiles_dir))}")
     with open(path, "rb") as f:
@@ -65,37 +84,14 @@ def load_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
 
 
 def notebooks(notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
-    """The numbered notebooks (``NN_name.ipynb``) in order, optionally only those whose number is listed."""
-    found = sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    """The numbered notebook sources (``NN_name.py``, jupytext) in order, optionally only those listed."""
+    found = sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.py"))
     if only:
         unknown = [n for n in only if not any(p.name.startswith(f"{n}_") for p in found)]
         if unknown:
             raise RunError(f"--only names unknown notebook number(s) {unknown}; have {[p.name[:2] for p in found]}")
         found = [p for p in found if p.name[:2] in only]
     return found
-
-
-def declared_parameters(notebook: Path) -> dict[str, dict]:
-    """Parameters declared by a notebook's ``parameters`` cell: name -> papermill's description."""
-    import papermill
-
-    return papermill.inspect_notebook(str(notebook))
-
-
-_CASTS = {"int": int, "float": float, "str": str}
-
-
-def _cast(key: str, raw: str, type_name: str):
-    if type_name == "bool":
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
-        raise RunError(f"--set {key}={raw}: expected true or false")
-    try:
-        return _CASTS.get(type_name, str)(raw)
-    except ValueError as err:
-        raise RunError(f"--set {key}={raw}: expected {type_name}") from err
 
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -109,19 +105,21 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def resolve_parameters(profile: dict, overrides: dict, declared: dict[str, dict[str, dict]]) -> dict:
-    """Profile values with overrides applied, checked against what the notebooks declare."""
-    known: dict[str, str] = {}
-    for params in declared.values():
-        for key, info in params.items():
-            known.setdefault(key, info.get("inferred_type_name") or "str")
+def resolve_parameters(profile: dict, overrides: dict) -> dict:
+    """Every parameter: the shared defaults, then the profile's values, then ``--set``; each checked."""
+    known = params.all_parameters()
     for origin, keys in (("profile", profile), ("--set", overrides)):
-        unknown = sorted(set(keys) - set(known) - {"run_dir"})
+        unknown = sorted(set(keys) - set(known))
         if unknown:
-            raise RunError(f"unknown parameter(s) {unknown} in {origin}; notebooks declare: {', '.join(sorted(known))}")
-    resolved = dict(profile)
-    for key, raw in overrides.items():
-        resolved[key] = _cast(key, raw, known[key]) if isinstance(raw, str) else raw
+            raise RunError(f"unknown parameter(s) {unknown} in {origin}; known: {', '.join(sorted(known))}")
+    resolved = {name: p.default for name, p in known.items()}
+    resolved |= profile
+    try:
+        resolved |= {k: params.cast(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
+        for stage in params.STAGES:
+            params.validate(stage, resolved)
+    except params.ParameterError as err:
+        raise RunError(str(err)) from None
     return resolved
 
 
@@ -136,6 +134,17 @@ def render_report(executed: Path, html: Path) -> None:
     html.write_text(body, encoding="utf-8")
 
 
+def run_directory(
+    profile: str, name: str | None = None, run_dir: str | Path | None = None, runs_dir: Path = RUNS_DIR
+) -> Path:
+    """``--run-dir`` as given, else ``runs/<name>``, else ``runs/<profile>``."""
+    if run_dir is not None and name is not None:
+        raise RunError("give --name or --run-dir, not both")
+    if run_dir is not None:
+        return Path(run_dir).resolve()
+    return (Path(runs_dir) / check_name(name or profile, "run")).resolve()
+
+
 def run(
     profile: str,
     only: list[str] | None = None,
@@ -144,66 +153,146 @@ def run(
     notebooks_dir: Path = NOTEBOOKS_DIR,
     profiles_dir: Path = PROFILES_DIR,
     reports: bool = True,
+    name: str | None = None,
+    run_dir: str | Path | None = None,
 ) -> Path:
     """Execute the profile's notebooks in order; stop at the first failure and name it. Returns the run dir."""
-    import papermill
-
-    params = load_profile(profile, profiles_dir)
+    resolved = resolve_parameters(load_profile(profile, profiles_dir), overrides or {})
     selected = notebooks(notebooks_dir, only)
     if not selected:
         raise RunError(f"no notebooks found in {notebooks_dir}")
-    declared = {nb.name: declared_parameters(nb) for nb in notebooks(notebooks_dir)}
-    params = resolve_parameters(params, overrides or {}, declared)
-    run_dir = Path(runs_dir) / profile
-    run_dir.mkdir(parents=True, exist_ok=True)
+    root = run_directory(profile, name, run_dir, runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(root)
+    try:
+        lock.acquire(f"`featint run --profile {profile}`")
+    except RunLockedError as err:
+        raise RunError(str(err)) from None
+    try:
+        _run_locked(root, profile, selected, resolved, reports)
+    finally:
+        lock.release()
+    return root
+
+
+def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, reports: bool) -> None:
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+
     os.environ["FEATINT_HEADLESS"] = "1"  # the kernels inherit it: text progress bars in saved notebooks
-    record = {
+    os.environ[LOCK_ENV] = str(root)  # ... and know that this process holds the run's lock
+    record = _load_record(root)
+    attempt = {
         "profile": profile,
-        "parameters": params,
+        "notebooks": [nb.stem for nb in selected],
+        "parameters": resolved,
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "packages": {p: _version(p) for p in RECORDED_PACKAGES},
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "status": "running",
         "stages": {},
     }
+    record["attempts"].append(attempt)
+    write_json(root / "run.json", record)
+    metrics = root / "metrics.json"
     for nb in selected:
-        stage_params = {k: v for k, v in params.items() if k in declared[nb.name]}
-        if "run_dir" in declared[nb.name]:
-            stage_params["run_dir"] = str(run_dir.resolve())
-        executed = run_dir / "notebooks" / nb.name
-        executed.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[featint] {profile}: running {nb.name}", flush=True)
+        stage = nb.stem
+        stage_params = {k: resolved[k] for k in params.PARAMETERS[stage]} | {"run_dir": str(root)}
+        attempt_path = root / "attempts" / f"{stage}.ipynb"
+        attempt_path.parent.mkdir(parents=True, exist_ok=True)
+        before = metrics.read_bytes() if metrics.exists() else None
+        print(f"[featint] {root.name}: running {stage}", flush=True)
         started = time.perf_counter()
+        failure = None
         try:
             papermill.execute_notebook(
-                str(nb), str(executed), parameters=stage_params, kernel_name="python3",
-                cwd=str(ROOT), progress_bar=False, log_output=False,
-            )  # fmt: skip
+                _source_notebook(nb),
+                str(attempt_path),
+                parameters=stage_params,
+                kernel_name="python3",
+                cwd=str(ROOT),
+                progress_bar=False,
+                log_output=False,
+            )
         except papermill.PapermillExecutionError as err:
-            record["stages"][nb.stem] = {"status": "failed", "seconds": time.perf_counter() - started}
-            write_json(run_dir / "run.json", record)
+            failure = f"notebook {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}"
+        except DeadKernelError:
+            failure = (
+                f"the kernel running {stage} died (killed, or out of memory?); what it had done is in "
+                "the attempt's notebook"
+            )
+        except KeyboardInterrupt:
+            failure = f"interrupted while running {stage}"
+        except Exception as err:  # a kernel that cannot start, a cell timeout: still recorded as a failure
+            failure = f"notebook {stage} could not be executed: {type(err).__name__}: {err}"
+        seconds = round(time.perf_counter() - started, 1)
+        if failure is not None:
+            if before is not None:  # its metrics never replace the last good ones
+                metrics.write_bytes(before)
+            attempt["stages"][stage] = {"status": "failed", "seconds": seconds, "error": failure}
+            attempt["status"] = "failed"
+            attempt["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+            write_json(root / "run.json", record)
             raise RunError(
-                f"notebook {nb.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                f"the executed notebook, with the traceback, is {executed}"
-            ) from None
-        seconds = time.perf_counter() - started
-        record["stages"][nb.stem] = {"status": "ok", "seconds": round(seconds, 1), "parameters": stage_params}
-        write_json(run_dir / "run.json", record)
-        print(f"[featint] {profile}: {nb.name} done in {seconds:.0f} s", flush=True)
+                f"{failure}\nthe executed notebook, with the traceback, is {attempt_path}; the last "
+                f"good one (if any) is still {root / 'notebooks' / (stage + '.ipynb')}"
+            )
+        executed = root / "notebooks" / f"{stage}.ipynb"
+        executed.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(attempt_path, executed)
+        attempt["stages"][stage] = {"status": "ok", "seconds": seconds}
+        record["stages"][stage] = {
+            "status": "ok",
+            "seconds": seconds,
+            "parameters": stage_params,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_json(root / "run.json", record)
+        print(f"[featint] {root.name}: {stage} done in {seconds:.0f} s", flush=True)
         if reports:
-            render_report(executed, run_dir / "reports" / f"{nb.stem}.html")
-    return run_dir
+            render_report(executed, root / "reports" / f"{stage}.html")
+    attempt["status"] = "ok"
+    attempt["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    write_json(root / "run.json", record)
+    shutil.rmtree(root / "attempts", ignore_errors=True)
 
 
-def report(profile: str, runs_dir: Path = RUNS_DIR) -> list[Path]:
-    """Render every executed notebook of a run to HTML (inputs hidden) under ``runs/<profile>/reports``."""
-    run_dir = Path(runs_dir) / profile
-    executed = sorted((run_dir / "notebooks").glob("*.ipynb"))
+def _source_notebook(source: Path):
+    """The notebook of a jupytext ``.py`` source, as executed: what the file says now, whatever its twin says."""
+    import jupytext
+
+    nb = jupytext.read(source)
+    nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    nb.metadata.setdefault("language_info", {"name": "python"})
+    return nb
+
+
+def _load_record(root: Path) -> dict:
+    """``run.json``: ``stages`` (each stage's last successful execution) and ``attempts`` (every run, with its
+    status); an unreadable one is kept aside, not lost."""
+    path = root / "run.json"
+    try:
+        record = read_json(path) if path.exists() else {}
+    except (OSError, ValueError):
+        os.replace(path, path.with_name("run.json.unreadable"))
+        record = {}
+    if "attempts" not in record:  # a record from before the history was kept
+        record = {"stages": record.get("stages", {}), "attempts": []}
+    return record
+
+
+def report(
+    profile: str = "embedded", runs_dir: Path = RUNS_DIR, name: str | None = None, run_dir: str | Path | None = None
+) -> list[Path]:
+    """Render every executed notebook of a run to HTML (inputs hidden) under ``<run>/reports``."""
+    root = run_directory(profile, name, run_dir, runs_dir)
+    executed = sorted((root / "notebooks").glob("*.ipynb"))
     if not executed:
-        raise RunError(f"no executed notebooks under {run_dir}: run `make run PROFILE={profile}` first")
+        raise RunError(f"no executed notebooks under {root}: run `make run PROFILE={profile}` first")
     out = []
     for nb in executed:
-        html = run_dir / "reports" / f"{nb.stem}.html"
+        html = root / "reports" / f"{nb.stem}.html"
         render_report(nb, html)
         out.append(html)
     return out

@@ -286,8 +286,17 @@ def from_saelens(directory: str | Path, layer: int = -1, model: str = "") -> Top
         raise ValueError(f"{directory}/cfg.json has no k")
     weights = load_file(str(directory / SAELENS_WEIGHTS))
     meta = cfg.get("metadata", {})
-    sae = TopKSAE(SAEConfig(cfg["d_in"], cfg["d_sae"], int(k), 1.0, model or meta.get("model_name", ""),
-                            layer, meta.get("hook_name", "")))  # fmt: skip
+    sae = TopKSAE(
+        SAEConfig(
+            cfg["d_in"],
+            cfg["d_sae"],
+            int(k),
+            1.0,
+            model or meta.get("model_name", ""),
+            layer,
+            meta.get("hook_name", ""),
+        )
+    )
     if tuple(weights["W_enc"].shape) != (cfg["d_in"], cfg["d_sae"]):
         raise ValueError(
             f"{directory}: W_enc has shape {tuple(weights['W_enc'].shape)}, cfg says ({cfg['d_in']}, {cfg['d_sae']})"

@@ -65,6 +65,15 @@ class TrainConfig:
     bf16_encoder: str = "auto"
     """Encoder matmul in bfloat16 while training: "auto" (when the hardware does bf16 fast), "on" or "off"."""
 
+    def __post_init__(self):
+        for name in ("train_tokens", "batch_size", "dead_tokens", "eval_tokens"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr must be finite and >= 0 (0: the heuristic), got {self.lr}")
+        if self.train_tokens < self.batch_size:
+            raise ValueError(f"train_tokens={self.train_tokens} is less than one batch of {self.batch_size}")
+
     def use_bf16(self) -> bool:
         if self.bf16_encoder not in ("auto", "on", "off"):
             raise ValueError(f"bf16_encoder must be 'auto', 'on' or 'off', got {self.bf16_encoder!r}")
@@ -105,10 +114,15 @@ class SAETrainer:
         self.store, self.train_cfg, self.out_dir = store, train, Path(out_dir)
         manifest = store.manifest
         self.sae_cfg = SAEConfig(
-            d_in=store.d_model, n_latents=n_latents, k=k, input_scale=store.scale,
-            model=manifest["model"], layer=manifest["layer"], hook=manifest["hook"],
+            d_in=store.d_model,
+            n_latents=n_latents,
+            k=k,
+            input_scale=store.scale,
+            model=manifest["model"],
+            layer=manifest["layer"],
+            hook=manifest["hook"],
             extra={"store": str(store.path), "store_created": manifest["created"], "train": asdict(train)},
-        )  # fmt: skip
+        )
         self.k_aux = min(train.k_aux or store.d_model // 2, n_latents)
         self.bf16 = train.use_bf16()
         torch.manual_seed(train.seed)
@@ -131,11 +145,20 @@ class SAETrainer:
         settings = {"sae": asdict(self.sae_cfg), "k_aux": self.k_aux}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, optimizer: bool = True) -> None:
+        """Weights, counters, data position and history; Adam's moments too unless ``optimizer`` is False (a
+        finished run needs them only to train further, and they are twice the weights' size)."""
         tensors = {f"sae.{k}": v.detach().contiguous() for k, v in self.sae.state_dict().items()}
-        tensors |= optimizer_tensors(self.sae, self.optimizer) | {"tokens_since_fired": self.tokens_since_fired}
-        state = {"fingerprint": self._fingerprint(), "step": self.step, "epoch": self.epoch,
-                 "batch_in_epoch": self.batch_in_epoch, "history": self.history}  # fmt: skip
+        tensors |= {"tokens_since_fired": self.tokens_since_fired}
+        if optimizer:
+            tensors |= optimizer_tensors(self.sae, self.optimizer)
+        state = {
+            "fingerprint": self._fingerprint(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "history": self.history,
+        }
         save_checkpoint(self.checkpoint_dir, tensors, state)
 
     def load_checkpoint(self) -> bool:
@@ -159,8 +182,14 @@ class SAETrainer:
         """Training batches from the saved data position on, epoch after epoch."""
         cfg = self.train_cfg
         while True:
-            stream = self.store.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch,
-                                        skip=self.batch_in_epoch, drop_last=True)  # fmt: skip
+            stream = self.store.batches(
+                "train",
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed * 100_003 + self.epoch,
+                skip=self.batch_in_epoch,
+                drop_last=True,
+            )
             empty = True
             for x in stream:
                 empty = False
@@ -174,8 +203,10 @@ class SAETrainer:
     def train_step(self, x: torch.Tensor) -> dict:
         sae, cfg = self.sae, self.train_cfg
         if not torch.isfinite(x).all():
-            raise ValueError(f"non-finite activations (NaN/Inf) in the training batch at step {self.step}: "
-                             f"check the activation store {self.store.path}")  # fmt: skip
+            raise ValueError(
+                f"non-finite activations (NaN/Inf) in the training batch at step {self.step}: "
+                f"check the activation store {self.store.path}"
+            )
         dead = self.tokens_since_fired >= cfg.dead_tokens
         values, indices, aux_values, aux_indices = sae.encode_with_aux(
             x, dead if dead.any() else None, self.k_aux, bf16=self.bf16
@@ -191,12 +222,22 @@ class SAETrainer:
             aux = (residual - aux_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
             loss = loss + cfg.aux_coef * aux
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the SAE's loss is {loss.item()} at step {self.step}: training diverged "
+                f"(learning rate {self.optimizer.param_groups[0]['lr']:.3g} too high?)"
+            )
         loss.backward()
         sae.remove_parallel_gradient()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg.steps(), cfg.learning_rate(self.sae_cfg.n_latents),
-                                cfg.warmup_fraction, cfg.decay_fraction)  # fmt: skip
+            group["lr"] = lr_at(
+                self.step,
+                cfg.steps(),
+                cfg.learning_rate(self.sae_cfg.n_latents),
+                cfg.warmup_fraction,
+                cfg.decay_fraction,
+            )
         self.optimizer.step()
         sae.normalize_decoder()
         fired = torch.zeros_like(dead)
@@ -204,8 +245,13 @@ class SAETrainer:
         self.tokens_since_fired += len(x)
         self.tokens_since_fired[fired] = 0
         self.step += 1
-        return {"fvu": fvu.item(), "aux_loss": aux.item(), "l0": (values > 0).sum(1).float().mean().item(),
-                "dead_fraction": float(dead.float().mean()), "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
+        return {
+            "fvu": fvu.item(),
+            "aux_loss": aux.item(),
+            "l0": (values > 0).sum(1).float().mean().item(),
+            "dead_fraction": float(dead.float().mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
 
     @torch.no_grad()
     def quick_eval(self) -> float:
@@ -217,8 +263,9 @@ class SAETrainer:
                 break
         return acc.fvu()
 
-    def train(self, resume: bool = True, stop_after: int | None = None) -> TopKSAE:
-        """Train to the token budget; ``stop_after`` ends early after that many steps of this call (tests)."""
+    def train(self, resume: bool = True, stop_after: int | None = None, keep_optimizer: bool = False) -> TopKSAE:
+        """Train to the token budget; ``stop_after`` ends early after that many steps of this call (tests). The
+        finished run's checkpoint keeps Adam's moments only with ``keep_optimizer`` (to train further)."""
         cfg = self.train_cfg
         if not resume:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
@@ -241,11 +288,16 @@ class SAETrainer:
                 self.save_checkpoint()
             rate = (self.step * cfg.batch_size - tokens_at_start) / (time.perf_counter() - started)
             bar.update(1)
-            bar.set_postfix(tok_s=f"{rate:.0f}", fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}",
-                            dead=f"{100 * stats['dead_fraction']:.1f}%", refresh=False)  # fmt: skip
+            bar.set_postfix(
+                tok_s=f"{rate:.0f}",
+                fvu=f"{stats['fvu']:.3f}",
+                l0=f"{stats['l0']:.1f}",
+                dead=f"{100 * stats['dead_fraction']:.1f}%",
+                refresh=False,
+            )
         bar.close()
         if self.step >= total:
-            self.save_checkpoint()  # a finished run: re-running returns at once instead of retraining
+            self.save_checkpoint(keep_optimizer)  # a finished run: re-running returns at once, no retraining
             self.sae_cfg.extra["git_commit"] = git_commit()
             self.sae.save(self.out_dir / "sae")
             pd.DataFrame(self.history).to_csv(self.out_dir / "history.csv", index=False)

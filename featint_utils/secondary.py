@@ -16,7 +16,6 @@ for it after projecting on its encoder row.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .activations import ActivationStore, StoreError, store_from_arrays
+from .activations import ActivationStore, reusable_store, store_from_arrays
+from .decomposition import Decomposition
 from .nfm import NFM
 from .progress import progress
 from .residuals import CodeData
@@ -33,56 +33,50 @@ from .sae import TopKSAE
 HOOK = "nfm.hidden_pre"
 
 
-def _needs_hidden(nfm: NFM) -> None:
-    if not nfm.cfg.has_pairs or nfm.hidden is None:
-        raise ValueError(f"an NFM of form {nfm.cfg.form!r} has no Linear(K,K) vector; use form 'nfm' or 'interaction'")
-
-
-@torch.no_grad()
-def embed(nfm: NFM, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The secondary SAE's input for a batch of primary codes: the NFM's pre-ReLU vector, in eval mode."""
-    _needs_hidden(nfm)
-    nfm.eval()
-    return nfm(values, indices).hidden_pre
-
-
 @torch.no_grad()
 def build_embedding_store(
-    primary: TopKSAE, nfm: NFM, store: ActivationStore, test: CodeData, store_dir: str | Path, batch_size: int = 4096
+    decomposition: Decomposition, store: ActivationStore, test: CodeData, store_dir: str | Path, batch_size: int = 4096
 ) -> ActivationStore:
     """An activation store of NFM vectors: ``train`` from the store's training documents (through the
     primary SAE), ``val`` from the NFM stage's ``test`` documents. Token provenance and texts are the
     primary store's, so top-activation tables work unchanged. A store made from the same primary SAE,
     NFM and documents is reused (so the secondary SAE's checkpoint stays valid)."""
-    _needs_hidden(nfm)
-    if nfm.cfg.n_latents != primary.cfg.n_latents:
-        raise ValueError(f"the NFM takes {nfm.cfg.n_latents} latents but the primary SAE has {primary.cfg.n_latents}")
-    digest = hashlib.sha256(f"{store.manifest['created']}|{test.rows.tolist()}".encode())
+    primary, nfm = decomposition.primary, decomposition.nfm
+    if nfm is None or nfm.hidden is None:
+        raise ValueError("the NFM vector needs an NFM with a Linear(K,K) layer (form 'nfm' or 'interaction')")
+    digest = hashlib.sha256(f"{store.fingerprint}|{test.rows.tolist()}".encode())
     for model in (primary, nfm):
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     request = digest.hexdigest()[:16]
-    try:
-        existing = ActivationStore(store_dir)
-        if existing.manifest.get("request") == request:
-            return existing
-    except StoreError:
-        pass  # absent or unreadable: build it
+    existing = reusable_store(store_dir, request)
+    if existing is not None:
+        return existing
     parts = []
     bar = progress(total=store.n_tokens("train"), desc="NFM vectors (train)", unit="tok")
     for x in store.batches("train", batch_size, shuffle=False, normalize=False):
-        parts.append(embed(nfm, *primary.encode(x * primary.cfg.input_scale)).numpy())
+        parts.append(decomposition.nfm_vector(*decomposition.primary_code(x)).numpy())
         bar.update(len(x))
     bar.close()
     train = np.concatenate(parts)
-    val = np.concatenate([embed(nfm, b.values, b.indices).numpy() for b in test.batches(batch_size)])
+    val = np.concatenate([decomposition.nfm_vector(b.values, b.indices).numpy() for b in test.batches(batch_size)])
     val_meta = store.tokens("val").to_numpy()[test.rows]
-    info = {"model": store.manifest["model"], "layer": store.layer, "hook": HOOK, "request": request,
-            "corpus": store.manifest.get("corpus", ""), "primary_store": str(store.path)}  # fmt: skip
-    out = store_from_arrays(store_dir, {"train": train, "val": val}, info=info,
-                            meta={"train": store.tokens("train").to_numpy(), "val": val_meta})  # fmt: skip
-    shutil.copyfile(store.path / "texts.jsonl", out.path / "texts.jsonl")
-    return out
+    info = {
+        "model": store.manifest["model"],
+        "layer": store.layer,
+        "hook": HOOK,
+        "request": request,
+        "corpus": store.manifest.get("corpus", ""),
+        "primary_store": str(store.path),
+    }
+    texts = store.texts().to_dict("records")  # the primary store's texts: top-activation tables work unchanged
+    return store_from_arrays(
+        store_dir,
+        {"train": train, "val": val},
+        info=info,
+        texts=texts,
+        meta={"train": store.tokens("train").to_numpy(), "val": val_meta},
+    )
 
 
 class PairAttribution(NamedTuple):
@@ -100,7 +94,8 @@ class PairAttribution(NamedTuple):
 def pair_attribution(nfm: NFM, values: torch.Tensor, indices: torch.Tensor) -> PairAttribution:
     """The exact pairwise split of ``h`` for one token's code ``values``, ``indices`` [k] (see the module
     docstring); ``contributions.sum(0) + constant`` equals the NFM's ``hidden_pre`` for that token."""
-    _needs_hidden(nfm)
+    if not nfm.cfg.has_pairs or nfm.hidden is None:
+        raise ValueError(f"an NFM of form {nfm.cfg.form!r} has no Linear(K,K) vector; use form 'nfm' or 'interaction'")
     nfm.eval()
     active = values > 0
     values, indices = values[active], indices[active]
@@ -138,24 +133,30 @@ def drivers(
             for f in key:
                 feature_totals[f] = feature_totals.get(f, 0.0) + value / 2
     n = max(len(codes), 1)
-    pairs = pd.DataFrame([{"feature_i": a, "feature_j": b, "contribution": v / n} for (a, b), v in pair_totals.items()],
-                         columns=["feature_i", "feature_j", "contribution"])  # fmt: skip
-    features = pd.DataFrame([{"primary_feature": f, "contribution": v / n} for f, v in feature_totals.items()],
-                            columns=["primary_feature", "contribution"])  # fmt: skip
-    return (pairs.sort_values("contribution", ascending=False, ignore_index=True),
-            features.sort_values("contribution", ascending=False, ignore_index=True))  # fmt: skip
+    pairs = pd.DataFrame(
+        [{"feature_i": a, "feature_j": b, "contribution": v / n} for (a, b), v in pair_totals.items()],
+        columns=["feature_i", "feature_j", "contribution"],
+    )
+    features = pd.DataFrame(
+        [{"primary_feature": f, "contribution": v / n} for f, v in feature_totals.items()],
+        columns=["primary_feature", "contribution"],
+    )
+    return (
+        pairs.sort_values("contribution", ascending=False, ignore_index=True),
+        features.sort_values("contribution", ascending=False, ignore_index=True),
+    )
 
 
 @torch.no_grad()
 def top_codes(
-    primary: TopKSAE, nfm: NFM, secondary: TopKSAE, store: ActivationStore, feature: int, n: int = 100
+    decomposition: Decomposition, store: ActivationStore, feature: int, n: int = 100
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Primary codes of the ``n`` held-out tokens of the primary store's val split (NFM test documents
     included) on which secondary ``feature`` is strongest."""
     best: list[tuple[float, torch.Tensor, torch.Tensor]] = []
     for x in store.batches("val", 4096, shuffle=False, normalize=False):
-        values, indices = primary.encode(x * primary.cfg.input_scale)
-        s_values, s_indices = secondary.encode(embed(nfm, values, indices) * secondary.cfg.input_scale)
+        values, indices = decomposition.primary_code(x)
+        s_values, s_indices = decomposition.secondary_code_of_vector(decomposition.nfm_vector(values, indices))
         strength = (s_values * (s_indices == feature)).sum(1)
         for row in torch.nonzero(strength > 0).flatten().tolist():
             best.append((float(strength[row]), values[row], indices[row]))

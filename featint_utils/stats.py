@@ -74,12 +74,14 @@ def block_anova_statsmodels(cells_one: np.ndarray) -> pd.DataFrame:
 
     cells_one = np.asarray(cells_one, dtype=np.float64)
     n_items = len(cells_one)
-    frame = pd.DataFrame({
-        "y": cells_one.ravel(),
-        "item": np.repeat(np.arange(n_items), 4),
-        "formality": np.tile(["formal", "formal", "casual", "casual"], n_items),
-        "emotion": np.tile(["emotional", "neutral", "emotional", "neutral"], n_items),
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "y": cells_one.ravel(),
+            "item": np.repeat(np.arange(n_items), 4),
+            "formality": np.tile(["formal", "formal", "casual", "casual"], n_items),
+            "emotion": np.tile(["emotional", "neutral", "emotional", "neutral"], n_items),
+        }
+    )
     model = smf.ols("y ~ C(item) + C(formality) * C(emotion)", data=frame).fit()
     return anova_lm(model, typ=2)
 

@@ -57,10 +57,16 @@ def panel(family: FeatureFamily, feature: int, n_texts: int = 5) -> tuple[str, p
     top = np.argsort(-values)[:n_texts]
     token_tables = [family.token_activations(family.stimuli["text"].iloc[i], feature) for i in top]
     peak = max([float(t["activation"].max()) for t in token_tables] + [0.0])
-    parts = [f"<h4>{html.escape(family.name)} feature {feature}</h4>",
-             "<p>" + "; ".join(f"{effect}: η²={row[f'{effect}_eta2']:.3f}, q={row[f'{effect}_q']:.2g}"
-                               for effect in ("formality", "emotion", "interaction")) + "</p>",
-             "<ol>"]  # fmt: skip
+    parts = [
+        f"<h4>{html.escape(family.name)} feature {feature}</h4>",
+        "<p>"
+        + "; ".join(
+            f"{effect}: η²={row[f'{effect}_eta2']:.3f}, q={row[f'{effect}_q']:.2g}"
+            for effect in ("formality", "emotion", "interaction")
+        )
+        + "</p>",
+        "<ol>",
+    ]
     for i, tokens in zip(top, token_tables):
         condition = family.stimuli["condition"].iloc[i]
         parts.append(f"<li><b>{values[i]:.3f}</b> <i>{condition}</i>: {highlight(tokens, peak)}</li>")
@@ -116,6 +122,5 @@ def browser(families: dict[str, FeatureFamily], suggested: dict[str, list[int]],
 
     family_choice.observe(refresh_options, names="value")
     feature_choice.observe(render, names="value")
-    refresh_options()
-    render()
+    refresh_options()  # its first feature's value change draws the first panel (once)
     return w.VBox([w.HBox([family_choice, feature_choice]), output])

@@ -28,20 +28,21 @@ model: str = "embedded"  # "embedded" (bundled MiniLM), a local model directory,
 layer: int = 3  # hidden_states index: 0 is the embedding output, L the output of block L-1
 corpus: str = "stimuli"  # "stimuli", a .txt/.jsonl/.parquet path, "hf:NAME[:CONFIG[:SPLIT]]" or "activations:PATH.npz"
 max_groups: int = 0  # keep a seeded random subset of this many documents or items (0: all)
-val_fraction: float = 0.2  # fraction of documents/items held out for validation
-seed: int = 0  # seed of the split
+val_fraction: float = 0.5  # documents/items held out: the SAE's validation and all the NFM stage's data
+split_seed: int = 0  # seeds the train/held-out split and the max_groups subset
 context_tokens: int = 128  # tokens per model context, special tokens included
 batch_size: int = 64  # contexts per forward pass
 dtype: str = "float32"  # storage dtype: float32 or float16
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 
 # %%
-from pathlib import Path
-
 from IPython.display import display
 
 from featint_utils import activations, models, plots
 from featint_utils.corpus import load_corpus, split_by_group
+from featint_utils.run import Run
+
+run = Run.open(run_dir, "00_activations", globals())
 
 # %% [markdown]
 # ## Model and corpus
@@ -51,14 +52,17 @@ from featint_utils.corpus import load_corpus, split_by_group
 # %%
 from_file = activations.is_activation_corpus(corpus)
 if from_file:
-    store = activations.store_from_npz(corpus, Path(run_dir) / "activations", val_fraction, seed,
-                                       max_groups=max_groups or None, dtype=dtype)  # fmt: skip
+    store = activations.store_from_npz(
+        corpus, run.store_dir, val_fraction, split_seed, max_groups=max_groups or None, dtype=dtype
+    )
 else:
     loaded = models.load_model(model, device=models.resolve_device(device))
     texts = load_corpus(corpus)
-    split = split_by_group(texts, val_fraction, seed, max_groups=max_groups or None)
-    print(f"{loaded.name}: {loaded.model.config.model_type}, {loaded.n_layers} layers, d_model={loaded.d_model}; "
-          f"hooking {models.hook_name(loaded.model, layer)} for hidden_states[{layer}]")  # fmt: skip
+    split = split_by_group(texts, val_fraction, split_seed, max_groups=max_groups or None)
+    print(
+        f"{loaded.name}: {loaded.model.config.model_type}, {loaded.n_layers} layers, d_model={loaded.d_model}; "
+        f"hooking {models.hook_name(loaded.model, layer)} for hidden_states[{layer}]"
+    )
     print(f"{len(texts)} texts; {len(split.train)} train / {len(split.val)} validation texts")
 
 # %% [markdown]
@@ -69,9 +73,15 @@ else:
 # %%
 if not from_file:
     store = activations.extract(
-        loaded, split, layer, Path(run_dir) / "activations", corpus=corpus,
-        context_tokens=context_tokens, batch_size=batch_size, dtype=dtype,
-    )  # fmt: skip
+        loaded,
+        split,
+        layer,
+        run.store_dir,
+        corpus=corpus,
+        context_tokens=context_tokens,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
 display(activations.summary(store))
 print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 
@@ -84,8 +94,11 @@ print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 norms = activations.token_norms(store, "train")
 source = corpus if from_file else f"{loaded.name} · hidden_states[{layer}]"
 fig = plots.activation_norms(norms, title=f"{source} · train split")
-plots.save(fig, run_dir, "00_activation_norms")
+plots.save(fig, run.root, "00_activation_norms")
 
 # %%
 if not from_file:
     display(activations.norm_outliers(store, loaded.tokenizer, "train", n=10))
+
+# %%
+run.close()

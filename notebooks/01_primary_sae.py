@@ -28,42 +28,48 @@
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
 sae_latents: int = 4096  # dictionary size
 sae_k: int = 32  # active latents per token
-sae_train_tokens: int = 2_000_000  # training-token budget (several epochs over a small store)
+sae_train_tokens: int = 1_000_000  # training-token budget (several epochs over a small store)
 sae_batch_size: int = 4096  # tokens per step
-sae_lr: float = 0.0  # Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)
-sae_dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+sae_lr: float = 0.003  # Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)
+sae_dead_tokens: int = 250_000  # a latent is dead after this many tokens without firing
+sae_seed: int = 0  # seeds the SAE's initialisation and data order
 resume: bool = True  # continue from a checkpoint of an interrupted run with the same settings
+keep_checkpoints: bool = False  # keep finished trainings' optimiser state (only to train further)
 splice_texts: int = 256  # held-out contexts for the splice metrics
 n_show_features: int = 6  # features whose top activations are listed
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
-seed: int = 0  # seeds initialisation and data order
 
 # %%
-from pathlib import Path
-
 import pandas as pd
 from IPython.display import display
 
 from featint_utils import features, interventions, models, plots
-from featint_utils.activations import ActivationStore, is_activation_corpus
+from featint_utils.activations import is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.metrics import evaluate_sae
+from featint_utils.run import Run
 from featint_utils.sae_training import SAETrainer, TrainConfig
+
+run = Run.open(run_dir, "01_primary_sae", globals())
 
 # %% [markdown]
 # ## Training
 # The trainer streams shuffled batches from the on-disk store; an interrupted run resumes from its last
-# checkpoint and ends with the same weights it would have had.
+# checkpoint and ends with the same weights it would have had. The SAE records the store it was trained on
+# (its checksums) and its settings: a rebuilt store or new settings start it again, and every later stage
+# refuses an SAE older than its store.
 
 # %%
-store = ActivationStore(Path(run_dir) / "activations")
-config = TrainConfig(train_tokens=sae_train_tokens, batch_size=sae_batch_size, lr=sae_lr,
-                     dead_tokens=sae_dead_tokens, seed=seed)  # fmt: skip
-trainer = SAETrainer(store, sae_latents, sae_k, config, Path(run_dir) / "primary_sae")
-sae = trainer.train(resume=resume)
+store = run.store()
+out_dir = run.begin_primary_sae()
+config = TrainConfig(
+    train_tokens=sae_train_tokens, batch_size=sae_batch_size, lr=sae_lr, dead_tokens=sae_dead_tokens, seed=sae_seed
+)
+trainer = SAETrainer(store, sae_latents, sae_k, config, out_dir)
+sae = trainer.train(resume=resume, keep_optimizer=keep_checkpoints)
 history = trainer.history_frame()
 fig = plots.training_curves(history, title=f"TopK SAE: {sae_latents} latents, k={sae_k}")
-plots.save(fig, run_dir, "01_training_curves")
+plots.save(fig, run.root, "01_training_curves")
 
 # %% [markdown]
 # ## Held-out metrics
@@ -79,14 +85,14 @@ from_file = is_activation_corpus(store.manifest["corpus"])  # activations from a
 splice = {}
 if not from_file:
     loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
-    splice = interventions.splice_metrics(loaded, store, sae.reconstruct_raw, max_texts=splice_texts, seed=seed)
+    splice = interventions.splice_metrics(loaded, store, sae.reconstruct_raw, max_texts=splice_texts, seed=sae_seed)
 headline = {k: v for k, v in metrics.items() if k != "firing_frequency"} | splice
-update_metrics(run_dir, "primary_sae", {"n_latents": sae_latents, "k": sae_k, **headline})
+update_metrics(run.root, "primary_sae", {"n_latents": sae_latents, "k": sae_k, **headline})
 display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
 
 # %%
 fig = plots.feature_density(metrics["firing_frequency"])
-plots.save(fig, run_dir, "01_feature_density")
+plots.save(fig, run.root, "01_feature_density")
 
 # %% [markdown]
 # ## What some features respond to
@@ -96,5 +102,10 @@ plots.save(fig, run_dir, "01_feature_density")
 # %%
 if not from_file:
     shown = features.pick_features(metrics["firing_frequency"], n_show_features)
-    examples = features.top_activations(sae.encode, store, shown, loaded.tokenizer, n=4)
+    examples = features.top_activations(
+        run.decomposition().primary_code, store, shown, loaded.tokenizer, n=4, normalize=False
+    )
     display(examples.style.format({"activation": "{:.2f}"}).hide(axis="index"))
+
+# %%
+run.close()

@@ -50,28 +50,29 @@ nfm_weight_decay: float = 0.0  # decoupled weight decay
 nfm_batch_size: int = 1024  # tokens per step
 nfm_max_epochs: int = 60  # upper bound on epochs (the tune-set schedule usually ends sooner)
 nfm_patience: int = 5  # epochs without a tune-set improvement before the learning rate is divided by 3
-tune_fraction: float = 0.15  # share of the documents for early stopping, learning rates and ridge penalties
+tune_fraction: float = 0.15  # share of the documents for early stopping, learning rates and penalties
 test_fraction: float = 0.3  # share of the documents for the reported numbers only
-n_seeds: int = 3  # seeds of every trained model (seed, seed + 1, ...)
+nfm_split_seed: int = 0  # seeds the fit/tune/test split of the documents
+nfm_seeds: str = "0,1"  # seeds of every trained model, null control and planted size
 pair_ridge_pairs: int = 1024  # co-firing pairs whose products the explicit-pairs ridge adds
 power_shares: str = "0.001,0.003,0.01,0.03"  # planted sizes: pairwise-only variance as a share of the residual's
 power_pairs: int = 16  # pairs per planted interaction (among the 256 most frequently co-firing)
-resume: bool = True  # continue interrupted fits with the same settings
-seed: int = 0  # first seed; also splits the tune documents
+resume: bool = True  # continue from a checkpoint of an interrupted run with the same settings
+keep_checkpoints: bool = False  # keep finished trainings' optimiser state (only to train further)
 
 # %%
-from pathlib import Path
-
 import pandas as pd
 from IPython.display import display
 
 from featint_utils import contributions, interaction, plots
-from featint_utils.activations import ActivationStore
 from featint_utils.metrics import evaluate_sae
 from featint_utils.nfm import NFMConfig
 from featint_utils.nfm_training import FitConfig
+from featint_utils.params import numbers, seeds
 from featint_utils.residuals import build_residual_data, save_sets, set_sizes, split_fit_tune_test
-from featint_utils.sae import TopKSAE
+from featint_utils.run import Run
+
+run = Run.open(run_dir, "02_nfm", globals())
 
 # %% [markdown]
 # ## The data: documents the SAE never saw
@@ -80,20 +81,22 @@ from featint_utils.sae import TopKSAE
 # The NFM stage therefore works on the store's held-out documents only:
 
 # %%
-store = ActivationStore(Path(run_dir) / "activations")
-sae = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
+store = run.store()
+sae = run.primary_sae()  # refused if the store changed after the SAE was trained
 sae_fit = pd.DataFrame({split: evaluate_sae(sae, store, split) for split in ("train", "val")}).T
 display(sae_fit[["fvu", "n_tokens"]].rename(index={"train": "SAE's training documents", "val": "held-out documents"}))
 
 # %% [markdown]
 # Each held-out token's SAE code and residual (in the SAE's normalised space) are cached beside the run,
 # and the documents are split three ways: `fit` trains every model, `tune` decides when to stop and
-# picks learning rates and ridge penalties, `test` is used for the reported numbers only.
+# picks learning rates and ridge penalties, `test` is used for the reported numbers only. Everything here
+# records the store and SAE it was made from: after a new SAE or store, every model below is fitted again.
 
 # %%
-data = build_residual_data(sae, store, Path(run_dir) / "nfm" / "residuals")
-sets = split_fit_tune_test(data, tune_fraction, test_fraction, seed)
-save_sets(sets, Path(run_dir) / "nfm" / "sets.json")
+run.begin_nfm_stage()
+data = build_residual_data(sae, store, run.residuals_dir)
+sets = split_fit_tune_test(data, tune_fraction, test_fraction, nfm_split_seed)
+save_sets(sets, run.sets_path)
 display(set_sizes(sets))
 
 # %% [markdown]
@@ -104,22 +107,37 @@ display(set_sizes(sets))
 
 # %%
 config = interaction.EstimatorConfig(
-    nfm=NFMConfig(sae.cfg.n_latents, store.d_model, k_embed=nfm_k_embed, dropout=nfm_dropout,
-                  batch_norm=nfm_batch_norm, knots=nfm_knots),
-    fit=FitConfig(batch_size=nfm_batch_size, weight_decay=nfm_weight_decay, max_epochs=nfm_max_epochs,
-                  patience=nfm_patience),
-    seeds=tuple(range(seed, seed + n_seeds)),
-    lr_grid=tuple(float(lr) for lr in nfm_lr_grid.split(",")),
+    nfm=NFMConfig(
+        sae.cfg.n_latents,
+        store.d_model,
+        k_embed=nfm_k_embed,
+        dropout=nfm_dropout,
+        batch_norm=nfm_batch_norm,
+        knots=nfm_knots,
+    ),
+    fit=FitConfig(
+        batch_size=nfm_batch_size,
+        weight_decay=nfm_weight_decay,
+        max_epochs=nfm_max_epochs,
+        patience=nfm_patience,
+        keep_optimizer=keep_checkpoints,
+    ),
+    seeds=seeds(nfm_seeds),
+    lr_grid=numbers(nfm_lr_grid),
     n_pairs=pair_ridge_pairs,
-)  # fmt: skip
-estimator = interaction.run(sets, config, Path(run_dir) / "nfm", resume=resume, n_planted=power_pairs,
-                            power_shares=tuple(float(s) for s in power_shares.split(",")))  # fmt: skip
+)
+estimator = interaction.run(
+    sets, config, run.nfm_dir, resume=resume, n_planted=power_pairs, power_shares=numbers(power_shares)
+)
 print("learning rates chosen on tune:", estimator.lrs)
 
 # %%
-fig = plots.fit_curves(contributions.histories(Path(run_dir) / "nfm", seed),
-                       title=f"seed {seed}: fit (thin), tune (thick); dot: kept epoch (0 is the start)")
-plots.save(fig, run_dir, "02_fit_curves")
+first_seed = seeds(nfm_seeds)[0]
+fig = plots.fit_curves(
+    contributions.histories(run.nfm_dir, first_seed),
+    title=f"seed {first_seed}: fit (thin), tune (thick); dot: kept epoch (0 is the start)",
+)
+plots.save(fig, run.root, "02_fit_curves")
 
 # %% [markdown]
 # ## First look
@@ -129,7 +147,20 @@ plots.save(fig, run_dir, "02_fit_curves")
 
 # %%
 summary = contributions.ladder_summary(estimator.table())
-display(summary[["label", "residual_fvu", "residual_fvu_sd", "gain_over_zero", "total_fvu", "seeds", "n_parameters"]]
-        .style.format({"residual_fvu": "{:.4f}", "residual_fvu_sd": "{:.4f}", "gain_over_zero": "{:+.4f}",
-                       "total_fvu": "{:.4f}", "n_parameters": "{:,}"}, na_rep="–"))  # fmt: skip
+display(
+    summary[
+        ["label", "residual_fvu", "residual_fvu_sd", "gain_over_zero", "total_fvu", "seeds", "n_parameters"]
+    ].style.format(
+        {
+            "residual_fvu": "{:.4f}",
+            "residual_fvu_sd": "{:.4f}",
+            "gain_over_zero": "{:+.4f}",
+            "total_fvu": "{:.4f}",
+            "n_parameters": "{:,}",
+        },
+        na_rep="–",
+    )
+)
 
+# %%
+run.close()

@@ -31,30 +31,27 @@
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+nfm_seed: int = 0  # the NFM (one of 02's nfm_seeds) that 03-06 take apart
 n_top_features: int = 20  # features shown and compared per part
-n_boot: int = 2000  # bootstrap draws of test documents and seeds for every interval
+n_boot: int = 2000  # bootstrap resamples for every interval
+bootstrap_seed: int = 0  # seeds the bootstrap of test documents and seeds
 absorption_share: float = 0.02  # size of the interaction injected before SAE training (share of activation variance)
 absorption_pairs: int = 16  # latent pairs in the injected interaction
 absorption_train_tokens: int = 0  # the retrained SAE's budget (0: the primary SAE's own; then it is the reference)
+absorption_seed: int = 0  # seeds the injected interaction and the retrained SAE
 conjunction_candidates: int = 10  # per latent, the most correlated latents whose pairs are searched
-seed: int = 0  # the seed whose NFM is taken apart; also seeds the bootstrap and the injection
 
 # %%
-from pathlib import Path
-
 import pandas as pd
 from IPython.display import Markdown, display
 
 from featint_utils import absorption, contributions, interaction, plots
-from featint_utils.activations import ActivationStore
 from featint_utils.io import update_metrics
-from featint_utils.nfm import NFM
-from featint_utils.residuals import load_sets, open_residual_data
-from featint_utils.sae import TopKSAE
+from featint_utils.run import Run
 
-nfm_dir = Path(run_dir) / "nfm"
-results = interaction.Results(nfm_dir, n_boot=n_boot, seed=seed)
-sets = load_sets(open_residual_data(nfm_dir / "residuals"), nfm_dir / "sets.json")
+run = Run.open(run_dir, "03_contributions", globals())
+sets = run.residual_sets()  # refused if the SAE or store changed after 02 fitted its models
+results = interaction.Results(run.nfm_dir, n_boot=n_boot, seed=bootstrap_seed)
 
 # %% [markdown]
 # ## The baseline ladder
@@ -65,13 +62,26 @@ sets = load_sets(open_residual_data(nfm_dir / "residuals"), nfm_dir / "sets.json
 summary = contributions.ladder_summary(results.ladder)
 beats = results.beats_zero()
 summary = summary.join(beats[["ci_low", "ci_high", "beats_zero"]].add_prefix("gain_"))
-display(summary[["label", "residual_fvu", "residual_fvu_sd", "gain_over_zero", "gain_ci_low", "gain_ci_high",
-                 "gain_beats_zero", "total_fvu"]]
-        .style.format("{:.4f}", subset=["residual_fvu", "residual_fvu_sd", "total_fvu"])
-        .format("{:+.4f}", subset=["gain_over_zero", "gain_ci_low", "gain_ci_high"]), na_rep="–")  # fmt: skip
+display(
+    summary[
+        [
+            "label",
+            "residual_fvu",
+            "residual_fvu_sd",
+            "gain_over_zero",
+            "gain_ci_low",
+            "gain_ci_high",
+            "gain_beats_zero",
+            "total_fvu",
+        ]
+    ]
+    .style.format("{:.4f}", subset=["residual_fvu", "residual_fvu_sd", "total_fvu"])
+    .format("{:+.4f}", subset=["gain_over_zero", "gain_ci_low", "gain_ci_high"]),
+    na_rep="–",
+)
 failed = set(beats.index[~beats["beats_zero"].astype(bool)])
 fig = plots.baseline_ladder(results.ladder.query("target == 'residual'"), interaction.MODELS, failed)
-plots.save(fig, run_dir, "03_baseline_ladder")
+plots.save(fig, run.root, "03_baseline_ladder")
 
 # %% [markdown]
 # ## The interaction share, with its interval and its null control
@@ -85,8 +95,10 @@ control = results.control_shares()
 both = pd.concat({"share": shares, "null control": control})[["mean", "ci_low", "ci_high", "sd", "n_seeds"]]
 display(both.style.format("{:+.5f}", subset=["mean", "ci_low", "ci_high", "sd"]).format("{:.0f}", subset=["n_seeds"]))
 fraction = results.of_explained()
-print("as a fraction of what the NFM explains (the original study's kind of share): "
-      + (f"{fraction:.1%}" if fraction is not None else "undefined, the NFM's held-out R² is not positive"))
+print(
+    "as a fraction of what the NFM explains (the original study's kind of share): "
+    + (f"{fraction:.1%}" if fraction is not None else "undefined, the NFM's held-out R² is not positive")
+)
 
 # %% [markdown]
 # ## Power: what this run could have detected
@@ -102,9 +114,9 @@ limits = {name: interaction.detection_limit(power, name) for name in interaction
 columns = ["oracle", "over_linear_excess", "over_linear_detected", "pair_ridge_excess", "pair_ridge_detected"]
 display(power.set_index("nominal_share")[columns].style.format("{:+.5f}", subset=columns[::2]))
 fig = plots.power_curve(power, limits)
-plots.save(fig, run_dir, "03_power")
+plots.save(fig, run.root, "03_power")
 fig = plots.interaction_forest(shares, control, limits["over_linear"])
-plots.save(fig, run_dir, "03_interaction_share")
+plots.save(fig, run.root, "03_interaction_share")
 display(Markdown(interaction.verdict(results)))
 
 # %% [markdown]
@@ -115,10 +127,17 @@ display(Markdown(interaction.verdict(results)))
 # that the new SAE reconstructs, which no model of its residual could then see.
 
 # %%
-store = ActivationStore(Path(run_dir) / "activations")
-sae = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
-absorbed = absorption.sensitivity_run(store, sae, Path(run_dir) / "absorption", share=absorption_share,
-                                      n_pairs=absorption_pairs, train_tokens=absorption_train_tokens, seed=seed)
+store, sae = run.store(), run.primary_sae()
+absorption_dir = run.begin_absorption()
+absorbed = absorption.sensitivity_run(
+    store,
+    sae,
+    absorption_dir,
+    share=absorption_share,
+    n_pairs=absorption_pairs,
+    train_tokens=absorption_train_tokens,
+    seed=absorption_seed,
+)
 display(pd.Series(absorbed, name="sensitivity run").to_frame())
 
 # %% [markdown]
@@ -126,7 +145,7 @@ display(pd.Series(absorbed, name="sensitivity run").to_frame())
 # them? (Its positive control: the search is only worth running on the primary SAE if it finds these.)
 
 # %%
-injected = absorption.injected_conjunctions(Path(run_dir) / "absorption", candidates=conjunction_candidates)
+injected = absorption.injected_conjunctions(absorption_dir, candidates=conjunction_candidates)
 display(pd.Series(injected, name="injected directions").to_frame())
 
 # %% [markdown]
@@ -138,26 +157,33 @@ display(pd.Series(injected, name="injected directions").to_frame())
 
 # %%
 conjunctions = absorption.conjunction_latents(store, sae, "val", candidates=conjunction_candidates)
-display(conjunctions.head(15).style.format("{:.3f}", subset=["r2_product", "r2_single", "r2_additive", "gain",
-                                                             "outside_span"]).hide(axis="index"))  # fmt: skip
-print(f"{int(conjunctions['conjunction'].sum())} of {len(conjunctions)} firing latents are conjunction latents "
-      "(R² of the product ≥ 0.3 and ≥ 0.2 above the additive fit; ≥ half the decoder outside the pair's span)")
+display(
+    conjunctions.head(15)
+    .style.format("{:.3f}", subset=["r2_product", "r2_single", "r2_additive", "gain", "outside_span"])
+    .hide(axis="index")
+)
+print(
+    f"{int(conjunctions['conjunction'].sum())} of {len(conjunctions)} firing latents are conjunction latents "
+    "(R² of the product ≥ 0.3 and ≥ 0.2 above the additive fit; ≥ half the decoder outside the pair's span)"
+)
 
 # %% [markdown]
 # ## Which features carry each part
-# For the NFM of the first seed, each feature's share of the held-out variance of the first-order part
+# For the NFM of seed `nfm_seed`, each feature's share of the held-out variance of the first-order part
 # (its exact term) and of the interaction part (what the interaction output loses without it).
 
 # %%
-nfm = NFM.load(nfm_dir / "nfm" / f"seed{seed}" / "model")
+nfm = run.nfm(nfm_seed)
 attribution = contributions.variance_attribution(nfm, sets["test"])
-attribution.to_csv(nfm_dir / "attribution.csv", index=False)  # notebook 06 clamps a linear-path feature from it
+attribution.to_csv(run.attribution_path(nfm_seed), index=False)  # 06 clamps a linear-path feature from it
 fig = plots.top_feature_bars(attribution, n_top_features)
-plots.save(fig, run_dir, "03_top_features")
+plots.save(fig, run.root, "03_top_features")
 overlap = contributions.top_feature_overlap(attribution, n_top_features)
 if overlap is None:
-    print("The NFM's interaction output is zero on every test token (it kept its start): no feature carries "
-          "an interaction part, so there is nothing to rank or compare.")
+    print(
+        "The NFM's interaction output is zero on every test token (it kept its start): no feature carries "
+        "an interaction part, so there is nothing to rank or compare."
+    )
 else:
     display(pd.Series(overlap, name="top-feature overlap").to_frame())
 
@@ -171,7 +197,7 @@ else:
 top = contributions.top_features(attribution, n_top_features).get("interaction")
 if top is not None:
     fig = plots.interaction_matrix(contributions.interaction_strength(nfm, top))
-    plots.save(fig, run_dir, "03_interaction_matrix")
+    plots.save(fig, run.root, "03_interaction_matrix")
 
 # %%
 headline = interaction.headline(results) | {
@@ -182,6 +208,10 @@ headline = interaction.headline(results) | {
     "conjunction_latents": int(conjunctions["conjunction"].sum()),
     "conjunction_latents_fraction": float(conjunctions["conjunction"].mean()),
     "top_n": n_top_features,
-    "top_overlap": overlap and overlap["shared"], "top_overlap_chance": overlap and overlap["chance_shared"],
-}  # fmt: skip
-update_metrics(run_dir, "contributions", headline)
+    "top_overlap": overlap and overlap["shared"],
+    "top_overlap_chance": overlap and overlap["chance_shared"],
+}
+update_metrics(run.root, "contributions", headline)
+
+# %%
+run.close()

@@ -28,68 +28,93 @@
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+nfm_seed: int = 0  # the NFM (one of 02's nfm_seeds) that 03-06 take apart
 secondary_latents: int = 1024  # secondary dictionary size
 secondary_k: int = 32  # active secondary latents per token
 secondary_train_tokens: int = 500_000  # training-token budget
 secondary_batch_size: int = 2048  # tokens per step
-secondary_lr: float = 3e-3  # Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)
+secondary_lr: float = 0.003  # Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)
 secondary_dead_tokens: int = 250_000  # a latent is dead after this many tokens without firing
-n_show_features: int = 6  # secondary features whose top activations and drivers are listed
+secondary_seed: int = 0  # seeds the secondary SAE's initialisation and data order
+n_show_features: int = 6  # features whose top activations are listed
 resume: bool = True  # continue from a checkpoint of an interrupted run with the same settings
-seed: int = 0  # the NFM seed whose vector is decomposed; seeds the secondary SAE
+keep_checkpoints: bool = False  # keep finished trainings' optimiser state (only to train further)
 
 # %%
-from pathlib import Path
+from dataclasses import replace
 
 import pandas as pd
 from IPython.display import Markdown, display
 
 from featint_utils import features, models, plots, secondary
-from featint_utils.activations import ActivationStore, is_activation_corpus
+from featint_utils.activations import is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.metrics import evaluate_sae
-from featint_utils.nfm import NFM
-from featint_utils.residuals import load_sets, open_residual_data
-from featint_utils.sae import TopKSAE
+from featint_utils.run import Run
 from featint_utils.sae_training import SAETrainer, TrainConfig
+
+run = Run.open(run_dir, "04_secondary_sae", globals())
 
 # %% [markdown]
 # ## The NFM vectors
 
 # %%
-store = ActivationStore(Path(run_dir) / "activations")
-primary = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
-nfm = NFM.load(Path(run_dir) / "nfm" / "nfm" / f"seed{seed}" / "model")
+store = run.store()
+decomposition = run.decomposition(nfm_seed, secondary=False)  # primary SAE -> NFM of seed nfm_seed
+nfm = decomposition.nfm
 if not nfm.learnt:
-    display(Markdown(f"**The NFM of seed {seed} kept its start: its pairwise branch learnt nothing on the tune "
-                     "documents, so its vector is the random starting map of the pooled pairs, and what follows "
-                     "(04-06) describes that map, not learnt interactions.**"))  # fmt: skip
-test = load_sets(open_residual_data(Path(run_dir) / "nfm" / "residuals"), Path(run_dir) / "nfm" / "sets.json")["test"]
-vectors = secondary.build_embedding_store(primary, nfm, store, test, Path(run_dir) / "secondary" / "activations")
-display(pd.Series({"training tokens": vectors.n_tokens("train"), "held-out tokens": vectors.n_tokens("val"),
-                   "width K": vectors.d_model}, name="NFM vectors").to_frame())  # fmt: skip
+    display(
+        Markdown(
+            f"**The NFM of seed {nfm_seed} kept its start: its pairwise branch learnt nothing on the tune "
+            "documents, so its vector is the random starting map of the pooled pairs, and what follows "
+            "(04-06) describes that map, not learnt interactions.**"
+        )
+    )
+out_dir = run.begin_secondary(nfm_seed)
+vectors = secondary.build_embedding_store(
+    decomposition, store, run.residual_sets()["test"], run.secondary_vectors_dir(nfm_seed)
+)
+display(
+    pd.Series(
+        {
+            "training tokens": vectors.n_tokens("train"),
+            "held-out tokens": vectors.n_tokens("val"),
+            "width K": vectors.d_model,
+        },
+        name="NFM vectors",
+    ).to_frame()
+)
 
 # %% [markdown]
 # ## Training
 # Same trainer, same normalisation convention (E‖h‖² = K, the scale saved with the SAE), same metrics.
 
 # %%
-config = TrainConfig(train_tokens=secondary_train_tokens, batch_size=secondary_batch_size, lr=secondary_lr,
-                     dead_tokens=secondary_dead_tokens, seed=seed)  # fmt: skip
-trainer = SAETrainer(vectors, secondary_latents, secondary_k, config, Path(run_dir) / "secondary_sae")
-sae2 = trainer.train(resume=resume)
+config = TrainConfig(
+    train_tokens=secondary_train_tokens,
+    batch_size=secondary_batch_size,
+    lr=secondary_lr,
+    dead_tokens=secondary_dead_tokens,
+    seed=secondary_seed,
+)
+trainer = SAETrainer(vectors, secondary_latents, secondary_k, config, out_dir)
+sae2 = trainer.train(resume=resume, keep_optimizer=keep_checkpoints)
+decomposition = replace(decomposition, secondary=sae2)
 title = f"secondary SAE: {secondary_latents} latents, k={secondary_k}"
 fig = plots.training_curves(trainer.history_frame(), title=title)
-plots.save(fig, run_dir, "04_training_curves")
+plots.save(fig, run.root, "04_training_curves")
 
 # %%
 metrics = evaluate_sae(sae2, vectors, "val")
 headline = {k: v for k, v in metrics.items() if k != "firing_frequency"}
-update_metrics(run_dir, "secondary_sae", {"n_latents": secondary_latents, "k": secondary_k, "nfm_learnt": nfm.learnt,
-                                          **headline})  # fmt: skip
+update_metrics(
+    run.root,
+    "secondary_sae",
+    {"n_latents": secondary_latents, "k": secondary_k, "nfm_seed": nfm_seed, "nfm_learnt": nfm.learnt, **headline},
+)
 display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
 fig = plots.feature_density(metrics["firing_frequency"])
-plots.save(fig, run_dir, "04_feature_density")
+plots.save(fig, run.root, "04_feature_density")
 
 # %% [markdown]
 # ## What some secondary features respond to, and which primary pairs drive them
@@ -100,8 +125,14 @@ plots.save(fig, run_dir, "04_feature_density")
 shown = features.pick_features(metrics["firing_frequency"], n_show_features)
 if not is_activation_corpus(store.manifest["corpus"]):  # activations from a file have no tokens to show
     tokenizer = models.load_model(store.manifest["model"]).tokenizer
-    display(features.top_activations(sae2.encode, vectors, shown, tokenizer, n=4)
-            .style.format({"activation": "{:.2f}"}).hide(axis="index"))  # fmt: skip
+    display(
+        features.top_activations(sae2.encode, vectors, shown, tokenizer, n=4)
+        .style.format({"activation": "{:.2f}"})
+        .hide(axis="index")
+    )
 for feature in shown:
-    pairs, _ = secondary.drivers(nfm, sae2, feature, secondary.top_codes(primary, nfm, sae2, store, feature, n=50))
+    pairs, _ = secondary.drivers(nfm, sae2, feature, secondary.top_codes(decomposition, store, feature, n=50))
     display(pairs.head(5).assign(secondary_feature=feature).style.format({"contribution": "{:.4f}"}).hide(axis="index"))
+
+# %%
+run.close()

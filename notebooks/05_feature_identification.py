@@ -22,28 +22,27 @@
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
-model: str = "embedded"  # the model whose pooled embeddings the probe reads
-device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+nfm_seed: int = 0  # the NFM (one of 02's nfm_seeds) that 03-06 take apart
 probe_folds: int = 5  # item-grouped cross-validation folds of the linear probe
-n_boot: int = 2000  # item-level bootstrap resamples for effect-size intervals
-fdr_q: float = 0.05  # Benjamini-Hochberg level across the features of a family
-n_top_features: int = 20  # features listed per ranking
-n_panels: int = 4  # secondary features shown in full (texts, condition means, drivers) in a headless run
-seed: int = 0  # the NFM seed whose secondary SAE is tested; splits items for the replication
+n_boot: int = 2000  # bootstrap resamples for every interval
+fdr_q: float = 0.05  # false-discovery (05) or family-wise (06) level
+n_top_features: int = 20  # features shown and compared per part
+n_panels: int = 4  # secondary features shown in full in a headless run
+replication_seed: int = 0  # seeds the split of the items for the replication check
+device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 
 # %%
-from pathlib import Path
-
 import pandas as pd
 from IPython.display import display
 
 from featint_utils import identification, manipulation, models, plots, secondary, widgets
-from featint_utils.activations import ActivationStore, require_model
+from featint_utils.activations import require_model
 from featint_utils.corpus import load_stimuli
 from featint_utils.io import update_metrics
-from featint_utils.nfm import NFM
 from featint_utils.progress import headless
-from featint_utils.sae import TopKSAE
+from featint_utils.run import Run
+
+run = Run.open(run_dir, "05_feature_identification", globals())
 
 # %% [markdown]
 # ## Manipulation checks
@@ -55,7 +54,8 @@ from featint_utils.sae import TopKSAE
 # strongly (|d| ≥ 1) and the other one barely (|d| ≤ 0.3).
 
 # %%
-require_model(ActivationStore(Path(run_dir) / "activations"), "05")  # a run on activations from a file stops here
+store = run.store()
+require_model(store, "05")  # a run on activations from a file stops here
 stimuli = load_stimuli()
 scored = manipulation.score_texts(stimuli)
 print(f"{stimuli.item_id.nunique()} items × 4 variants, {stimuli.topic.nunique()} topics")
@@ -68,14 +68,14 @@ display(effects.round(3))
 # each factor.
 
 # %%
-loaded = models.load_model(model, device=models.resolve_device(device))
+loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
 embeddings = models.sentence_embeddings(loaded, stimuli["text"].tolist())
 probes = manipulation.probe_table(embeddings.numpy(), stimuli, n_splits=probe_folds)
 display(probes.round(3))
 
 # %%
 fig = plots.manipulation_checks(scored, effects, probes)
-plots.save(fig, run_dir, "05_manipulation_checks")
+plots.save(fig, run.root, "05_manipulation_checks")
 
 # %% [markdown]
 # ## Every feature, per text
@@ -84,21 +84,11 @@ plots.save(fig, run_dir, "05_manipulation_checks")
 # its **mean** over the text's tokens (the max is kept too).
 
 # %%
-store = ActivationStore(Path(run_dir) / "activations")
-primary = TopKSAE.load(Path(run_dir) / "primary_sae" / "sae")
-nfm = NFM.load(Path(run_dir) / "nfm" / "nfm" / f"seed{seed}" / "model")
-sae2 = TopKSAE.load(Path(run_dir) / "secondary_sae" / "sae")
-
-
-def encode_primary(x):
-    return primary.encode(x * primary.cfg.input_scale)
-
-
-def encode_secondary(x):
-    return sae2.encode(secondary.embed(nfm, *encode_primary(x)) * sae2.cfg.input_scale)
-
-
-encoders = {"primary": (encode_primary, primary.cfg.n_latents), "secondary": (encode_secondary, sae2.cfg.n_latents)}
+decomposition = run.decomposition(nfm_seed)  # primary SAE -> NFM -> secondary SAE, as 04 left them
+encoders = {
+    "primary": (decomposition.primary_code, decomposition.primary.cfg.n_latents),
+    "secondary": (decomposition.secondary_code, decomposition.secondary.cfg.n_latents),
+}
 per_text = identification.text_activations(loaded, store.layer, stimuli["text"].tolist(), encoders)
 
 # %% [markdown]
@@ -115,24 +105,42 @@ for family in encoders:
         table = identification.feature_effects(cell_values)
         if pooling == "mean":
             effects[family] = table
-        counts.append({"family": family, "pooling": pooling, "features": len(table),
-                       **{f"{e} (q < {fdr_q})": int((table[f"{e}_q"] < fdr_q).sum())
-                          for e in ("formality", "emotion", "interaction")}})  # fmt: skip
+        counts.append(
+            {
+                "family": family,
+                "pooling": pooling,
+                "features": len(table),
+                **{
+                    f"{e} (q < {fdr_q})": int((table[f"{e}_q"] < fdr_q).sum())
+                    for e in ("formality", "emotion", "interaction")
+                },
+            }
+        )
 counts = pd.DataFrame(counts).set_index(["family", "pooling"])
-(Path(run_dir) / "identification").mkdir(exist_ok=True)
+run.begin_identification(nfm_seed)
 for family, table in effects.items():  # notebook 06 clamps the strongest secondary interaction features
-    table.to_csv(Path(run_dir) / "identification" / f"{family}_effects.csv", index=False)
+    table.to_csv(run.effects_path(nfm_seed, family), index=False)
 display(counts)
 for family, table in effects.items():
     fig = plots.effect_volcano(table, "interaction", fdr_q, title=f"{family} features: formality × emotion interaction")
-    plots.save(fig, run_dir, f"05_{family}_interaction_volcano")
+    plots.save(fig, run.root, f"05_{family}_interaction_volcano")
 
 # %% [markdown]
 # The strongest features per effect (q < the level), with their condition means.
 
 # %%
-columns = ["feature", "formality_eta2", "emotion_eta2", "interaction_eta2", "interaction_effect", "interaction_q",
-           "mean_formal_emotional", "mean_formal_neutral", "mean_casual_emotional", "mean_casual_neutral"]
+columns = [
+    "feature",
+    "formality_eta2",
+    "emotion_eta2",
+    "interaction_eta2",
+    "interaction_effect",
+    "interaction_q",
+    "mean_formal_emotional",
+    "mean_formal_neutral",
+    "mean_casual_emotional",
+    "mean_casual_neutral",
+]
 for family, table in effects.items():
     for effect in ("formality", "emotion", "interaction"):
         top = identification.rank(table, effect, n_top_features, fdr_q)
@@ -148,19 +156,30 @@ for family, table in effects.items():
 replication = {}
 for family in encoders:
     cell_values, _ = identification.cells(per_text[family]["mean"], stimuli)
-    replication[family] = identification.split_half_replication(cell_values, "interaction", n_top_features, fdr_q, seed)
-    print(f"{family}: {int(replication[family]['replicated'].sum())} of {len(replication[family])} "
-          "interaction-selected features replicate on the held-out items")
+    replication[family] = identification.split_half_replication(
+        cell_values, "interaction", n_top_features, fdr_q, replication_seed
+    )
+    print(
+        f"{family}: {int(replication[family]['replicated'].sum())} of {len(replication[family])} "
+        "interaction-selected features replicate on the held-out items"
+    )
     display(replication[family].style.format(precision=3).hide(axis="index"))
 
 # %%
-update_metrics(run_dir, "identification", {
-    **{f"{family}.{e}_selective": int((effects[family][f"{e}_q"] < fdr_q).sum())
-       for family in effects for e in ("formality", "emotion", "interaction")},
-    **{f"{family}.interaction_replicated": int(replication[family]["replicated"].sum()) for family in replication},
-    **{f"{family}.interaction_selected_on_half": len(replication[family]) for family in replication},
-    "fdr_q": fdr_q,
-})  # fmt: skip
+update_metrics(
+    run.root,
+    "identification",
+    {
+        **{
+            f"{family}.{e}_selective": int((effects[family][f"{e}_q"] < fdr_q).sum())
+            for family in effects
+            for e in ("formality", "emotion", "interaction")
+        },
+        **{f"{family}.interaction_replicated": int(replication[family]["replicated"].sum()) for family in replication},
+        **{f"{family}.interaction_selected_on_half": len(replication[family]) for family in replication},
+        "fdr_q": fdr_q,
+    },
+)
 
 # %% [markdown]
 # ## Feature browser
@@ -169,24 +188,38 @@ update_metrics(run_dir, "identification", {
 # distribution of their per-text activation, their 2x2 condition means, and the primary features and
 # pairs that drive them (exact contributions to the pre-activation over their 50 strongest held-out tokens).
 
+
 # %%
 def family_view(name, encode, effects_table, drivers=None):
     return widgets.FeatureFamily(
-        name, per_text[name]["mean"], stimuli, effects_table,
-        lambda text, feature: identification.token_activations(loaded, store.layer, text, encode, feature), drivers,
-    )  # fmt: skip
+        name,
+        per_text[name]["mean"],
+        stimuli,
+        effects_table,
+        lambda text, feature: identification.token_activations(loaded, store.layer, text, encode, feature),
+        drivers,
+    )
 
 
 def secondary_drivers(feature):
-    return secondary.drivers(nfm, sae2, feature, secondary.top_codes(primary, nfm, sae2, store, feature, n=50))
+    return secondary.drivers(
+        decomposition.nfm, decomposition.secondary, feature, secondary.top_codes(decomposition, store, feature, n=50)
+    )
 
 
-families = {"secondary": family_view("secondary", encode_secondary, effects["secondary"], secondary_drivers),
-            "primary": family_view("primary", encode_primary, effects["primary"])}  # fmt: skip
-suggested = {name: identification.rank(effects[name], "interaction", n_top_features, fdr_q)["feature"].tolist()
-             for name in families}  # fmt: skip
+families = {
+    "secondary": family_view("secondary", decomposition.secondary_code, effects["secondary"], secondary_drivers),
+    "primary": family_view("primary", decomposition.primary_code, effects["primary"]),
+}
+suggested = {
+    name: identification.rank(effects[name], "interaction", n_top_features, fdr_q)["feature"].tolist()
+    for name in families
+}
 if headless():
     shown = suggested["secondary"][:n_panels] or effects["secondary"].nlargest(n_panels, "interaction_eta2")["feature"]
     widgets.show_static(families["secondary"], list(shown))
 else:
     display(widgets.browser(families, suggested))
+
+# %%
+run.close()

@@ -32,59 +32,61 @@
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+nfm_seed: int = 0  # the NFM (one of 02's nfm_seeds) that 03-06 take apart
 clamp_features: int = 3  # strongest interaction-selective secondary features to clamp
 clamp_levels: str = "-1,-0.5,0.5,1"  # added multiples of each feature's largest observed activation
 max_items: int = 0  # stimulus items measured (0: all)
 n_permutations: int = 10_000  # sign-flip permutations per test
-n_boot: int = 2000  # item-level bootstrap resamples for effect-size intervals
-fdr_q: float = 0.05  # significance level after Holm's correction
+n_boot: int = 2000  # bootstrap resamples for every interval
+fdr_q: float = 0.05  # false-discovery (05) or family-wise (06) level
+clamp_seed: int = 0  # seeds the random-edit control and the statistics
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
-seed: int = 0  # NFM seed (as in 02-05); seeds the random control and the statistics
 
 # %%
-from pathlib import Path
-
-import pandas as pd
 from IPython.display import display
 
 from featint_utils import clamping, features, identification, models, plots
-from featint_utils.activations import ActivationStore, require_model
+from featint_utils.activations import require_model
 from featint_utils.corpus import load_prompt_frames, load_stimuli, load_wordlists
 from featint_utils.io import update_metrics
-from featint_utils.nfm import NFM
-from featint_utils.sae import TopKSAE
+from featint_utils.params import numbers
+from featint_utils.run import Run
+
+run = Run.open(run_dir, "06_clamping", globals())
 
 # %% [markdown]
 # ## What is clamped
 
 # %%
-run = Path(run_dir)
-store = ActivationStore(run / "activations")
+store = run.store()
 require_model(store, "06")
 loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
-primary = TopKSAE.load(run / "primary_sae" / "sae")
-nfm = NFM.load(run / "nfm" / "nfm" / f"seed{seed}" / "model")
-sae2 = TopKSAE.load(run / "secondary_sae" / "sae")
-decomposition = clamping.Decomposition(primary, nfm, sae2)
+decomposition = run.decomposition(nfm_seed)
+run.begin_clamping(nfm_seed)
 
-secondary_effects = pd.read_csv(run / "identification" / "secondary_effects.csv")
+secondary_effects = run.feature_effects(nfm_seed, "secondary")
 chosen = identification.rank(secondary_effects, "interaction", clamp_features, fdr_q)["feature"].tolist()
 if len(chosen) < clamp_features:  # too few significant: fill with the largest interaction effects, flagged below
     rest = secondary_effects[~secondary_effects["feature"].isin(chosen)].nlargest(clamp_features, "interaction_eta2")
     chosen += rest["feature"].tolist()[: clamp_features - len(chosen)]
-linear_feature = int(pd.read_csv(run / "nfm" / "attribution.csv").nlargest(1, "linear_share")["feature"].iloc[0])
-secondary_max = features.max_activations(sae2.encode, ActivationStore(run / "secondary" / "activations"),
-                                         sae2.cfg.n_latents)  # fmt: skip
-levels = [float(v) for v in clamp_levels.split(",")]
+linear_feature = int(run.attribution(nfm_seed).nlargest(1, "linear_share")["feature"].iloc[0])
+secondary_max = features.max_activations(
+    decomposition.secondary.encode, run.secondary_store(nfm_seed), decomposition.secondary.cfg.n_latents
+)
+levels = list(numbers(clamp_levels))
 sample = next(store.batches("val", 4096, shuffle=False, normalize=False))  # held-out tokens to size the edits
 linear_unit = clamping.matched_linear_unit(decomposition, chosen, secondary_max, linear_feature, sample)
 plan = clamping.clamp_plan(chosen, secondary_max, linear_feature, linear_unit, levels)
-plan["edit_norm"] = [clamping.edit_norm(decomposition, r.clamp, sample, r.control or None)
-                     for r in plan.fillna({"control": ""}).itertuples()]  # fmt: skip
+plan["edit_norm"] = [
+    clamping.edit_norm(decomposition, r.clamp, sample, r.control or None)
+    for r in plan.fillna({"control": ""}).itertuples()
+]
 shown = secondary_effects.set_index("feature").loc[chosen, ["interaction_eta2", "interaction_q", "formality_eta2"]]
 display(shown.assign(max_activation=secondary_max[chosen]))
-print(f"linear-path control: primary feature {linear_feature} (largest first-order variance share), "
-      f"added {linear_unit:.3f} per level unit so that its edits match the secondary ones in size")  # fmt: skip
+print(
+    f"linear-path control: primary feature {linear_feature} (largest first-order variance share), "
+    f"added {linear_unit:.3f} per level unit so that its edits match the secondary ones in size"
+)
 display(plan[["name", "edit_norm"]].style.format({"edit_norm": "{:.3f}"}).hide(axis="index"))
 
 # %% [markdown]
@@ -96,7 +98,9 @@ if loaded.is_causal_lm:
     readout_name = "bucket log-probability"
 
     def readout(clamp, control):
-        return clamping.causal_readout(loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, seed)
+        return clamping.causal_readout(
+            loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, clamp_seed
+        )
 else:
     stimuli = load_stimuli()
     if max_items:
@@ -106,16 +110,15 @@ else:
     readout_name = "cosine to the condition centroid"
 
     def readout(clamp, control):
-        pooled = clamping.pooled_embeddings(loaded, store.layer, texts, decomposition, clamp, control, seed=seed)
+        pooled = clamping.pooled_embeddings(loaded, store.layer, texts, decomposition, clamp, control, seed=clamp_seed)
         return clamping.encoder_readout(pooled, centroids, stimuli)
 
 
 clean, changes = clamping.run_clamps(readout, plan)
 tidy = clamping.tidy_changes(plan, changes)
-(run / "clamping").mkdir(exist_ok=True)
-tidy.to_csv(run / "clamping" / "changes.csv", index=False)
+tidy.to_csv(run.clamping_table(nfm_seed, "changes"), index=False)
 fig = plots.dose_response(tidy, readout_name)
-plots.save(fig, run_dir, "06_dose_response")
+plots.save(fig, run.root, "06_dose_response")
 
 # %% [markdown]
 # ## Non-additive effects
@@ -124,16 +127,19 @@ plots.save(fig, run_dir, "06_dose_response")
 # `vs_control_p` tests whether its contrast exceeds that of the random edit of the same size, unit by unit.
 
 # %%
-references = {r.name: r.name.replace("secondary ", "random, matched to ") for r in plan.itertuples()
-              if r.name.startswith("secondary ")}  # fmt: skip
-table = clamping.clamp_statistics(changes, n_permutations, n_boot, seed, references)
-table.to_csv(run / "clamping" / "statistics.csv", index=False)
+references = {
+    r.name: r.name.replace("secondary ", "random, matched to ")
+    for r in plan.itertuples()
+    if r.name.startswith("secondary ")
+}
+table = clamping.clamp_statistics(changes, n_permutations, n_boot, clamp_seed, references)
+table.to_csv(run.clamping_table(nfm_seed, "statistics"), index=False)
 display(table.style.format(precision=4).hide(axis="index"))
 fig = plots.effect_forest(table)
-plots.save(fig, run_dir, "06_interaction_effects")
+plots.save(fig, run.root, "06_interaction_effects")
 strongest_level = max(levels, key=abs)
 fig = plots.interaction_2x2(tidy, strongest_level, readout_name)
-plots.save(fig, run_dir, "06_interaction_2x2")
+plots.save(fig, run.root, "06_interaction_2x2")
 
 # %% [markdown]
 # ## What was and was not shown
@@ -141,11 +147,29 @@ plots.save(fig, run_dir, "06_interaction_2x2")
 # %%
 print(clamping.summary(table, plan, fdr_q))
 merged = table.merge(plan[["name", "group"]], left_on="condition", right_on="name")
-update_metrics(run_dir, "clamping", {
-    "features": [int(f) for f in chosen], "linear_control_feature": linear_feature, "levels": levels,
-    **{f"{group}.max_abs_interaction_contrast": float(rows["interaction_contrast"].abs().max())
-       for group, rows in merged.groupby("group")},
-    **{f"{group}.significant_levels": int((rows["holm_p"] < fdr_q).sum()) for group, rows in merged.groupby("group")},
-    **{f"{group}.beats_random_levels": int((rows["vs_control_holm_p"] < fdr_q).sum())
-       for group, rows in merged.groupby("group") if rows["vs_control_holm_p"].notna().any()},
-})  # fmt: skip
+update_metrics(
+    run.root,
+    "clamping",
+    {
+        "nfm_seed": nfm_seed,
+        "features": [int(f) for f in chosen],
+        "linear_control_feature": linear_feature,
+        "levels": levels,
+        **{
+            f"{group}.max_abs_interaction_contrast": float(rows["interaction_contrast"].abs().max())
+            for group, rows in merged.groupby("group")
+        },
+        **{
+            f"{group}.significant_levels": int((rows["holm_p"] < fdr_q).sum())
+            for group, rows in merged.groupby("group")
+        },
+        **{
+            f"{group}.beats_random_levels": int((rows["vs_control_holm_p"] < fdr_q).sum())
+            for group, rows in merged.groupby("group")
+            if rows["vs_control_holm_p"].notna().any()
+        },
+    },
+)
+
+# %%
+run.close()

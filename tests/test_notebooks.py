@@ -6,6 +6,7 @@ import jupytext
 import nbformat
 import pytest
 
+from featint_utils import params
 from featint_utils.runner import NOTEBOOKS_DIR
 
 SOURCES = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
@@ -48,3 +49,24 @@ def test_papermill_parses_every_parameter(source):
     cell = next(c for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", []))
     names = [line.split(":")[0] for line in cell.source.splitlines() if line.strip()]
     assert sorted(papermill.inspect_notebook(str(source.with_suffix(".ipynb")))) == sorted(names)
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_notebook_defaults_are_the_shared_defaults(source):
+    """ "Run All" in a notebook must be the same experiment as the embedded profile (whose values are these)."""
+    cell = next(c for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", []))
+    namespace: dict = {}
+    exec(cell.source, namespace)  # noqa: S102 (the notebook's own parameters cell)
+    declared = {k: v for k, v in namespace.items() if not k.startswith("__") and k != "run_dir"}
+    assert declared == params.defaults(source.stem)
+    assert all(type(declared[k]) is p.type for k, p in params.PARAMETERS[source.stem].items())
+
+
+def test_every_stage_has_a_notebook_and_every_notebook_a_stage():
+    assert [s.stem for s in SOURCES] == list(params.STAGES)
+
+
+def test_a_name_shared_by_stages_means_one_thing():
+    merged = params.all_parameters()  # raises if two stages define one name differently
+    assert {"device", "nfm_seed", "resume", "n_boot", "fdr_q"} <= set(merged)
+    assert "seed" not in merged  # every seed says what it seeds

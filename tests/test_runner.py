@@ -14,9 +14,7 @@ def test_unknown_profile_lists_the_available_ones():
 
 
 def test_unknown_parameter_is_an_error_naming_the_known_ones(tmp_path):
-    with pytest.raises(
-        runner.RunError, match=r"unknown parameter\(s\) \['leyer'\] in --set; notebooks declare: .*layer"
-    ):
+    with pytest.raises(runner.RunError, match=r"unknown parameter\(s\) \['leyer'\] in --set; known: .*layer"):
         runner.run("embedded", overrides={"leyer": "3"}, runs_dir=tmp_path)
     (tmp_path / "typo.toml").write_text('[parameters]\nmodle = "embedded"\n')
     with pytest.raises(runner.RunError, match=r"\['modle'\] in profile"):
@@ -24,11 +22,11 @@ def test_unknown_parameter_is_an_error_naming_the_known_ones(tmp_path):
 
 
 def test_set_values_are_cast_to_the_declared_type():
-    declared = {"nb": {"layer": {"inferred_type_name": "int"}, "val_fraction": {"inferred_type_name": "float"}}}
-    resolved = runner.resolve_parameters({}, {"layer": "2", "val_fraction": "0.5"}, declared)
-    assert resolved == {"layer": 2, "val_fraction": 0.5}
+    resolved = runner.resolve_parameters({}, {"layer": "2", "val_fraction": "0.25", "resume": "false"})
+    assert (resolved["layer"], resolved["val_fraction"], resolved["resume"]) == (2, 0.25, False)
+    assert resolved["sae_k"] == 32  # the shared default
     with pytest.raises(runner.RunError, match="expected int"):
-        runner.resolve_parameters({}, {"layer": "two"}, declared)
+        runner.resolve_parameters({}, {"layer": "two"})
     with pytest.raises(runner.RunError, match="key=value"):
         runner.parse_sets(["layer"])
 
@@ -47,11 +45,15 @@ def test_profile_environment_references(tmp_path, monkeypatch):
         runner.load_profile("env", tmp_path)
 
 
-def test_every_profile_declares_only_known_parameters():
-    declared = {nb.name: runner.declared_parameters(nb) for nb in runner.notebooks()}
+def test_every_profile_declares_only_known_and_valid_parameters():
     for name in runner.available_profiles():
         profile = runner.load_profile(name) if name == "embedded" else _raw_parameters(name)
-        runner.resolve_parameters(profile, {}, declared)
+        runner.resolve_parameters(profile, {})
+
+
+def test_the_embedded_profile_is_the_shared_defaults():
+    """So that "Run All" in a notebook (which uses the defaults) is `make run`."""
+    assert set(runner.load_profile("embedded")) <= {"corpus"}
 
 
 def _raw_parameters(name):
@@ -82,7 +84,7 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
         "power_pairs": "4",
         "conjunction_candidates": "4",
         "absorption_pairs": "4",
-        "n_seeds": "2",
+        "nfm_seeds": "0,1",
         "n_top_features": "5",
         "secondary_latents": "64",
         "secondary_k": "4",
@@ -96,38 +98,64 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
     }
     run_dir = runner.run("embedded", overrides=tiny, runs_dir=tmp_path)
     for nb in runner.notebooks():
-        assert (run_dir / "notebooks" / nb.name).exists()
+        assert (run_dir / "notebooks" / f"{nb.stem}.ipynb").exists()
         assert (run_dir / "reports" / f"{nb.stem}.html").stat().st_size > 10_000
     record = json.loads((run_dir / "run.json").read_text())
-    assert all(stage["status"] == "ok" for stage in record["stages"].values())
+    assert all(stage["status"] == "ok" for stage in record["stages"].values()) and len(record["stages"]) == 7
+    assert record["attempts"][-1]["status"] == "ok"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     headline = {
         "primary_sae": ["fvu", "l0", "dead_fraction", "cosine_spliced", "cosine_random"],
-        "contributions": ["residual_fvu.raw_ridge", "residual_fvu.code_ridge", "residual_fvu.nfm", "residual_fvu.mlp",
-                          "total_fvu.zero", "total_fvu.nfm", "gain_over_zero.nfm.ci_low",
-                          "interaction_share.over_linear.mean", "interaction_share.over_linear.ci_low",
-                          "interaction_share.over_linear.ci_high", "interaction_share.over_additive.mean",
-                          "interaction_share.pair_ridge.mean", "control.over_linear.mean",
-                          "control.over_linear.ci_low", "detection_limit", "absorbed_fraction",
-                          "conjunction_latents"],
+        "contributions": [
+            "residual_fvu.raw_ridge",
+            "residual_fvu.code_ridge",
+            "residual_fvu.nfm",
+            "residual_fvu.mlp",
+            "total_fvu.zero",
+            "total_fvu.nfm",
+            "gain_over_zero.nfm.ci_low",
+            "interaction_share.over_linear.mean",
+            "interaction_share.over_linear.ci_low",
+            "interaction_share.over_linear.ci_high",
+            "interaction_share.over_additive.mean",
+            "interaction_share.pair_ridge.mean",
+            "control.over_linear.mean",
+            "control.over_linear.ci_low",
+            "detection_limit",
+            "absorbed_fraction",
+            "conjunction_latents",
+        ],
         "secondary_sae": ["fvu", "l0", "dead_fraction", "nfm_learnt"],
-        "identification": ["primary.interaction_selective", "secondary.interaction_selective",
-                           "secondary.interaction_replicated"],
+        "identification": [
+            "primary.interaction_selective",
+            "secondary.interaction_selective",
+            "secondary.interaction_replicated",
+        ],
         "clamping": ["features", "linear_control_feature"],
-    }  # fmt: skip
+    }
     for section, keys in headline.items():
         assert set(keys) <= set(metrics[section]), (section, set(keys) - set(metrics[section]))
     undefined_allowed = {"detection_limit", "detection_limit.pair_ridge", "interaction_share.of_explained"}
     if not metrics["secondary_sae"]["nfm_learnt"]:  # an NFM at its start has no interaction part to rank
         undefined_allowed |= {"top_overlap", "top_overlap_chance"}
-    numbers = [v for section in metrics.values() for key, value in section.items()
-               if not (value is None and key in undefined_allowed)
-               for v in (value if isinstance(value, list) else [value])]  # fmt: skip
+    numbers = [
+        v
+        for section in metrics.values()
+        for key, value in section.items()
+        if not (value is None and key in undefined_allowed)
+        for v in (value if isinstance(value, list) else [value])
+    ]
     assert all(isinstance(v, int | float) and math.isfinite(v) for v in numbers)
     assert any(key.endswith("max_abs_interaction_contrast") for key in metrics["clamping"])
     assert metrics["contributions"]["n_seeds"] == 2
     store = ActivationStore(run_dir / "activations")
     assert len(store.manifest["split"]["train_groups"]) == 9 and len(store.manifest["split"]["val_groups"]) == 3
+    # The issue's fault: retrain the SAE, then a later stage must not read the NFMs fitted to the old residual.
+    executed = (run_dir / "notebooks" / "03_contributions.ipynb").read_text()
+    runner.run("embedded", only=["01"], overrides=tiny | {"sae_lr": "0.01"}, runs_dir=tmp_path, reports=False)
+    with pytest.raises(runner.RunError, match=r"StaleArtifactError.*earlier primary_sae.*--only 02"):
+        runner.run("embedded", only=["03"], overrides=tiny, runs_dir=tmp_path, reports=False)
+    assert (run_dir / "notebooks" / "03_contributions.ipynb").read_text() == executed  # the good one is kept
 
 
 def test_activations_from_a_file_run_stages_00_to_04_and_05_refuses(tmp_path):
@@ -137,14 +165,33 @@ def test_activations_from_a_file_run_stages_00_to_04_and_05_refuses(tmp_path):
     npz = planted.activations(8_000, d=32, n_features=128, k=4, interaction_share=0.05, doc_len=50).save_npz(
         tmp_path / "acts.npz"
     )
-    tiny = {"corpus": f"activations:{npz}", "val_fraction": "0.5", "sae_latents": "128", "sae_k": "4",
-            "sae_train_tokens": "8192", "sae_batch_size": "256", "nfm_batch_size": "128", "nfm_k_embed": "8",
-            "nfm_max_epochs": "2", "nfm_lr_grid": "3e-3", "n_seeds": "1", "pair_ridge_pairs": "32",
-            "power_shares": "0.05", "power_pairs": "4", "conjunction_candidates": "4", "absorption_pairs": "4",
-            "n_boot": "50", "n_top_features": "3", "secondary_latents": "32", "secondary_k": "4",
-            "secondary_train_tokens": "2048", "secondary_batch_size": "128"}  # fmt: skip
-    run_dir = runner.run("embedded", only=["00", "01", "02", "03", "04"], overrides=tiny, runs_dir=tmp_path,
-                         reports=False)  # fmt: skip
+    tiny = {
+        "corpus": f"activations:{npz}",
+        "val_fraction": "0.5",
+        "sae_latents": "128",
+        "sae_k": "4",
+        "sae_train_tokens": "8192",
+        "sae_batch_size": "256",
+        "nfm_batch_size": "128",
+        "nfm_k_embed": "8",
+        "nfm_max_epochs": "2",
+        "nfm_lr_grid": "3e-3",
+        "nfm_seeds": "0",
+        "pair_ridge_pairs": "32",
+        "power_shares": "0.05",
+        "power_pairs": "4",
+        "conjunction_candidates": "4",
+        "absorption_pairs": "4",
+        "n_boot": "50",
+        "n_top_features": "3",
+        "secondary_latents": "32",
+        "secondary_k": "4",
+        "secondary_train_tokens": "2048",
+        "secondary_batch_size": "128",
+    }
+    run_dir = runner.run(
+        "embedded", only=["00", "01", "02", "03", "04"], overrides=tiny, runs_dir=tmp_path, reports=False
+    )
     store = ActivationStore(run_dir / "activations")
     assert store.manifest["corpus"] == tiny["corpus"] and store.d_model == 32
     texts = store.texts()
@@ -158,7 +205,7 @@ def test_activations_from_a_file_run_stages_00_to_04_and_05_refuses(tmp_path):
 
 
 def test_failing_notebook_stops_the_run_and_is_named(tmp_path):
-    with pytest.raises(runner.RunError, match=r"notebook 00_activations.ipynb failed.*valid layers are 0\.\.6"):
+    with pytest.raises(runner.RunError, match=r"notebook 00_activations failed.*valid layers are 0\.\.6"):
         runner.run("embedded", overrides={"layer": "99"}, runs_dir=tmp_path, reports=False)
 
 

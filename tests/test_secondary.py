@@ -3,16 +3,17 @@ import pytest
 import torch
 
 from featint_utils import secondary
+from featint_utils.decomposition import Decomposition
 from featint_utils.nfm import NFM, NFMConfig
 from featint_utils.residuals import build_residual_data, split_fit_tune_test
 from featint_utils.sae import SAEConfig, TopKSAE
 from tests.conftest import random_store
 
 
-def trained_like_nfm(batch_norm: bool) -> NFM:
+def trained_like_nfm(batch_norm: bool, d_out: int = 6) -> NFM:
     """An NFM in eval mode with non-trivial batch-norm statistics and biases."""
     torch.manual_seed(0)
-    nfm = NFM(NFMConfig(40, 6, k_embed=8, batch_norm=batch_norm), seed=2)
+    nfm = NFM(NFMConfig(40, d_out, k_embed=8, batch_norm=batch_norm), seed=2)
     with torch.no_grad():
         nfm.hidden.bias.normal_()
         if batch_norm:
@@ -30,8 +31,9 @@ def test_pair_contributions_sum_exactly_to_the_pre_relu_vector(batch_norm):
     indices = torch.tensor([[3, 17, 5, 29, 0]])
     split = secondary.pair_attribution(nfm, values[0], indices[0])
     assert split.pairs.shape == (6, 2)  # 4 active latents: the zero-valued slot owns no pair
-    torch.testing.assert_close(split.contributions.sum(0) + split.constant, nfm(values, indices).hidden_pre[0],
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        split.contributions.sum(0) + split.constant, nfm(values, indices).hidden_pre[0], atol=1e-5, rtol=1e-5
+    )
 
 
 @torch.no_grad()
@@ -54,13 +56,13 @@ def test_embedding_store_holds_the_nfm_vectors_of_training_and_test_documents(tm
     store = random_store(tmp_path / "store", 200, 120)
     primary = TopKSAE(SAEConfig(d_in=16, n_latents=40, k=4, input_scale=store.scale), seed=0)
     test = split_fit_tune_test(build_residual_data(primary, store, tmp_path / "cache"), 0.2, 0.3)["test"]
-    nfm = trained_like_nfm(False)
-    vectors = secondary.build_embedding_store(primary, nfm, store, test, tmp_path / "vectors")
+    nfm = trained_like_nfm(False, d_out=16)  # it predicts the primary SAE's 16-wide residual
+    vectors = secondary.build_embedding_store(Decomposition(primary, nfm), store, test, tmp_path / "vectors")
     assert vectors.n_tokens("train") == 200 and vectors.n_tokens("val") == len(test)
     expected = nfm(*primary.encode(torch.from_numpy(store.load("train", normalize=True)))).hidden_pre
     np.testing.assert_allclose(vectors.load("train"), expected.detach().numpy(), atol=1e-5)
     assert list(vectors.tokens("val")["text_index"]) == list(test.document)
-    again = secondary.build_embedding_store(primary, nfm, store, test, tmp_path / "vectors")
+    again = secondary.build_embedding_store(Decomposition(primary, nfm), store, test, tmp_path / "vectors")
     assert again.manifest["created"] == vectors.manifest["created"]  # same inputs: reused, not rebuilt
     with pytest.raises(ValueError, match="has no Linear"):
-        secondary.embed(NFM(NFMConfig(40, 6, form="fm")), *primary.encode(torch.zeros(2, 16)))
+        Decomposition(primary, NFM(NFMConfig(40, 16, form="fm"))).nfm_vector(*primary.encode(torch.zeros(2, 16)))

@@ -1,0 +1,332 @@
+"""The run spine: lineage (nothing stale reused), integrity (nothing corrupt reused), locks, named runs, and the
+runner's handling of sources, profile names, failures and dead kernels. Each test is a fault that once let a
+run exit 0 with wrong results."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from featint_utils import params, runner
+from featint_utils.activations import ActivationStore, StoreError, reusable_store, store_from_arrays
+from featint_utils.io import update_metrics
+from featint_utils.nfm import NFM, NFMConfig
+from featint_utils.nfm_training import FitConfig
+from featint_utils.run import Run, RunLock, RunLockedError, StaleArtifactError
+from featint_utils.sae import SAEConfig, TopKSAE
+from featint_utils.sae_training import SAETrainer, TrainConfig
+from tests.conftest import random_store
+
+
+def _shard(store: ActivationStore, split: str = "val") -> str:
+    return store.manifest["splits"][split]["shards"][0]["acts"]
+
+
+# -- integrity ---------------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_a_shard_is_caught_and_the_store_is_not_reused(tmp_path):
+    store = random_store(tmp_path / "s", 200, 100)
+    request = store.manifest.get("request")
+    assert reusable_store(tmp_path / "s", request) is not None
+    path = tmp_path / "s" / _shard(store, "train")
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x55  # inside the last activation: the shape still checks out
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="does not match its checksum"):
+        ActivationStore(tmp_path / "s").verify()
+    assert reusable_store(tmp_path / "s", request) is None  # rebuilt, not reused
+
+
+def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    from featint_utils import activations
+
+    store = random_store(tmp_path / "s", 200, 100)
+    hashed = []
+    real = activations._sha256
+    monkeypatch.setattr(activations, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    store.verify()
+    assert len(hashed) == len(store.checksummed_files())  # the first check reads every file
+    hashed.clear()
+    ActivationStore(tmp_path / "s").verify()
+    assert hashed == []  # nothing changed: nothing read again
+    shard = tmp_path / "s" / _shard(store)
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))
+    ActivationStore(tmp_path / "s").verify()
+    assert hashed == [shard.name]  # only the touched file
+
+
+def test_nan_in_a_val_shard_is_a_clear_error_not_a_nan_metric(tmp_path):
+    store = random_store(tmp_path / "activations", 200, 100)
+    acts = np.load(tmp_path / "activations" / _shard(store), mmap_mode="r+")
+    acts[3, 2] = np.nan
+    acts.flush()
+    with pytest.raises(StoreError, match="does not match its checksum"):
+        Run(tmp_path).store()  # the spine verifies before any stage reads
+    with pytest.raises(StoreError, match="non-finite activations .* val split"):
+        list(ActivationStore(tmp_path / "activations").batches("val", 64, shuffle=False))  # and every reader checks
+
+
+def test_an_unreadable_manifest_is_a_store_error_and_the_store_is_rebuilt(tmp_path):
+    random_store(tmp_path / "s", 50, 20)
+    manifest = tmp_path / "s" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])
+    with pytest.raises(StoreError, match="unreadable"):
+        ActivationStore(tmp_path / "s")
+    assert reusable_store(tmp_path / "s", None) is None
+
+
+def test_all_zero_activations_are_refused(tmp_path):
+    with pytest.raises(StoreError, match="every training activation is zero"):
+        store_from_arrays(tmp_path / "s", {"train": np.zeros((20, 4)), "val": np.zeros((5, 4))})
+
+
+def test_non_finite_metrics_and_losses_are_errors(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"\['fvu'\]"):
+        update_metrics(tmp_path, "primary_sae", {"fvu": float("nan"), "l0": 32.0})
+    assert not (tmp_path / "metrics.json").exists()
+    update_metrics(tmp_path, "x", {"limit": None, "features": [1, 2]})  # undefined is not non-finite
+    store = random_store(tmp_path / "s", 512, 64)
+    trainer = SAETrainer(store, 32, 4, TrainConfig(train_tokens=4096, batch_size=128, lr=1e30), tmp_path / "sae")
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        trainer.train(resume=False)
+    assert not (tmp_path / "sae" / "sae").exists()  # no SAE saved from a diverged run
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("sae_lr", "inf", "must be finite"),
+        ("sae_lr", "-1e-3", "zero or more"),
+        ("sae_train_tokens", "-5", "positive"),
+        ("sae_batch_size", "0", "positive"),
+        ("val_fraction", "1.0", "between 0 and 1"),
+        ("nfm_seeds", "0,0", "distinct"),
+        ("clamp_levels", "0,1", "non-zero"),
+        ("device", "gpu", "auto, cpu"),
+        ("sae_k", "5000", "exceeds sae_latents"),
+        ("sae_train_tokens", "100", "less than one batch"),
+        ("test_fraction", "0.9", "no documents to fit"),
+    ],
+)
+def test_degenerate_settings_are_refused_before_anything_runs(tmp_path, name, raw, message):
+    with pytest.raises(runner.RunError, match=message):
+        runner.run("embedded", overrides={name: raw}, run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_library_configs_refuse_degenerate_values():
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        TrainConfig(train_tokens=100, batch_size=0)
+    with pytest.raises(ValueError, match="lr must be finite"):
+        TrainConfig(train_tokens=100, batch_size=10, lr=float("inf"))
+    with pytest.raises(ValueError, match="lr must be positive"):
+        FitConfig(lr=float("nan"))
+
+
+# -- lineage -----------------------------------------------------------------------------------------
+
+
+def _primary(run: Run, seed: int) -> TopKSAE:
+    """A primary SAE saved as stage 01 would, recorded as made from the run's current store."""
+    run.begin_primary_sae()
+    sae = TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_scale=run.store().scale), seed=seed)
+    sae.save(run.primary_dir / "sae")
+    return sae
+
+
+def _fitted_nfm(run: Run) -> None:
+    """An NFM of seed 0 saved as stage 02 would."""
+    run.begin_nfm_stage()
+    NFM(NFMConfig(32, 16, k_embed=8), seed=0).save(run.nfm_model_dir(0))
+
+
+def _run(tmp_path) -> Run:
+    random_store(tmp_path / "activations", 200, 100)
+    values = {**{k: v for s in params.STAGES for k, v in params.defaults(s).items()}}
+    return Run(tmp_path, "02_nfm", values)
+
+
+def test_a_retrained_sae_makes_the_nfm_stage_start_again_and_readers_refuse_the_old_nfms(tmp_path, capsys):
+    run = _run(tmp_path)
+    _primary(run, seed=0)
+    _fitted_nfm(run)
+    assert run.nfm(0).cfg.k_embed == 8  # up to date: readable
+    _primary(Run(tmp_path, "01_primary_sae", run.params), seed=1)  # stage 01 again, other weights
+    fresh = Run(tmp_path, "02_nfm", run.params)
+    with pytest.raises(StaleArtifactError, match=r"earlier primary_sae.*--only 02"):
+        fresh.nfm(0)  # 03-06 refuse an NFM fitted to the old SAE's residual
+    fresh.begin_nfm_stage()  # stage 02 again: the old fits are gone, not resumed
+    assert "its inputs changed (primary_sae)" in capsys.readouterr().out
+    assert not fresh.nfm_model_dir(0).exists()
+
+
+def test_a_rebuilt_store_makes_readers_refuse_the_old_sae(tmp_path):
+    run = _run(tmp_path)
+    _primary(run, seed=0)
+    random_store(tmp_path / "activations", 300, 100)  # stage 00 again, e.g. at another layer
+    with pytest.raises(StaleArtifactError, match=r"primary SAE .* earlier store.*--only 01"):
+        Run(tmp_path, "02_nfm", run.params).primary_sae()
+
+
+def test_a_changed_setting_starts_the_artifact_again_and_an_unchanged_one_keeps_it(tmp_path, capsys):
+    run = _run(tmp_path)
+    _primary(run, seed=0)
+    (run.primary_dir / "checkpoint").mkdir()
+    Run(tmp_path, "01_primary_sae", run.params).begin_primary_sae()
+    assert (run.primary_dir / "checkpoint").exists()  # same inputs: an interrupted training resumes
+    Run(tmp_path, "01_primary_sae", run.params | {"sae_k": 16}).begin_primary_sae()
+    assert not (run.primary_dir / "checkpoint").exists()
+    assert "its inputs changed (sae_k)" in capsys.readouterr().out
+
+
+def test_an_nfm_seed_that_02_did_not_fit_is_named(tmp_path):
+    run = _run(tmp_path)
+    _primary(run, seed=0)
+    _fitted_nfm(run)
+    with pytest.raises(StaleArtifactError, match="no NFM of seed 3 .*seed0"):
+        run.nfm(3)
+
+
+def test_a_finished_training_keeps_no_optimizer_state_unless_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    store = random_store(tmp_path / "s", 512, 64)
+    for keep in (False, True):
+        out = tmp_path / f"keep{keep}"
+        SAETrainer(store, 32, 4, TrainConfig(train_tokens=1024, batch_size=128), out).train(keep_optimizer=keep)
+        keys = load_file(str(out / "checkpoint" / "state.safetensors"))
+        assert any(k.startswith("adam.") for k in keys) == keep
+        again = SAETrainer(store, 32, 4, TrainConfig(train_tokens=1024, batch_size=128), out)
+        torch.testing.assert_close(again.train().W_dec, TopKSAE.load(out / "sae").W_dec)  # returns at once
+
+
+# -- locks and names ---------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_with_the_holders_name(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire("stage 02_nfm")
+    with pytest.raises(RunLockedError, match=r"in use by stage 02_nfm \(pid \d+"):
+        RunLock(tmp_path).acquire("stage 03_contributions")
+    with pytest.raises(runner.RunError, match="in use by stage 02_nfm"):
+        runner.run("embedded", run_dir=tmp_path)
+    first.release()
+    second = RunLock(tmp_path)
+    second.acquire("another")  # free again once released
+    second.release()
+
+
+def test_profile_and_run_names_cannot_escape(tmp_path):
+    for bad in ("../profiles/embedded", "/etc/passwd", "a/b", ".."):
+        with pytest.raises(runner.RunError, match="not allowed"):
+            runner.run(bad)
+        with pytest.raises(runner.RunError, match="not allowed"):
+            runner.run("embedded", name=bad)
+    assert runner.run_directory("embedded", runs_dir=tmp_path) == tmp_path.resolve() / "embedded"
+    assert runner.run_directory("embedded", name="k16", runs_dir=tmp_path) == tmp_path.resolve() / "k16"
+    assert runner.run_directory("embedded", run_dir=tmp_path / "x") == (tmp_path / "x").resolve()
+
+
+# -- the runner: sources, failures, dead kernels -----------------------------------------------------
+
+NOTEBOOK = """# %% tags=["parameters"]
+run_dir: str = ""
+
+# %%
+from pathlib import Path
+
+from featint_utils.io import update_metrics
+
+{body}
+"""
+
+
+def _notebooks(tmp_path, body: str, stale_twin: bool = False):
+    import jupytext
+
+    directory = tmp_path / "notebooks"
+    directory.mkdir(exist_ok=True)
+    source = directory / "00_activations.py"
+    source.write_text(NOTEBOOK.format(body=body))
+    if stale_twin:  # an .ipynb that says something else: the runner must not execute it
+        jupytext.write(
+            jupytext.reads(NOTEBOOK.format(body="raise RuntimeError('stale twin ran')"), "py:percent"),
+            source.with_suffix(".ipynb"),
+        )
+    return directory
+
+
+def test_the_runner_executes_the_py_source_not_a_stale_ipynb(tmp_path):
+    body = 'update_metrics(run_dir, "probe", {"ran": "py source"})'
+    nbs = _notebooks(tmp_path, body, stale_twin=True)
+    root = runner.run("embedded", only=["00"], notebooks_dir=nbs, run_dir=tmp_path / "r", reports=False)
+    assert json.loads((root / "metrics.json").read_text())["probe"]["ran"] == "py source"
+
+
+def test_a_failed_rerun_keeps_the_last_good_notebook_and_metrics_and_records_the_attempt(tmp_path):
+    good = 'update_metrics(run_dir, "probe", {"value": 1.0})\nprint("good run")'
+    root = runner.run(
+        "embedded", only=["00"], notebooks_dir=_notebooks(tmp_path, good), run_dir=tmp_path / "r", reports=False
+    )
+    executed = (root / "notebooks" / "00_activations.ipynb").read_text()
+    bad = 'update_metrics(run_dir, "probe", {"value": 2.0})\nraise ValueError("broken on purpose")'
+    with pytest.raises(runner.RunError, match="broken on purpose"):
+        runner.run("embedded", only=["00"], notebooks_dir=_notebooks(tmp_path, bad), run_dir=root, reports=False)
+    assert (root / "notebooks" / "00_activations.ipynb").read_text() == executed
+    assert json.loads((root / "metrics.json").read_text())["probe"]["value"] == 1.0
+    assert "broken on purpose" in (root / "attempts" / "00_activations.ipynb").read_text()
+    record = json.loads((root / "run.json").read_text())
+    assert [a["status"] for a in record["attempts"]] == ["ok", "failed"]
+    assert record["stages"]["00_activations"]["status"] == "ok"  # the last good execution
+
+
+def test_a_dead_kernel_is_a_clear_error_and_the_run_is_recorded_as_failed(tmp_path):
+    body = "import os\nimport signal\n\nos.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(runner.RunError, match="kernel running 00_activations died"):
+        runner.run(
+            "embedded", only=["00"], notebooks_dir=_notebooks(tmp_path, body), run_dir=tmp_path / "r", reports=False
+        )
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert record["attempts"][-1]["status"] == "failed"
+    assert "died" in record["attempts"][-1]["stages"]["00_activations"]["error"]
+
+
+def test_written_files_are_readable_by_the_group(tmp_path):
+    from featint_utils.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_run_dir_is_not_a_parameter_a_profile_or_set_can_change():
+    with pytest.raises(runner.RunError, match=r"unknown parameter\(s\) \['run_dir'\]"):
+        runner.resolve_parameters({}, {"run_dir": "/elsewhere"})
+
+
+def test_a_finished_nfm_fit_keeps_its_best_weights_only_unless_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    from featint_utils.nfm_training import ResidualTrainer
+    from featint_utils.residuals import code_data_from_arrays, split_fit_tune
+
+    rng = np.random.default_rng(0)
+    indices = np.stack([rng.choice(20, 3, replace=False) for _ in range(600)])
+    data = code_data_from_arrays(rng.exponential(size=(600, 3)) + 0.1, indices, rng.normal(size=(600, 4)))
+    fit, tune = split_fit_tune(data, 0.25)
+    for keep in (False, True):
+        cfg = FitConfig(batch_size=64, lr=3e-3, max_epochs=3, patience=100, keep_optimizer=keep)
+        out = tmp_path / f"keep{keep}"
+        model = ResidualTrainer(NFM(NFMConfig(20, 4, k_embed=4), seed=0), fit, tune, cfg, out).train()
+        keys = load_file(str(out / "checkpoint" / "state.safetensors"))
+        assert any(k.startswith("adam.") for k in keys) == keep and any(k.startswith("model.") for k in keys) == keep
+        again = ResidualTrainer(NFM(NFMConfig(20, 4, k_embed=4), seed=0), fit, tune, cfg, out)
+        for a, b in zip(model.state_dict().values(), again.train().state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b)  # a finished fit returns its best weights without training
+        assert again.epoch == 3
