@@ -54,11 +54,20 @@ def test_unclamped_splice_reproduces_a_tiny_causal_lm(causal_dir):
     dec = decomposition(loaded.d_model, scale=2.0)
     clean = spliced_output(loaded, 1, None, text="the cat sat on the mat")
     assert (spliced_output(loaded, 1, dec, text="the cat sat on the mat") - clean).abs().max() <= 1e-5
-    ids = clamping.bucket_token_ids(loaded.tokenizer, {c: ["cat", "dog", "mat"] for c in CONDITIONS})
+    words = dict(zip(CONDITIONS, (["cat"], ["dog", "mat"], ["river"], ["window", "house", "cat"])))
+    ids = clamping.bucket_token_ids(loaded.tokenizer, words)
+    assert ids == {c: sorted(loaded.tokenizer.convert_tokens_to_ids(ws)) for c, ws in words.items()}
     frames = ["the cat sat on the", "a quick brown fox"]
     base = clamping.causal_readout(loaded, 1, frames, ids)
     np.testing.assert_allclose(clamping.causal_readout(loaded, 1, frames, ids, dec), base, atol=1e-5)
-    assert base.shape == (2, 4) and np.isfinite(base).all()
+    expected = np.zeros((2, 4))  # the mean next-token log-probability of each bucket, condition by condition
+    for f, frame in enumerate(frames):
+        with torch.no_grad():
+            logits = loaded.model(**loaded.tokenizer(frame, return_tensors="pt")).logits[0, -1]
+        logp = torch.log_softmax(logits.double(), -1)
+        expected[f] = [float(np.mean([logp[i] for i in ids[c]])) for c in CONDITIONS]
+    np.testing.assert_allclose(base, expected, rtol=1e-5)
+    assert len(np.unique(base.round(4))) == 8  # distinct buckets and frames: a swap of either would show
 
 
 def test_clamps_change_only_their_path_and_the_random_control_matches_their_size():
@@ -82,6 +91,64 @@ def test_clamps_change_only_their_path_and_the_random_control_matches_their_size
         Clamp("secondary", 3, "double", 2.0)
 
 
+def test_clamps_move_the_output_by_known_amounts_where_the_relu_is_linear():
+    """Every pre-ReLU unit sits far above 0 (hidden bias 40), so ``Linear(K,d)(ReLU(h))`` is affine near ``h``:
+    a secondary edit of ``delta`` moves the layer output by exactly ``delta * scale_out * W_out d_s /
+    (secondary scale * primary scale)``, and a first-order edit by ``(new - old) w_i / primary scale``."""
+    p_scale, s_scale, out_scale = 0.5, 2.0, 1.5
+    primary = TopKSAE(SAEConfig(d_in=24, n_latents=64, k=8, input_scale=p_scale), seed=0)
+    nfm = NFM(NFMConfig(64, 24, k_embed=16, dropout=0.0), seed=1)
+    second = TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_scale=s_scale), seed=2)
+    with torch.no_grad():
+        nfm.linear_weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        nfm.embeddings.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        nfm.hidden.bias.fill_(40.0)
+        nfm.output_scale.fill_(out_scale)
+        second.b_enc[DEAD] = -1e6
+    dec = Decomposition(primary, nfm, second)
+    x = torch.randn(12, 24, generator=torch.Generator().manual_seed(2)) * 3
+    values, indices = primary.encode(x * p_scale)
+    with torch.no_grad():
+        h = nfm(values, indices).hidden_pre
+        s_values, s_indices = second.encode(h * s_scale)
+    assert h.min() > 20  # the premise: the edits below stay where the ReLU is the identity
+    plain = dec.edit(x)
+
+    def unit(feature):  # the output change of a secondary edit of +1, raw units
+        return out_scale * nfm.out.weight.detach() @ second.W_dec.detach()[feature] / (s_scale * p_scale)
+
+    firing = int(s_indices[0, 0])
+    current = (s_values * (s_indices == firing)).sum(1)
+    assert (current > 0).any()
+    linear_feature = int(indices[0, 0])
+    linear_current = (values * (indices == linear_feature)).sum(1)
+    assert 0 < int((linear_current > 0).sum()) < len(x)  # active on some tokens only
+    for clamp in (
+        Clamp("secondary", firing, "add", 0.0),
+        Clamp("secondary", firing, "multiply", 1.0),
+        Clamp("linear", linear_feature, "add", 0.0),
+        Clamp("linear", linear_feature, "multiply", 1.0),
+    ):
+        assert torch.equal(dec.edit(x, clamp), plain), clamp  # a no-op edit reproduces the splice exactly...
+        random = dec.edit(x, clamp, control="random", generator=torch.Generator().manual_seed(0))
+        assert torch.equal(random, plain), clamp  # ...and so does its size-matched random control
+    for value in (5.0, -2.0):
+        change = dec.edit(x, Clamp("secondary", firing, "add", value)) - plain
+        torch.testing.assert_close(change, (value * unit(firing)).expand_as(change), atol=1e-4, rtol=1e-4)
+        size = clamping.edit_norm(dec, Clamp("secondary", firing, "add", value), x)
+        assert size == pytest.approx(abs(value) * float(unit(firing).norm()), rel=1e-4)
+    change = dec.edit(x, Clamp("secondary", firing, "set", 0.0)) - plain  # removes exactly what was there
+    torch.testing.assert_close(change, -current[:, None] * unit(firing), atol=1e-4, rtol=1e-4)
+    change = dec.edit(x, Clamp("secondary", DEAD, "set", 3.0)) - plain  # a silent feature's value is 0: set = add
+    torch.testing.assert_close(change, (3.0 * unit(DEAD)).expand_as(change), atol=1e-4, rtol=1e-4)
+    change = dec.edit(x, Clamp("linear", linear_feature, "multiply", 3.0)) - plain
+    expected = 2.0 * linear_current[:, None] * nfm.linear_weight.detach()[linear_feature] / p_scale
+    torch.testing.assert_close(change, expected, atol=1e-5, rtol=1e-4)  # zero where the feature is silent
+    change = dec.edit(x, Clamp("linear", linear_feature, "set", 1.0)) - plain
+    expected = (1.0 - linear_current[:, None]) * nfm.linear_weight.detach()[linear_feature] / p_scale
+    torch.testing.assert_close(change, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_hook_is_removed_after_an_exception(embedded):
     module = models.hook_module(embedded.model, 3)
     before = len(module._forward_hooks)
@@ -96,8 +163,27 @@ def test_centroids_leave_the_measured_item_out():
     embeddings = torch.arange(12 * 2, dtype=torch.float32).view(12, 2)
     centroids = clamping.leave_item_out_centroids(embeddings, stimuli)
     torch.testing.assert_close(centroids[0, 1], (embeddings[5] + embeddings[9]) / 2)  # item a, formal_neutral
-    readout = clamping.encoder_readout(embeddings + 1.0, centroids, stimuli)
-    assert readout.shape == (3, 4)
+    # the same on five items whose rows are in no particular order, and the readout from those centroids
+    order = np.random.default_rng(0).permutation(20)
+    stimuli = pd.DataFrame(
+        {"item_id": np.repeat(["e", "b", "d", "a", "c"], 4)[order], "condition": np.array(list(CONDITIONS) * 5)[order]}
+    )
+    embeddings = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    centroids = clamping.leave_item_out_centroids(embeddings, stimuli)
+    items, conditions = stimuli["item_id"].to_numpy(), stimuli["condition"].to_numpy()
+    for t in range(20):
+        for c, condition in enumerate(CONDITIONS):
+            others = (conditions == condition) & (items != items[t])
+            assert others.sum() == 4
+            torch.testing.assert_close(centroids[t, c], embeddings[others].mean(0))
+    readout = clamping.encoder_readout(embeddings, centroids, stimuli)
+    for i, item in enumerate(sorted(set(items))):  # rows in sorted item order
+        rows = np.flatnonzero(items == item)
+        for c in range(4):
+            cosines = [
+                float(embeddings[t] @ centroids[t, c] / (embeddings[t].norm() * centroids[t, c].norm())) for t in rows
+            ]
+            assert readout[i, c] == pytest.approx(np.mean(cosines), abs=1e-6)
 
 
 def test_clamp_statistics_find_a_planted_non_additive_effect_and_hold_their_false_positive_rate():

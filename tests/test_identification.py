@@ -22,8 +22,11 @@ def test_block_anova_matches_statsmodels():
     ours = stats.block_anova(cells)
     for f in range(3):
         reference = stats.block_anova_statsmodels(cells[:, :, f])
-        for effect, term in (("formality", "C(formality)"), ("emotion", "C(emotion)"),
-                             ("interaction", "C(formality):C(emotion)")):  # fmt: skip
+        for effect, term in (
+            ("formality", "C(formality)"),
+            ("emotion", "C(emotion)"),
+            ("interaction", "C(formality):C(emotion)"),
+        ):
             assert ours[f"{effect}_F"][f] == pytest.approx(reference.loc[term, "F"], rel=1e-6)
             assert ours[f"{effect}_p"][f] == pytest.approx(reference.loc[term, "PR(>F)"], rel=1e-6)
             ss, ss_res = reference.loc[term, "sum_sq"], reference.loc["Residual", "sum_sq"]
@@ -46,6 +49,45 @@ def test_planted_formal_emotional_feature_is_found_and_replicates_on_held_out_it
     replication = identification.split_half_replication(cells, "interaction", n_select=5, seed=3)
     assert 0 in set(replication["feature"])
     assert bool(replication.set_index("feature").loc[0, "replicated"])
+
+
+def test_each_planted_effect_is_found_on_its_own_effect_only_and_item_effects_are_blocked_out():
+    """Features 0, 1, 2 carry a pure formality, emotion and interaction pattern of +-1 over the four cells
+    (the rows of ``stats.CONTRASTS``); features 3..22 are nulls. Known answers: formality and emotion effects
+    of 2 (mean of +1 cells minus mean of -1 cells), an interaction effect of 4 ((FE - FN) - (CE - CN)), and
+    partial eta-squared ~ 0.84 on the planted effect (SS = n * 4^2 / 4 against a residual 0.25 * 3 (n - 1))."""
+    rng = np.random.default_rng(0)
+    n_items, n_features = 120, 23
+    cells = rng.normal(size=(n_items, 4, n_features)) * 0.5
+    for f, effect in enumerate(stats.EFFECTS):
+        cells[:, :, f] += stats.CONTRASTS[effect]
+    effects = identification.feature_effects(cells)
+    assert list(effects["feature"]) == list(range(n_features))
+    for f, effect in enumerate(stats.EFFECTS):
+        planted = effects.iloc[f]
+        assert planted[f"{effect}_effect"] == pytest.approx(4.0 if effect == "interaction" else 2.0, abs=0.3)
+        assert 0.75 < planted[f"{effect}_eta2"] < 0.92 and planted[f"{effect}_q"] < 1e-10, effect
+        others = [e for e in stats.EFFECTS if e != effect]
+        assert all(planted[f"{e}_eta2"] < 0.05 for e in others), (effect, planted)
+        assert effects[f"{effect}_eta2"].drop(f).max() < 0.05  # no other feature shows this effect
+        assert list(identification.rank(effects, effect, 5)["feature"]) == [f]  # no null survives BH at 0.05
+        ranked = identification.rank(effects, effect, 4, q=1.0)  # every feature kept: ordered by eta-squared
+        assert ranked["feature"].iloc[0] == f and (np.diff(ranked[f"{effect}_eta2"]) <= 0).all()
+        p, q = effects[f"{effect}_p"].to_numpy(), effects[f"{effect}_q"].to_numpy()
+        assert (q >= p).all() and (np.diff(q[np.argsort(p)]) >= 0).all()  # BH keeps the order of p
+    for c, condition in enumerate(CONDITIONS):
+        np.testing.assert_allclose(effects[f"mean_{condition}"], cells[:, c].mean(0))
+    # the item is a block: a per-item offset (here huge) changes no effect, F, p or eta-squared
+    shifted = identification.feature_effects(cells + rng.normal(size=(n_items, 1, n_features)) * 100)
+    for effect in stats.EFFECTS:
+        for column in ("effect", "F", "p", "eta2"):
+            np.testing.assert_allclose(
+                shifted[f"{effect}_{column}"],
+                effects[f"{effect}_{column}"],
+                rtol=1e-6,
+                atol=1e-12,
+                err_msg=f"{effect}_{column}",
+            )
 
 
 def test_null_features_hold_the_nominal_false_discovery_rate():
@@ -104,19 +146,30 @@ def test_text_activations_pool_real_tokens_only_on_unequal_length_batches(embedd
 
 
 def _family(drivers=None):
-    stimuli = pd.DataFrame({"text": [f"text {i}" for i in range(8)], "condition": list(CONDITIONS) * 2,
-                            "item_id": ["a"] * 4 + ["b"] * 4})  # fmt: skip
+    stimuli = pd.DataFrame(
+        {"text": [f"text {i}" for i in range(8)], "condition": list(CONDITIONS) * 2, "item_id": ["a"] * 4 + ["b"] * 4}
+    )
     per_text = np.random.default_rng(0).uniform(size=(8, 3))
     cells, _ = identification.cells(per_text, stimuli)
     return widgets.FeatureFamily(
-        "secondary", per_text, stimuli, identification.feature_effects(cells),
-        lambda text, feature: pd.DataFrame({"token": text.split(), "activation": [0.1, 0.9]}), drivers,
-    )  # fmt: skip
+        "secondary",
+        per_text,
+        stimuli,
+        identification.feature_effects(cells),
+        lambda text, feature: pd.DataFrame({"token": text.split(), "activation": [0.1, 0.9]}),
+        drivers,
+    )
 
 
-def test_feature_panel_and_browser_build_without_a_front_end():
-    drivers = lambda f: (pd.DataFrame({"feature_i": [1], "feature_j": [2], "contribution": [0.5]}),  # noqa: E731
-                         pd.DataFrame({"primary_feature": [1], "contribution": [0.25]}))  # fmt: skip
+def test_feature_panel_and_browser_build_without_a_front_end(monkeypatch):
+    import IPython.display
+
+    shown = []  # what the browser displays: no front end is attached, so record it instead
+    monkeypatch.setattr(IPython.display, "display", lambda *objects, **_: shown.extend(objects))
+    drivers = lambda f: (
+        pd.DataFrame({"feature_i": [1], "feature_j": [2], "contribution": [0.5]}),  # noqa: E731
+        pd.DataFrame({"primary_feature": [1], "contribution": [0.25]}),
+    )
     family = _family(drivers)
     text, fig = widgets.panel(family, 1)
     assert "secondary feature 1" in text and "rgba(220, 80, 60, 1.00)" in text and "Driving pairs" in text
@@ -126,5 +179,19 @@ def test_feature_panel_and_browser_build_without_a_front_end():
     browser = widgets.browser({"secondary": family}, {"secondary": [2, 0]})
     family_choice, feature_choice = browser.children[0].children
     assert feature_choice.value == "2" and list(feature_choice.options) == ["2", "0"]
+    # the first suggestion's panel, drawn once
+    assert [type(o).__name__ for o in shown] == ["HTML", "Figure"] and shown[0].data == widgets.panel(family, 2)[0]
+    shown.clear()
     feature_choice.value = "0"  # re-renders through the observer, with no front end attached
+    assert [type(o).__name__ for o in shown] == ["HTML", "Figure"] and shown[0].data == widgets.panel(family, 0)[0]
+    row = family.effects.set_index("feature").loc[0]
+    assert "<h4>secondary feature 0</h4>" in shown[0].data
+    assert f"interaction: η²={row['interaction_eta2']:.3f}, q={row['interaction_q']:.2g}" in shown[0].data
+    top = int(np.argmax(family.per_text[:, 0]))  # the panel lists the feature's strongest text first
+    assert f"<li><b>{family.per_text[top, 0]:.3f}</b> <i>{family.stimuli['condition'][top]}</i>" in shown[0].data
+    shown.clear()
     feature_choice.value = "99"  # an unknown feature is reported, not raised
+    assert len(shown) == 1 and "secondary feature 99 does not exist (0..2)" in shown[0].data
+    shown.clear()
+    feature_choice.value = "x"  # not an index: nothing is rendered
+    assert shown == []

@@ -100,9 +100,98 @@ def test_variance_attribution_finds_the_planted_pair_and_linear_shares_sum_to_on
     top = contributions.top_features(attribution, 2)
     assert set(top["interaction"]) == {0, 1}
     overlap = contributions.top_feature_overlap(attribution, 5)
-    assert 0 <= overlap["shared"] <= 5 and overlap["chance_shared"] == pytest.approx(25 / N_LAT)
-    strength = contributions.interaction_strength(nfm, np.array([0, 1, 5]))
-    assert strength.shape == (3, 3) and np.allclose(strength.values, strength.values.T)
+    top5 = contributions.top_features(attribution, 5)
+    shared = sorted(set(top5["linear"]) & set(top5["interaction"]))
+    assert overlap["shared_features"] == shared and overlap["shared"] == len(shared)
+    assert overlap["jaccard"] == pytest.approx(len(shared) / len(set(top5["linear"]) | set(top5["interaction"])))
+    assert overlap["chance_shared"] == pytest.approx(25 / N_LAT)  # every latent fires on these tokens
+    features = np.array([0, 1, 5])
+    strength = contributions.interaction_strength(nfm, features)
+    v = nfm.embeddings.detach().double().numpy()
+    by_hand = [[sum(v[i, k] * v[j, k] for k in range(v.shape[1])) for j in features] for i in features]
+    assert list(strength.index) == list(strength.columns) == ["0", "1", "5"]
+    np.testing.assert_allclose(strength.values, by_hand, rtol=1e-5, atol=1e-7)
+
+
+# A hand-built factorization machine on 20 latents of which only 0..9 ever fire: the first-order weights are
+# non-zero on features 0..4 only, the factor embeddings on five features that share m with 0..4 only.
+PLANTED_V = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, -1, 1], [1, 0, 0, 2], [0, 2, 0, 1]], dtype=float)
+
+
+def hand_built_fm(m: int):
+    n, d, tokens = 20, 3, 600
+    rng = np.random.default_rng(m)
+    indices = np.stack([rng.choice(10, 4, replace=False) for _ in range(tokens)])
+    values = rng.uniform(0.5, 1.5, (tokens, 4))
+    dense = np.zeros((tokens, n))
+    np.put_along_axis(dense, indices, values, 1)
+    weight, embeddings = np.zeros((n, d)), np.zeros((n, 4))
+    weight[:5] = rng.normal(0, 1, (5, d))
+    paired = np.arange(5 - m, 10 - m)  # overlaps the first-order features 0..4 in exactly m features
+    embeddings[paired] = PLANTED_V
+    out_weight, out_bias = rng.uniform(0.5, 1.5, (d, 4)), rng.normal(0, 1, d)
+    nfm = NFM(NFMConfig(n, d, k_embed=4, form="fm", dropout=0.0), seed=0)
+    with torch.no_grad():
+        nfm.linear_weight.copy_(torch.from_numpy(weight))
+        nfm.bias.fill_(0.3)
+        nfm.embeddings.copy_(torch.from_numpy(embeddings))
+        nfm.out.weight.copy_(torch.from_numpy(out_weight))
+        nfm.out.bias.copy_(torch.from_numpy(out_bias))
+    data = code_data_from_arrays(values, indices, np.zeros((tokens, d)), n_latents=n)
+    return nfm, data, dense, paired
+
+
+def explicit_shares(nfm: NFM, dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The module docstring's shares computed densely in float64: the first-order term ``f_i w_i``, and what
+    the FM's output loses without i, ``W_out (e_i * (sum_j e_j - e_i))`` with ``e_j = f_j v_j``."""
+    weight, bias = nfm.linear_weight.detach().double().numpy(), nfm.bias.detach().double().numpy()
+    v, w_out = nfm.embeddings.detach().double().numpy(), nfm.out.weight.detach().double().numpy()
+    linear_terms = dense[:, :, None] * weight  # [tokens, n, d]
+    e = dense[:, :, None] * v  # [tokens, n, K]
+    total = e.sum(1, keepdims=True)
+    pooled = 0.5 * (total[:, 0] ** 2 - (e**2).sum(1))
+    interaction = pooled @ w_out.T + nfm.out.bias.detach().double().numpy()
+    interaction_terms = (e * (total - e)) @ w_out.T
+
+    def share(terms, part):
+        centred = part - part.mean(0)
+        return np.einsum("tnd,td->n", terms, centred) / (centred**2).sum()
+
+    return share(linear_terms, linear_terms.sum(1) + bias), share(interaction_terms, interaction)
+
+
+@pytest.mark.parametrize("m", [0, 2, 5])
+def test_attribution_overlap_and_pair_weights_have_known_answers_on_a_hand_built_fm(m):
+    nfm, data, dense, paired = hand_built_fm(m)
+    attribution = contributions.variance_attribution(nfm, data, batch_size=128)
+    linear, interaction = explicit_shares(nfm, dense)
+    np.testing.assert_allclose(attribution["linear_share"], linear, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(attribution["interaction_share"], interaction, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(attribution["firing_frequency"], (dense > 0).mean(0))
+    assert attribution["linear_share"].sum() == pytest.approx(1.0, abs=1e-6)
+    # an FM's pooled vector is a sum over pairs, and removing i drops each of its pairs once: the removal
+    # terms add up to twice the interaction output (minus its bias), so the shares sum to exactly 2
+    assert attribution["interaction_share"].sum() == pytest.approx(2.0, abs=1e-5)
+    assert (attribution.loc[~attribution["feature"].isin(paired), "interaction_share"] == 0).all()
+    assert (attribution.loc[attribution["feature"] >= 5, "linear_share"] == 0).all()
+
+    top = contributions.top_features(attribution, 5)
+    assert set(top["linear"]) == set(range(5)) and set(top["interaction"]) == set(paired)
+    overlap = contributions.top_feature_overlap(attribution, 5)
+    assert overlap["shared"] == m and overlap["shared_features"] == list(range(5 - m, 5))
+    assert overlap["jaccard"] == pytest.approx(m / (10 - m))
+    assert overlap["chance_shared"] == pytest.approx(5 * 5 / 10)  # 10 latents fire, not all 20
+
+    a, b, c = (int(f) for f in paired[:3])
+    strength = contributions.interaction_strength(nfm, np.array([a, b, c, 19]))
+    assert list(strength.index) == list(strength.columns) == [str(a), str(b), str(c), "19"]
+    # the inner products of PLANTED_V's first three rows; latent 19 has no embedding
+    known = [[2, 1, -1, 0], [1, 2, 1, 0], [-1, 1, 3, 0], [0, 0, 0, 0]]
+    np.testing.assert_array_equal(strength.values, known)
+    # and <v_a, v_b> is the FM's weight on the pair: a token holding only a and b moves the pooled vector by
+    # f_a f_b (v_a * v_b), which sums over K to f_a f_b <v_a, v_b>
+    pooled = nfm(torch.tensor([[0.5, 3.0]]), torch.tensor([[a, b]])).pooled
+    assert float(pooled.detach().sum()) == pytest.approx(0.5 * 3.0 * strength.loc[str(a), str(b)])
 
 
 def test_an_nfm_at_its_nested_start_has_no_interaction_part_to_attribute():
@@ -187,14 +276,19 @@ def test_residual_data_holds_the_sae_code_and_error_and_is_rebuilt_when_the_sae_
 def test_the_split_unit_is_the_stimulus_item_not_the_text(tmp_path):
     """The four variants of a stimulus item are four texts; fit, tune and test must not share an item."""
     rng = np.random.default_rng(0)
-    texts = [{"index": i, "text_id": f"item{i // 4}/v{i % 4}", "group": f"item{i // 4}", "split": "val", "text": ""}
-             for i in range(40)]  # fmt: skip
-    meta = {"train": np.c_[np.zeros(50), np.arange(50), np.zeros(50)],
-            "val": np.c_[np.repeat(np.arange(40), 5), np.tile(np.arange(5), 40), np.zeros(200)]}  # fmt: skip
+    texts = [
+        {"index": i, "text_id": f"item{i // 4}/v{i % 4}", "group": f"item{i // 4}", "split": "val", "text": ""}
+        for i in range(40)
+    ]
+    meta = {
+        "train": np.c_[np.zeros(50), np.arange(50), np.zeros(50)],
+        "val": np.c_[np.repeat(np.arange(40), 5), np.tile(np.arange(5), 40), np.zeros(200)],
+    }
     arrays = {"train": rng.normal(size=(50, 16)), "val": rng.normal(size=(200, 16))}
     store = store_from_arrays(tmp_path / "store", arrays, meta=meta, texts=texts)
-    data = build_residual_data(TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_scale=store.scale)), store,
-                               tmp_path / "cache")  # fmt: skip
+    data = build_residual_data(
+        TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_scale=store.scale)), store, tmp_path / "cache"
+    )
     assert list(np.unique(data.document)) == list(range(10))  # ten items, not forty texts
     sets = split_fit_tune_test(data, 0.2, 0.3)
     assert not set(sets["fit"].document) & (set(sets["tune"].document) | set(sets["test"].document))

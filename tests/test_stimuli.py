@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from featint_utils import manipulation, models
-from featint_utils.corpus import CONDITIONS, load_prompt_frames, load_stimuli, load_wordlists
+from featint_utils.corpus import CONDITIONS, load_prompt_frames, load_stimuli, load_wordlists, stimulus_texts
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,39 @@ def test_set_has_enough_complete_balanced_quadruplets(stimuli):
     assert (n_words <= 10).mean() > 0.02 and (n_words >= 25).mean() > 0.02, "short and long texts both present"
     per_topic = stimuli.groupby("topic")["item_id"].nunique()
     assert per_topic.min() >= 10
+
+
+def test_every_item_is_one_quadruplet_and_each_manipulation_moves_its_score_within_the_item(stimuli, scored):
+    n_items = stimuli["item_id"].nunique()
+    assert len(stimuli) == 4 * n_items
+    per_item = stimuli.groupby("item_id")
+    assert all(sorted(conditions) == sorted(CONDITIONS) for conditions in per_item["condition"].apply(list))
+    assert (per_item["topic"].nunique() == 1).all()
+    assert (stimuli["condition"] == stimuli["formality"] + "_" + stimuli["emotion"]).all()
+    texts = stimulus_texts(stimuli)  # what extraction runs: the split unit is the item
+    assert len({t.text_id for t in texts}) == len(texts) == len(stimuli)
+    assert all(t.group == item for t, item in zip(texts, stimuli["item_id"]))
+    # paired within each item: the emotional variant against its neutral twin of the same register...
+    wide = scored.pivot(index="item_id", columns="condition")
+    emotion, formality = wide["emotion_score"], wide["formality_score"]
+    for register in ("formal", "casual"):
+        emotional, neutral = emotion[f"{register}_emotional"], emotion[f"{register}_neutral"]
+        assert (emotional > neutral).all() and (neutral <= 0.05).all() and (emotional >= 0.3).all(), register
+    # ...and the formal variant against its casual twin of the same affect
+    for affect in ("emotional", "neutral"):
+        gap = formality[f"formal_{affect}"] - formality[f"casual_{affect}"]
+        assert (gap > 0).mean() >= 0.95 and gap.mean() >= 0.5, affect
+    # the other factor barely moves each score: a small fraction of the intended within-item gap
+    for register in ("formal", "casual"):
+        side = (formality[f"{register}_emotional"] - formality[f"{register}_neutral"]).mean()
+        assert abs(side) <= 0.15 * (formality["formal_neutral"] - formality["casual_neutral"]).mean(), register
+    for affect in ("emotional", "neutral"):
+        side = (emotion[f"formal_{affect}"] - emotion[f"casual_{affect}"]).mean()
+        assert abs(side) <= 0.15 * (emotion["formal_emotional"] - emotion["formal_neutral"]).mean(), affect
+    # and VADER's sign agrees with each emotional variant's valence label
+    emotional = stimuli[stimuli["emotion"] == "emotional"]
+    compound = np.array([manipulation._vader().polarity_scores(t)["compound"] for t in emotional["text"]])
+    assert ((compound > 0) == (emotional["valence"] == "positive").to_numpy()).all()
 
 
 def test_valence_is_shared_within_an_item_and_balanced(stimuli):
@@ -116,4 +149,6 @@ def test_cohens_d_known_answer():
     assert manipulation.cohens_d([2.0, 4.0], [0.0, 2.0]) == pytest.approx(2 / np.sqrt(2))
     with pytest.raises(ValueError, match="constant"):
         manipulation.cohens_d([1.0, 1.0], [1.0, 1.0])
-    assert isinstance(manipulation.emotion_scores(["I am thrilled", "The box is brown"]), pd.Series)
+    # VADER's |compound|: the negative text scores as high as its compound is low, the neutral one 0
+    scores = manipulation.emotion_scores(["I am thrilled", "The box is brown", "I am miserable"])
+    pd.testing.assert_series_equal(scores, pd.Series([0.4404, 0.0, 0.4939], name="emotion_score"))
