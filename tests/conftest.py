@@ -44,22 +44,39 @@ def tiny_causal(arch: str, vocab_size: int = 64, n_layers: int = 2):
         GPTNeoXForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
-    )  # fmt: skip
+    )
 
     torch.manual_seed(0)
     if arch == "gpt2":
-        cfg = GPT2Config(n_layer=n_layers, n_embd=32, n_head=4, vocab_size=vocab_size, n_positions=64,
-                         bos_token_id=2, eos_token_id=3)  # fmt: skip
+        cfg = GPT2Config(
+            n_layer=n_layers, n_embd=32, n_head=4, vocab_size=vocab_size, n_positions=64, bos_token_id=2, eos_token_id=3
+        )
         return GPT2LMHeadModel(cfg).eval()
     if arch == "gpt_neox":
-        cfg = GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4,
-                            intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=64,
-                            bos_token_id=2, eos_token_id=3)  # fmt: skip
+        cfg = GPTNeoXConfig(
+            num_hidden_layers=n_layers,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=vocab_size,
+            max_position_embeddings=64,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
         return GPTNeoXForCausalLM(cfg).eval()
     if arch == "llama":
-        cfg = LlamaConfig(num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=64,
-                          bos_token_id=2, eos_token_id=3, pad_token_id=0)  # fmt: skip
+        cfg = LlamaConfig(
+            num_hidden_layers=n_layers,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=vocab_size,
+            max_position_embeddings=64,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
         return LlamaForCausalLM(cfg).eval()
     raise ValueError(arch)
 

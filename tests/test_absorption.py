@@ -30,8 +30,13 @@ def planted_saes(tmp_path_factory):
     out = {"data": data}
     for name, version in (("with", data), ("without", clean)):
         store = store_from_npz(f"activations:{version.save_npz(root / f'{name}.npz')}", root / name, 0.3, seed=0)
-        trainer = SAETrainer(store, 256, 8, TrainConfig(train_tokens=1_500_000, batch_size=1024, lr=3e-3,
-                                                        dead_tokens=200_000), root / f"sae_{name}")  # fmt: skip
+        trainer = SAETrainer(
+            store,
+            256,
+            8,
+            TrainConfig(train_tokens=1_500_000, batch_size=1024, lr=3e-3, dead_tokens=200_000),
+            root / f"sae_{name}",
+        )
         out[name] = (store, trainer.train())
     return out
 
@@ -43,9 +48,11 @@ def test_an_sae_absorbs_most_of_a_planted_interaction(planted_saes):
     texts = store_with.texts().set_index("index")
     rows = np.concatenate([np.flatnonzero(data.doc == int(texts.loc[i, "group"])) for i in np.unique(val.text_index)])
     np.testing.assert_array_equal(store_with.load("val"), data.acts[rows])  # the store kept every row, in order
-    absorbed = absorption.absorbed_fraction(absorption.raw_residual(sae_without, store_without.load("val")),
-                                            absorption.raw_residual(sae_with, store_with.load("val")),
-                                            data.interaction[rows])  # fmt: skip
+    absorbed = absorption.absorbed_fraction(
+        absorption.raw_residual(sae_without, store_without.load("val")),
+        absorption.raw_residual(sae_with, store_with.load("val")),
+        data.interaction[rows],
+    )
     assert 0.6 < absorbed <= 1.05, absorbed  # most of it: a residual-only share cannot see it
 
 
@@ -58,9 +65,10 @@ def test_conjunction_search_finds_latents_for_the_planted_pairs_and_none_without
         store, sae = planted_saes[name]
         table = absorption.conjunction_latents(store, sae, "val")
         flagged = torch.tensor(table.loc[table["conjunction"], "latent"].to_numpy(), dtype=torch.long)
-        cosine = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)[flagged] @ torch.from_numpy(
-            data.directions.T
-        ).float()  # fmt: skip
+        cosine = (
+            torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)[flagged]
+            @ torch.from_numpy(data.directions.T).float()
+        )
         found[name] = int((cosine.abs() >= 0.5).any(0).sum()) if len(flagged) else 0
         flagged_count[name] = len(flagged)
     assert found["with"] >= 5, found  # of the 8 planted interaction directions
@@ -70,13 +78,13 @@ def test_conjunction_search_finds_latents_for_the_planted_pairs_and_none_without
 
 def test_sensitivity_run_measures_absorption_on_a_runs_own_activations_and_reuses_its_work(planted_saes, tmp_path):
     store, sae = planted_saes["without"]
-    result = absorption.sensitivity_run(store, sae, tmp_path, share=0.05, n_pairs=4, candidates=64,
-                                        train_tokens=300_000)  # fmt: skip
+    result = absorption.sensitivity_run(
+        store, sae, tmp_path, share=0.05, n_pairs=4, candidates=64, train_tokens=300_000
+    )
     assert 0.0 < result["absorbed_fraction"] < 1.05
     assert result["reference"] == "retrained on the original activations"  # a shorter budget needs its own
     assert result["interaction_variance_share_val"] == pytest.approx(0.05, rel=0.3)
-    again = absorption.sensitivity_run(store, sae, tmp_path, share=0.05, n_pairs=4, candidates=64,
-                                       train_tokens=300_000)  # fmt: skip
+    again = absorption.sensitivity_run(store, sae, tmp_path, share=0.05, n_pairs=4, candidates=64, train_tokens=300_000)
     assert again["absorbed_fraction"] == result["absorbed_fraction"]  # the same stores and SAEs, reused
     control = absorption.injected_conjunctions(tmp_path)
     assert control["injected_directions"] == 4 and 0 <= control["as_conjunction_latent"] <= control["with_a_latent"]
@@ -93,14 +101,22 @@ def test_activation_files_are_split_by_document_and_bad_files_are_clear_errors(t
     tokens = store.tokens("val")
     first = int(texts.set_index("index").loc[tokens.text_index.iloc[0], "group"])
     np.testing.assert_array_equal(store.load("val")[:10], acts[doc == first])  # a document's rows, in order
-    assert store_from_npz(f"activations:{tmp_path / 'ok.npz'}", tmp_path / "store", 0.3, seed=1).manifest[
-        "created"
-    ] == store.manifest["created"]  # the same file and split: reused
-    bad = {"missing_doc.npz": {"acts": acts}, "ints.npz": {"acts": acts.astype(int), "doc": doc},
-           "short_doc.npz": {"acts": acts, "doc": doc[:5]}, "nan.npz": {"acts": np.where(acts > 2, np.nan, acts),
-                                                                         "doc": doc}}  # fmt: skip
-    messages = {"missing_doc.npz": "missing \\['doc'\\]", "ints.npz": "2-D float array", "short_doc.npz": "length 300",
-                "nan.npz": "NaN or Inf"}  # fmt: skip
+    assert (
+        store_from_npz(f"activations:{tmp_path / 'ok.npz'}", tmp_path / "store", 0.3, seed=1).manifest["created"]
+        == store.manifest["created"]
+    )  # the same file and split: reused
+    bad = {
+        "missing_doc.npz": {"acts": acts},
+        "ints.npz": {"acts": acts.astype(int), "doc": doc},
+        "short_doc.npz": {"acts": acts, "doc": doc[:5]},
+        "nan.npz": {"acts": np.where(acts > 2, np.nan, acts), "doc": doc},
+    }
+    messages = {
+        "missing_doc.npz": "missing \\['doc'\\]",
+        "ints.npz": "2-D float array",
+        "short_doc.npz": "length 300",
+        "nan.npz": "NaN or Inf",
+    }
     for name, arrays in bad.items():
         np.savez(tmp_path / name, **arrays)
         with pytest.raises((ValueError, StoreError), match=messages[name]):

@@ -75,8 +75,14 @@ def test_store_round_trip_values_and_provenance_minilm(embedded, minilm_store):
 
 def test_store_round_trip_on_tiny_causal_models(causal_dir, tmp_path):
     loaded = models.load_model(str(causal_dir))
-    store = activations.extract(loaded, _split(CORPUS_SENTENCES + ["zebra unknown words here"]), 1,
-                                tmp_path / "acts", context_tokens=6, batch_size=2)  # fmt: skip
+    store = activations.extract(
+        loaded,
+        _split(CORPUS_SENTENCES + ["zebra unknown words here"]),
+        1,
+        tmp_path / "acts",
+        context_tokens=6,
+        batch_size=2,
+    )
     _assert_round_trip(loaded, store, 1)
     frame = store.manifest["special_frame"]
     assert frame["prefix"] == ([2] if loaded.model.config.model_type == "llama" else [])

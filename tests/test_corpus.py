@@ -95,8 +95,10 @@ def _write_stimuli(tmp_path, rows):
 
 def _item(item_id, texts=("a b c d e f", "g h i j k l", "m n o p q r", "s t u v w x")):
     conds = [("formal", "neutral"), ("formal", "emotional"), ("casual", "neutral"), ("casual", "emotional")]
-    return [[item_id, "work", f, e, "positive" if e == "emotional" else "neutral", f"{item_id} {t}"]
-            for (f, e), t in zip(conds, texts)]  # fmt: skip
+    return [
+        [item_id, "work", f, e, "positive" if e == "emotional" else "neutral", f"{item_id} {t}"]
+        for (f, e), t in zip(conds, texts)
+    ]
 
 
 def test_stimulus_validation_names_the_problem(tmp_path):

@@ -21,9 +21,14 @@ def planted_sets(n_tokens: int, seed: int):
 
 
 def config(seeds=(0,), lr_grid=(3e-3,), max_epochs=40) -> interaction.EstimatorConfig:
-    return interaction.EstimatorConfig(NFMConfig(N_LATENTS, D_OUT, k_embed=16), FitConfig(batch_size=512,
-                                       max_epochs=max_epochs), seeds=seeds, lr_grid=lr_grid, n_pairs=256,
-                                       n_boot=1000)  # fmt: skip
+    return interaction.EstimatorConfig(
+        NFMConfig(N_LATENTS, D_OUT, k_embed=16),
+        FitConfig(batch_size=512, max_epochs=max_epochs),
+        seeds=seeds,
+        lr_grid=lr_grid,
+        n_pairs=256,
+        n_boot=1000,
+    )
 
 
 def covers_zero(stats) -> bool:
@@ -48,8 +53,9 @@ def test_a_nested_nfm_starts_as_its_first_order_fit_and_keeps_it_fixed(tmp_path)
     additive.set_knots(sets["fit"].feature_scale())
     additive.start_from(ridge.weight, ridge.bias)
     assert torch.equal(additive.predict(batch), ridge.predict(batch))
-    ResidualTrainer(additive, sets["fit"], sets["tune"], FitConfig(batch_size=256, lr=1e-2),
-                    tmp_path / "additive").train_epoch()  # fmt: skip
+    ResidualTrainer(
+        additive, sets["fit"], sets["tune"], FitConfig(batch_size=256, lr=1e-2), tmp_path / "additive"
+    ).train_epoch()
     linear_rows, hinge_rows = additive.linear_weight[::3], additive.linear_weight.detach().view(N_LATENTS, 3, D_OUT)
     assert torch.equal(linear_rows, ridge.weight)  # only the hinges train
     assert hinge_rows[:, 1:].abs().sum() > 0
@@ -65,14 +71,16 @@ def test_training_never_keeps_a_model_worse_than_its_start(tmp_path):
         return model.calibrate(batch.values, batch.indices, target_rms=0.5, pooled_rms=1.0)
 
     start = residual_fvu(nested(), sets["tune"])
-    trainer = ResidualTrainer(nested(), sets["fit"], sets["tune"], FitConfig(batch_size=128, lr=0.3, max_epochs=8),
-                              tmp_path)  # fmt: skip
+    trainer = ResidualTrainer(
+        nested(), sets["fit"], sets["tune"], FitConfig(batch_size=128, lr=0.3, max_epochs=8), tmp_path
+    )
     model = trainer.train()
     assert trainer.history[-1]["tune_fvu"] > start  # a learning rate this large only hurts ...
     assert not trainer.improved and trainer.best_fvu == start  # ... so the start is what is kept
     assert residual_fvu(model, sets["tune"]) == pytest.approx(start, abs=1e-12)
-    lr, chosen, _ = select_lr(nested, sets["fit"], sets["tune"], FitConfig(batch_size=128, max_epochs=4),
-                              (0.3, 1e-3), tmp_path / "grid")  # fmt: skip
+    lr, chosen, _ = select_lr(
+        nested, sets["fit"], sets["tune"], FitConfig(batch_size=128, max_epochs=4), (0.3, 1e-3), tmp_path / "grid"
+    )
     assert lr == 1e-3 or residual_fvu(chosen, sets["tune"]) <= start
 
 
@@ -200,14 +208,34 @@ def test_false_positive_rate_over_repeated_nulls_is_at_most_nominal(tmp_path):
 
 
 def test_share_of_what_the_nfm_explains_is_undefined_when_the_nfm_explains_nothing(tmp_path):
-    documents = pd.DataFrame({"target": "residual", "document": [0, 1], "tokens": [10, 10],
-                              "centred_ss": [50.0, 50.0], "zero_sse": [51.0, 51.0]})  # fmt: skip
+    documents = pd.DataFrame(
+        {
+            "target": "residual",
+            "document": [0, 1],
+            "tokens": [10, 10],
+            "centred_ss": [50.0, 50.0],
+            "zero_sse": [51.0, 51.0],
+        }
+    )
     for nfm_fvu, expected in ((1.02, None), (0.9, 0.01 / 0.1)):
         errors = [(nfm_fvu + 0.01) * 50] * 2 + [nfm_fvu * 50] * 2
-        sse = pd.DataFrame({"target": "residual", "model": ["code_ridge"] * 2 + ["nfm"] * 2, "seed": [-1, -1, 0, 0],
-                            "document": [0, 1, 0, 1], "sse": errors})  # fmt: skip
-        ladder = pd.DataFrame({"target": "residual", "model": ["code_ridge", "nfm"], "seed": [-1, 0],
-                               "residual_fvu": [nfm_fvu + 0.01, nfm_fvu]})  # fmt: skip
+        sse = pd.DataFrame(
+            {
+                "target": "residual",
+                "model": ["code_ridge"] * 2 + ["nfm"] * 2,
+                "seed": [-1, -1, 0, 0],
+                "document": [0, 1, 0, 1],
+                "sse": errors,
+            }
+        )
+        ladder = pd.DataFrame(
+            {
+                "target": "residual",
+                "model": ["code_ridge", "nfm"],
+                "seed": [-1, 0],
+                "residual_fvu": [nfm_fvu + 0.01, nfm_fvu],
+            }
+        )
         for name, table in (("ladder", ladder), ("test_sse", sse), ("test_documents", documents)):
             table.to_csv(tmp_path / f"{name}.csv", index=False)
         fraction = interaction.Results(tmp_path, n_boot=50).of_explained()

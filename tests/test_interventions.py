@@ -6,8 +6,12 @@ from featint_utils.corpus import Text, split_by_group
 
 from .conftest import CORPUS_SENTENCES
 
-TEXTS = ["The meeting moved to Tuesday.", "A long sentence about the weather in the north, which stays cold.",
-         "Short one.", "Prices rose again this month, and the shops are quiet."]  # fmt: skip
+TEXTS = [
+    "The meeting moved to Tuesday.",
+    "A long sentence about the weather in the north, which stays cold.",
+    "Short one.",
+    "Prices rose again this month, and the shops are quiet.",
+]
 
 
 def _store(loaded, tmp_path, texts, layer):

@@ -27,8 +27,9 @@ def test_hook_equals_hidden_states_for_causal_architectures(arch):
 
 
 def test_hook_equals_hidden_states_on_real_minilm(embedded):
-    inputs = embedded.tokenizer(["A short one.", "A somewhat longer sentence with more words in it."],
-                                return_tensors="pt", padding=True)  # fmt: skip
+    inputs = embedded.tokenizer(
+        ["A short one.", "A somewhat longer sentence with more words in it."], return_tensors="pt", padding=True
+    )
     _assert_hooks_match_hidden_states(embedded.model, dict(inputs))
     assert not embedded.is_causal_lm and embedded.n_layers == 6 and embedded.d_model == 384
 
