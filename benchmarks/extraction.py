@@ -110,8 +110,10 @@ def peak_memory(model: str, layer: int) -> list[dict]:
     for which in SPLITS:
         proc = subprocess.run(
             [sys.executable, __file__, "--child", which, "--model", model, "--layer", str(layer)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
 
@@ -143,12 +145,16 @@ def main() -> None:
     print(f"  extract            {t['extract_tokens_per_s']:9.0f} tok/s")
     full, ratio = t["bare_full_forward_tokens_per_s"], t["ratio_vs_full_forward"]
     print(f"  bare full forward  {full:9.0f} tok/s  -> ratio {ratio:.2f}")
-    print(f"  bare fwd to layer  {t['bare_forward_to_layer_tokens_per_s']:9.0f} tok/s  -> ratio "
-          f"{t['ratio_vs_forward_to_layer']:.2f}")  # fmt: skip
+    print(
+        f"  bare fwd to layer  {t['bare_forward_to_layer_tokens_per_s']:9.0f} tok/s  -> ratio "
+        f"{t['ratio_vs_forward_to_layer']:.2f}"
+    )
     for m in mem:
         print(f"  peak RSS {m['corpus']:>7}: {m['tokens']:8d} tokens  {m['peak_rss_mib']:7.0f} MiB")
-    print(f"  peak-RSS ratio 10x/default: {result['memory_ratio_10x_vs_default']:.2f} "
-          f"at {result['token_ratio_10x_vs_default']:.1f}x the tokens")  # fmt: skip
+    print(
+        f"  peak-RSS ratio 10x/default: {result['memory_ratio_10x_vs_default']:.2f} "
+        f"at {result['token_ratio_10x_vs_default']:.1f}x the tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,14 @@ RESULTS = Path(__file__).parent / "results" / "interaction_calibration.json"
 
 
 def estimator_config(n_latents: int, d: int, seeds=(0,), max_epochs: int = 40) -> interaction.EstimatorConfig:
-    return interaction.EstimatorConfig(NFMConfig(n_latents, d, k_embed=16), FitConfig(batch_size=512,
-                                       max_epochs=max_epochs), seeds=seeds, lr_grid=(3e-3,), n_pairs=256,
-                                       n_boot=1000)  # fmt: skip
+    return interaction.EstimatorConfig(
+        NFMConfig(n_latents, d, k_embed=16),
+        FitConfig(batch_size=512, max_epochs=max_epochs),
+        seeds=seeds,
+        lr_grid=(3e-3,),
+        n_pairs=256,
+        n_boot=1000,
+    )
 
 
 def null_calibration(n_nulls: int, work: Path) -> dict:
@@ -56,8 +61,12 @@ def null_calibration(n_nulls: int, work: Path) -> dict:
         high = np.array([r[name]["ci_high"] for r in rows])
         mean = np.array([r[name]["mean"] for r in rows])
         covered = (low <= 0) & (high >= 0)
-        out[name] = {"false_positive_rate": float((low > 0).mean()), "coverage_of_zero": float(covered.mean()),
-                     "mean_share": float(mean.mean()), "sd_share": float(mean.std(ddof=1))}  # fmt: skip
+        out[name] = {
+            "false_positive_rate": float((low > 0).mean()),
+            "coverage_of_zero": float(covered.mean()),
+            "mean_share": float(mean.mean()),
+            "sd_share": float(mean.std(ddof=1)),
+        }
     return out | {"n_nulls": n_nulls}
 
 
@@ -66,10 +75,22 @@ def power_and_bias(work: Path, shares=(0.002, 0.005, 0.01, 0.02, 0.05)) -> list[
     sets = split_fit_tune_test(data, 0.15, 0.3, seed=4)
     interaction.run(sets, estimator_config(64, 16, seeds=(0, 1)), work / "power", power_shares=shares, n_planted=6)
     power = interaction.Results(work / "power", n_boot=1000).power()
-    keep = ["nominal_share", "oracle", "over_linear", "over_linear_ci_low", "over_linear_ci_high", "pair_ridge",
-            "pair_ridge_ci_low", "pair_ridge_ci_high", "over_linear_detected", "pair_ridge_detected"]  # fmt: skip
-    return [{k: (bool(v) if isinstance(v, np.bool_) else float(v)) for k, v in row.items()}
-            for row in power[keep].to_dict("records")]  # fmt: skip
+    keep = [
+        "nominal_share",
+        "oracle",
+        "over_linear",
+        "over_linear_ci_low",
+        "over_linear_ci_high",
+        "pair_ridge",
+        "pair_ridge_ci_low",
+        "pair_ridge_ci_high",
+        "over_linear_detected",
+        "pair_ridge_detected",
+    ]
+    return [
+        {k: (bool(v) if isinstance(v, np.bool_) else float(v)) for k, v in row.items()}
+        for row in power[keep].to_dict("records")
+    ]
 
 
 def absorption_by_size(work: Path, shares=(0.0, 0.01, 0.03, 0.1)) -> list[dict]:
@@ -77,10 +98,16 @@ def absorption_by_size(work: Path, shares=(0.0, 0.01, 0.03, 0.1)) -> list[dict]:
     saes, rows = {}, []
     for share in shares:
         data = planted.activations(100_000, d=64, n_features=512, k=8, interaction_share=share, n_pairs=20)
-        store = store_from_npz(f"activations:{data.save_npz(work / f'acts{share}.npz')}", work / f"store{share}", 0.3,
-                               seed=0)  # fmt: skip
-        trainer = SAETrainer(store, 1024, 16, TrainConfig(train_tokens=3_000_000, batch_size=1024, lr=3e-3,
-                                                          dead_tokens=300_000), work / f"sae{share}")  # fmt: skip
+        store = store_from_npz(
+            f"activations:{data.save_npz(work / f'acts{share}.npz')}", work / f"store{share}", 0.3, seed=0
+        )
+        trainer = SAETrainer(
+            store,
+            1024,
+            16,
+            TrainConfig(train_tokens=3_000_000, batch_size=1024, lr=3e-3, dead_tokens=300_000),
+            work / f"sae{share}",
+        )
         saes[share] = (data, store, trainer.train())
     clean_data, clean_store, clean_sae = saes[0.0]
     for share in shares:
@@ -90,7 +117,9 @@ def absorption_by_size(work: Path, shares=(0.0, 0.01, 0.03, 0.1)) -> list[dict]:
         if share > 0:  # the same rows without the interaction, through the SAE trained without it
             row["absorbed_fraction"] = absorption.absorbed_fraction(
                 absorption.raw_residual(clean_sae, data.acts[val_rows] - data.interaction[val_rows]),
-                absorption.raw_residual(sae, data.acts[val_rows]), data.interaction[val_rows])  # fmt: skip
+                absorption.raw_residual(sae, data.acts[val_rows]),
+                data.interaction[val_rows],
+            )
         residual = build_residual_data(sae, store, work / f"residuals{share}")
         sets = split_fit_tune_test(residual, 0.15, 0.3, seed=0)
         estimator = interaction.Estimator(sets, estimator_config(1024, 64, max_epochs=30), work / f"est{share}")
@@ -103,11 +132,17 @@ def absorption_by_size(work: Path, shares=(0.0, 0.01, 0.03, 0.1)) -> list[dict]:
             row |= {f"residual_share.{name}": stats["mean"], f"residual_share.{name}.ci_low": stats["ci_low"]}
         table = absorption.conjunction_latents(store, sae, "val")
         flagged = torch.tensor(table.loc[table["conjunction"], "latent"].to_numpy(), dtype=torch.long)
-        cosine = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)[flagged] @ torch.from_numpy(
-            data.directions.T).float()  # fmt: skip
-        row |= {"conjunction_latents": len(flagged),
-                "planted_directions_with_a_conjunction_latent": int((cosine.abs() >= 0.5).any(0).sum())
-                if len(flagged) else 0, "n_planted_pairs": len(data.pairs)}  # fmt: skip
+        cosine = (
+            torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)[flagged]
+            @ torch.from_numpy(data.directions.T).float()
+        )
+        row |= {
+            "conjunction_latents": len(flagged),
+            "planted_directions_with_a_conjunction_latent": int((cosine.abs() >= 0.5).any(0).sum())
+            if len(flagged)
+            else 0,
+            "n_planted_pairs": len(data.pairs),
+        }
         rows.append(row)
     return rows
 
@@ -126,9 +161,11 @@ def main() -> None:
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, step in (("null_calibration", lambda: null_calibration(args.nulls, work)),
-                           ("power_and_bias", lambda: power_and_bias(work)),
-                           ("absorption", lambda: absorption_by_size(work))):  # fmt: skip
+        for name, step in (
+            ("null_calibration", lambda: null_calibration(args.nulls, work)),
+            ("power_and_bias", lambda: power_and_bias(work)),
+            ("absorption", lambda: absorption_by_size(work)),
+        ):
             started = time.perf_counter()
             report[name] = step()
             report[f"{name}_seconds"] = time.perf_counter() - started

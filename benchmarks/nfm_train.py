@@ -98,10 +98,18 @@ class DeepCTR:
         from deepctr_torch.inputs import SparseFeat
         from deepctr_torch.models import NFM as DeepCTRNFM
 
-        fields = [SparseFeat(f"slot{i}", n_latents, embedding_dim=K_EMBED, embedding_name="latent")
-                  for i in range(K_ACTIVE)]  # fmt: skip
-        self.model = DeepCTRNFM(fields, fields, dnn_hidden_units=(K_EMBED,), task="regression", device="cpu",
-                                l2_reg_embedding=0, l2_reg_linear=0)  # fmt: skip
+        fields = [
+            SparseFeat(f"slot{i}", n_latents, embedding_dim=K_EMBED, embedding_name="latent") for i in range(K_ACTIVE)
+        ]
+        self.model = DeepCTRNFM(
+            fields,
+            fields,
+            dnn_hidden_units=(K_EMBED,),
+            task="regression",
+            device="cpu",
+            l2_reg_embedding=0,
+            l2_reg_linear=0,
+        )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
 
     def step(self, values, indices, target):
@@ -156,11 +164,18 @@ def run(n_latents: int, steps: int, warmup: int = 2) -> dict:
             if i >= warmup:
                 times[r.name].append(time.perf_counter() - started)
     median = {name: statistics.median(t) for name, t in times.items()}
-    result = {"n_latents": n_latents, "batch": BATCH, "k_active": K_ACTIVE, "K": K_EMBED, "d": D,
-              "steps_timed": steps, "median_step_s": median,
-              "tokens_per_s": {name: BATCH / t for name, t in median.items()},
-              "speedup_vs": {name: t / median["featint"] for name, t in median.items() if name != "featint"},
-              "max_abs_diff_vs_dense": check_same_model(n_latents)}  # fmt: skip
+    result = {
+        "n_latents": n_latents,
+        "batch": BATCH,
+        "k_active": K_ACTIVE,
+        "K": K_EMBED,
+        "d": D,
+        "steps_timed": steps,
+        "median_step_s": median,
+        "tokens_per_s": {name: BATCH / t for name, t in median.items()},
+        "speedup_vs": {name: t / median["featint"] for name, t in median.items() if name != "featint"},
+        "max_abs_diff_vs_dense": check_same_model(n_latents),
+    }
     print(json.dumps(result, indent=2))
     return result
 
@@ -171,8 +186,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "runs": [run(n, args.steps) for n in args.widths]}  # fmt: skip
+    results = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "runs": [run(n, args.steps) for n in args.widths],
+    }
     out = ROOT / "benchmarks" / "results" / "nfm_train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
