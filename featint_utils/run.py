@@ -127,7 +127,14 @@ class RunLock:
 
 
 def rerun_command(root: Path, stage: str) -> str:
-    return f"python -m featint_utils run --run-dir {root} --only {stage[:2]}"
+    """The command that runs ``stage`` again in this run, with the profile and ``--set`` values of its last
+    attempt (from ``run.json``), so that the rerun is the same experiment."""
+    try:
+        last = read_json(root / "run.json")["attempts"][-1]
+        recorded = [f"--profile {last['profile']}"] + [f"--set {k}={v}" for k, v in last.get("sets", {}).items()]
+    except (OSError, ValueError, KeyError, IndexError):
+        recorded = []  # a run made by hand in notebooks: the defaults
+    return " ".join(["python -m featint_utils run", *recorded, f"--run-dir {root} --only {stage[:2]}"])
 
 
 class Run:

@@ -169,13 +169,13 @@ def run(
     except RunLockedError as err:
         raise RunError(str(err)) from None
     try:
-        _run_locked(root, profile, selected, resolved, reports)
+        _run_locked(root, profile, selected, resolved, overrides or {}, reports)
     finally:
         lock.release()
     return root
 
 
-def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, reports: bool) -> None:
+def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, sets: dict, reports: bool) -> None:
     import papermill
     from nbclient.exceptions import DeadKernelError
 
@@ -184,6 +184,7 @@ def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, 
     record = _load_record(root)
     attempt = {
         "profile": profile,
+        "sets": {k: str(v) for k, v in sets.items()},
         "notebooks": [nb.stem for nb in selected],
         "parameters": resolved,
         "git_commit": git_commit(),

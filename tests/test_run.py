@@ -330,3 +330,28 @@ def test_a_finished_nfm_fit_keeps_its_best_weights_only_unless_asked(tmp_path):
         for a, b in zip(model.state_dict().values(), again.train().state_dict().values(), strict=True):
             torch.testing.assert_close(a, b)  # a finished fit returns its best weights without training
         assert again.epoch == 3
+
+
+def test_another_runs_texts_in_a_store_are_caught(tmp_path):
+    """Two runs sharing a store once left one run's texts.jsonl beside the other's shards, and verify() passed."""
+    texts = [
+        {"index": i, "text_id": f"t{i}", "group": f"g{i}", "split": "train", "text": f"text {i}"} for i in range(4)
+    ]
+    store = store_from_arrays(tmp_path / "s", {"train": np.ones((4, 3)), "val": np.ones((2, 3))}, texts=texts)
+    store.verify()
+    (tmp_path / "s" / "texts.jsonl").write_text(json.dumps(texts[0] | {"text": "another run's text"}) + "\n")
+    with pytest.raises(StoreError, match="texts.jsonl does not match its checksum"):
+        ActivationStore(tmp_path / "s").verify()
+
+
+def test_a_notebook_opened_by_hand_validates_its_parameters_and_takes_the_lock(tmp_path):
+    values = params.defaults("01_primary_sae")
+    with pytest.raises(params.ParameterError, match="sae_lr=inf: must be finite"):
+        Run.open(tmp_path, "01_primary_sae", values | {"sae_lr": float("inf")})
+    with pytest.raises(params.ParameterError, match=r"parameters \['sae_k'\] are not set"):
+        Run.open(tmp_path, "01_primary_sae", {k: v for k, v in values.items() if k != "sae_k"})
+    run = Run.open(tmp_path, "01_primary_sae", values)
+    with pytest.raises(RunLockedError, match="in use by stage 01_primary_sae"):
+        Run.open(tmp_path, "02_nfm", params.defaults("02_nfm"))
+    run.close()
+    Run.open(tmp_path, "02_nfm", params.defaults("02_nfm")).close()

@@ -6,6 +6,8 @@ import pytest
 from featint_utils import runner
 from featint_utils.__main__ import main
 from featint_utils.activations import ActivationStore
+from featint_utils.io import state_digest
+from featint_utils.sae import TopKSAE
 
 
 def test_unknown_profile_lists_the_available_ones():
@@ -156,6 +158,12 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
     with pytest.raises(runner.RunError, match=r"StaleArtifactError.*earlier primary_sae.*--only 02"):
         runner.run("embedded", only=["03"], overrides=tiny, runs_dir=tmp_path, reports=False)
     assert (run_dir / "notebooks" / "03_contributions.ipynb").read_text() == executed  # the good one is kept
+    old_fit = json.loads((run_dir / "nfm" / "nfm" / "seed0" / "model" / "cfg.json").read_text())["extra"]
+    runner.run("embedded", only=["02"], overrides=tiny | {"sae_lr": "0.01"}, runs_dir=tmp_path, reports=False)
+    lineage = json.loads((run_dir / "nfm" / "lineage.json").read_text())
+    assert lineage["primary_sae"] == state_digest(TopKSAE.load(run_dir / "primary_sae" / "sae"))  # refitted to it
+    new_fit = json.loads((run_dir / "nfm" / "nfm" / "seed0" / "model" / "cfg.json").read_text())["extra"]
+    assert new_fit["start_tune_fvu"] != old_fit["start_tune_fvu"]  # a new fit from a new start, not the old one resumed
 
 
 def test_activations_from_a_file_run_stages_00_to_04_and_05_refuses(tmp_path):
