@@ -126,6 +126,9 @@ class RunLock:
             self._file = None
 
 
+_HELD: dict[str, RunLock] = {}  # run directories this process has locked through Run.open
+
+
 def rerun_command(root: Path, stage: str) -> str:
     """The command that runs ``stage`` again in this run, with the profile and ``--set`` values of its last
     attempt (from ``run.json``), so that the rerun is the same experiment."""
@@ -155,14 +158,20 @@ class Run:
         run = cls(run_dir, stage, parameters.validate(stage, namespace))
         run.root.mkdir(parents=True, exist_ok=True)
         if lock and os.environ.get(LOCK_ENV) != str(run.root):
+            previous = _HELD.pop(str(run.root), None)
+            if previous is not None:  # this process opens its run again (a re-executed cell): hand the lock over
+                previous.release()
             run._lock = RunLock(run.root)
             run._lock.acquire(f"stage {stage}")
+            _HELD[str(run.root)] = run._lock
         return run
 
     def close(self) -> None:
         """Release the lock (a notebook's last cell; a kernel that exits releases it too)."""
         if self._lock is not None:
             self._lock.release()
+            if _HELD.get(str(self.root)) is self._lock:
+                del _HELD[str(self.root)]
             self._lock = None
 
     # -- layout ------------------------------------------------------------------------------------------

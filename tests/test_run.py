@@ -352,6 +352,10 @@ def test_a_notebook_opened_by_hand_validates_its_parameters_and_takes_the_lock(t
         Run.open(tmp_path, "01_primary_sae", {k: v for k, v in values.items() if k != "sae_k"})
     run = Run.open(tmp_path, "01_primary_sae", values)
     with pytest.raises(RunLockedError, match="in use by stage 01_primary_sae"):
-        Run.open(tmp_path, "02_nfm", params.defaults("02_nfm"))
+        RunLock(tmp_path).acquire("another kernel")  # another process (its own open file) is refused
+    run = Run.open(tmp_path, "01_primary_sae", values)  # the same kernel re-executing its cell is not
+    with pytest.raises(RunLockedError, match="in use by stage 01_primary_sae"):
+        RunLock(tmp_path).acquire("another kernel")
     run.close()
     Run.open(tmp_path, "02_nfm", params.defaults("02_nfm")).close()
+    RunLock(tmp_path).acquire("another kernel")  # closed: free
