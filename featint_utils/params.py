@@ -64,6 +64,18 @@ CHECKS = {
     "text": (lambda v: v.strip() != "", "a non-empty string"),
 }
 
+# Parameters that several stages read, with one meaning.
+DEVICE = Parameter("device", str, "auto", '"auto" (GPU if present), "cpu" or "cuda"', "device")
+RESUME = Parameter("resume", bool, True, "continue from a checkpoint of an interrupted run with the same settings")
+KEEP_CHECKPOINTS = Parameter(
+    "keep_checkpoints", bool, False, "keep finished trainings' optimiser state (only to train further)"
+)
+N_SHOW_FEATURES = Parameter("n_show_features", int, 6, "features whose top activations are listed", "non_negative")
+NFM_SEED = Parameter("nfm_seed", int, 0, "the NFM (one of 02's nfm_seeds) that 03-06 take apart", "non_negative")
+N_TOP_FEATURES = Parameter("n_top_features", int, 20, "features shown and compared per part", "positive")
+N_BOOT = Parameter("n_boot", int, 2000, "bootstrap resamples for every interval", "positive")
+FDR_Q = Parameter("fdr_q", float, 0.05, "false-discovery (05) or family-wise (06) level", "fraction")
+
 _P = Parameter
 PARAMETERS: dict[str, dict[str, Parameter]] = {
     "00_activations": {
@@ -108,7 +120,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             _P("context_tokens", int, 128, "tokens per model context, special tokens included", "at_least_2"),
             _P("batch_size", int, 64, "contexts per forward pass", "positive"),
             _P("dtype", str, "float32", "storage dtype: float32 or float16", "dtype"),
-            _P("device", str, "auto", '"auto" (GPU if present), "cpu" or "cuda"', "device"),
+            DEVICE,
         ]
     },
     "01_primary_sae": {
@@ -127,11 +139,11 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             _P("sae_lr", float, 3e-3, "Adam learning rate; 0 uses 2e-4 / sqrt(n_latents / 2**14)", "non_negative"),
             _P("sae_dead_tokens", int, 250_000, "a latent is dead after this many tokens without firing", "positive"),
             _P("sae_seed", int, 0, "seeds the SAE's initialisation and data order", "non_negative"),
-            _P("resume", bool, True, "continue from a checkpoint of an interrupted run with the same settings"),
-            _P("keep_checkpoints", bool, False, "keep finished trainings' optimiser state (only to train further)"),
+            RESUME,
+            KEEP_CHECKPOINTS,
             _P("splice_texts", int, 256, "held-out contexts for the splice metrics", "positive"),
-            _P("n_show_features", int, 6, "features whose top activations are listed", "non_negative"),
-            _P("device", str, "auto", '"auto" (GPU if present), "cpu" or "cuda"', "device"),
+            N_SHOW_FEATURES,
+            DEVICE,
         ]
     },
     "02_nfm": {
@@ -195,16 +207,16 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "pairs per planted interaction (among the 256 most frequently co-firing)",
                 "positive",
             ),
-            _P("resume", bool, True, "continue from a checkpoint of an interrupted run with the same settings"),
-            _P("keep_checkpoints", bool, False, "keep finished trainings' optimiser state (only to train further)"),
+            RESUME,
+            KEEP_CHECKPOINTS,
         ]
     },
     "03_contributions": {
         p.name: p
         for p in [
-            _P("nfm_seed", int, 0, "the NFM (one of 02's nfm_seeds) that 03-06 take apart", "non_negative"),
-            _P("n_top_features", int, 20, "features shown and compared per part", "positive"),
-            _P("n_boot", int, 2000, "bootstrap resamples for every interval", "positive"),
+            NFM_SEED,
+            N_TOP_FEATURES,
+            N_BOOT,
             _P("bootstrap_seed", int, 0, "seeds the bootstrap of test documents and seeds", "non_negative"),
             _P(
                 "absorption_share",
@@ -234,7 +246,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
     "04_secondary_sae": {
         p.name: p
         for p in [
-            _P("nfm_seed", int, 0, "the NFM (one of 02's nfm_seeds) that 03-06 take apart", "non_negative"),
+            NFM_SEED,
             _P("secondary_latents", int, 1024, "secondary dictionary size", "positive"),
             _P("secondary_k", int, 32, "active secondary latents per token", "positive"),
             _P("secondary_train_tokens", int, 500_000, "training-token budget", "positive"),
@@ -250,28 +262,28 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "positive",
             ),
             _P("secondary_seed", int, 0, "seeds the secondary SAE's initialisation and data order", "non_negative"),
-            _P("n_show_features", int, 6, "features whose top activations are listed", "non_negative"),
-            _P("resume", bool, True, "continue from a checkpoint of an interrupted run with the same settings"),
-            _P("keep_checkpoints", bool, False, "keep finished trainings' optimiser state (only to train further)"),
+            N_SHOW_FEATURES,
+            RESUME,
+            KEEP_CHECKPOINTS,
         ]
     },
     "05_feature_identification": {
         p.name: p
         for p in [
-            _P("nfm_seed", int, 0, "the NFM (one of 02's nfm_seeds) that 03-06 take apart", "non_negative"),
+            NFM_SEED,
             _P("probe_folds", int, 5, "item-grouped cross-validation folds of the linear probe", "at_least_2"),
-            _P("n_boot", int, 2000, "bootstrap resamples for every interval", "positive"),
-            _P("fdr_q", float, 0.05, "false-discovery (05) or family-wise (06) level", "fraction"),
-            _P("n_top_features", int, 20, "features shown and compared per part", "positive"),
+            N_BOOT,
+            FDR_Q,
+            N_TOP_FEATURES,
             _P("n_panels", int, 4, "secondary features shown in full in a headless run", "non_negative"),
             _P("replication_seed", int, 0, "seeds the split of the items for the replication check", "non_negative"),
-            _P("device", str, "auto", '"auto" (GPU if present), "cpu" or "cuda"', "device"),
+            DEVICE,
         ]
     },
     "06_clamping": {
         p.name: p
         for p in [
-            _P("nfm_seed", int, 0, "the NFM (one of 02's nfm_seeds) that 03-06 take apart", "non_negative"),
+            NFM_SEED,
             _P("clamp_features", int, 3, "strongest interaction-selective secondary features to clamp", "positive"),
             _P(
                 "clamp_levels",
@@ -282,10 +294,10 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             ),
             _P("max_items", int, 0, "stimulus items measured (0: all)", "non_negative"),
             _P("n_permutations", int, 10_000, "sign-flip permutations per test", "positive"),
-            _P("n_boot", int, 2000, "bootstrap resamples for every interval", "positive"),
-            _P("fdr_q", float, 0.05, "false-discovery (05) or family-wise (06) level", "fraction"),
+            N_BOOT,
+            FDR_Q,
             _P("clamp_seed", int, 0, "seeds the random-edit control and the statistics", "non_negative"),
-            _P("device", str, "auto", '"auto" (GPU if present), "cpu" or "cuda"', "device"),
+            DEVICE,
         ]
     },
 }
