@@ -169,8 +169,10 @@ def run(
     except RunLockedError as err:
         raise RunError(str(err)) from None
     try:
+        os.environ[LOCK_ENV] = str(root)  # the kernels inherit it: they know that this process holds the lock
         _run_locked(root, profile, selected, resolved, overrides or {}, reports)
     finally:
+        os.environ.pop(LOCK_ENV, None)
         lock.release()
     return root
 
@@ -180,7 +182,6 @@ def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, 
     from nbclient.exceptions import DeadKernelError
 
     os.environ["FEATINT_HEADLESS"] = "1"  # the kernels inherit it: text progress bars in saved notebooks
-    os.environ[LOCK_ENV] = str(root)  # ... and know that this process holds the run's lock
     record = _load_record(root)
     attempt = {
         "profile": profile,

@@ -14,7 +14,7 @@ from featint_utils.activations import ActivationStore, StoreError, reusable_stor
 from featint_utils.io import update_metrics
 from featint_utils.nfm import NFM, NFMConfig
 from featint_utils.nfm_training import FitConfig
-from featint_utils.run import Run, RunLock, RunLockedError, StaleArtifactError
+from featint_utils.run import LOCK_ENV, Run, RunLock, RunLockedError, StaleArtifactError
 from featint_utils.sae import SAEConfig, TopKSAE
 from featint_utils.sae_training import SAETrainer, TrainConfig
 from tests.conftest import random_store
@@ -264,6 +264,10 @@ def test_the_runner_executes_the_py_source_not_a_stale_ipynb(tmp_path):
     nbs = _notebooks(tmp_path, body, stale_twin=True)
     root = runner.run("embedded", only=["00"], notebooks_dir=nbs, run_dir=tmp_path / "r", reports=False)
     assert json.loads((root / "metrics.json").read_text())["probe"]["ran"] == "py source"
+    lock = RunLock(root)
+    lock.acquire("after the run")  # the runner let go of the lock ...
+    lock.release()
+    assert LOCK_ENV not in os.environ  # ... and this process no longer tells kernels that it holds it
 
 
 def test_a_failed_rerun_keeps_the_last_good_notebook_and_metrics_and_records_the_attempt(tmp_path):
