@@ -166,7 +166,7 @@ def split_fit_tune_test(
 
 
 def _fingerprint(sae: TopKSAE, store: ActivationStore) -> str:
-    key = f"{state_digest(sae)}|{sae.cfg.k}|{sae.cfg.input_scale}|{store.manifest['created']}|{store.path.resolve()}"
+    key = f"{state_digest(sae)}|{sae.cfg.k}|{sae.cfg.input_scale}|{store.fingerprint}|{store.path.resolve()}"
     key += "|groups"  # caches from before the split unit was the store's group are rebuilt
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -121,7 +121,7 @@ class SAETrainer:
             model=manifest["model"],
             layer=manifest["layer"],
             hook=manifest["hook"],
-            extra={"store": str(store.path), "store_created": manifest["created"], "train": asdict(train)},
+            extra={"store": str(store.path), "store_fingerprint": store.fingerprint, "train": asdict(train)},
         )
         self.k_aux = min(train.k_aux or store.d_model // 2, n_latents)
         self.bf16 = train.use_bf16()
