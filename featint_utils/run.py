@@ -144,7 +144,7 @@ class Run:
     """One run directory: its layout, the stage's validated parameters, and its artifacts with their lineage."""
 
     def __init__(self, root: str | Path, stage: str | None = None, values: dict | None = None):
-        self.root = Path(root).resolve()
+        self.root = (ROOT / root).resolve()  # relative: from the repository (a notebook's cwd is notebooks/)
         self.stage = stage
         self.params: dict[str, Any] = values or {}
         self._lock: RunLock | None = None

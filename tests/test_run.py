@@ -379,3 +379,12 @@ def test_a_store_rebuilt_with_the_same_content_keeps_everything_made_from_it(tmp
     again = SAETrainer(fresh.store(), 32, 4, cfg, tmp_path / "sae")
     torch.testing.assert_close(again.train().W_dec, trained.W_dec)  # its checkpoint is still the one to resume
     assert again.step == cfg.steps()
+
+
+def test_a_relative_run_dir_is_the_repositorys_whatever_the_kernels_cwd(tmp_path, monkeypatch):
+    """JupyterLab starts a notebook's kernel in notebooks/: its default run_dir must still be runs/embedded."""
+    from featint_utils.run import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    assert Run("runs/embedded").root == ROOT / "runs" / "embedded"
+    assert Run(tmp_path / "x").root == tmp_path / "x"
