@@ -717,13 +717,7 @@ class ActivationStore:
         for number, rows in enumerate(self.batch_rows(split, batch_size, shuffle, seed, mix_shards)):
             if number < skip or (drop_last and len(rows) < batch_size):
                 continue
-            batch = self.gather(split, rows) * scale
-            if not np.isfinite(batch).all():
-                raise StoreError(
-                    f"store {str(self.path)!r}: non-finite activations (NaN/Inf) in the {split} split "
-                    f"(rows {rows[~np.isfinite(batch).all(1)][:5].tolist()}...): the store is corrupt"
-                )
-            yield torch.from_numpy(batch)
+            yield torch.from_numpy(self.gather(split, rows) * scale)
 
     def batch_rows(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, mix_shards: int = 4):
         """The row numbers (into the split, store order) of each batch :meth:`batches` yields."""

@@ -109,7 +109,7 @@ class Decomposition:
         self._require("nfm")
         scale = self.primary.cfg.input_scale
         x = x_raw.float() * scale
-        values, indices = self.primary_code(x_raw)
+        values, indices = self.primary.encode(x)
         reconstruction = self.primary.decode(values, indices)
         parts = self.nfm(values, indices)
         error = x - reconstruction - parts.output

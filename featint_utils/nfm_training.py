@@ -130,8 +130,6 @@ class ResidualTrainer:
             raise ValueError(f"the model takes {n_latents} latents but the data's SAE has {fit.n_latents}")
         if len(fit) < cfg.batch_size:
             raise ValueError(f"the fitting set has {len(fit)} tokens, fewer than batch_size={cfg.batch_size}")
-        if not (cfg.lr > 0 and torch.isfinite(torch.tensor(cfg.lr))):
-            raise ValueError(f"the learning rate must be a positive number, got {cfg.lr}")
         self.model, self.fit, self.tune, self.cfg, self.out_dir = model, fit, tune, cfg, Path(out_dir)
         self.fit_variance = self._variance_per_token(fit)
         self.tune_variance = self._variance_per_token(tune)

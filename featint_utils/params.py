@@ -9,6 +9,7 @@ embedded profile. Names are namespaced by what they control (``split_seed``, ``s
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -304,6 +305,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
 STAGES = tuple(PARAMETERS)
 
 
+@functools.cache
 def all_parameters() -> dict[str, Parameter]:
     """name -> :class:`Parameter` over every stage (a name shared by stages has one definition)."""
     merged: dict[str, Parameter] = {}

@@ -283,9 +283,10 @@ class Run:
                 f"bring it up to date with `{rerun_command(self.root, stage)}`"
             )
 
-    def _digest(self, key: str, module) -> str:
+    def _digest(self, key: str, load) -> str:
+        """The weights digest of the artifact ``load()`` returns, loaded and hashed once per run object."""
         if key not in self._digests:
-            self._digests[key] = state_digest(module)
+            self._digests[key] = state_digest(load())
         return self._digests[key]
 
     # -- artifacts ---------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ class Run:
         return TopKSAE.load(self.primary_dir / "sae")
 
     def nfm_inputs(self) -> dict[str, Any]:
-        return {"store": self.store().fingerprint, "primary_sae": self._digest("primary", self.primary_sae())}
+        return {"store": self.store().fingerprint, "primary_sae": self._digest("primary", self.primary_sae)}
 
     def residual_sets(self) -> dict[str, CodeData]:
         """The fit/tune/test sets of stage 02, cut from its residual cache as 02 recorded them."""
@@ -327,7 +328,7 @@ class Run:
 
     def secondary_inputs(self, seed: int) -> dict[str, Any]:
         return self.nfm_inputs() | {
-            "nfm": self._digest(f"nfm{seed}", self.nfm(seed)),
+            "nfm": self._digest(f"nfm{seed}", lambda: self.nfm(seed)),
             "sets": fingerprint(read_json(self.sets_path)),
         }
 
@@ -350,8 +351,8 @@ class Run:
 
     def identification_inputs(self, seed: int) -> dict[str, Any]:
         return {
-            "primary_sae": self._digest("primary", self.primary_sae()),
-            "secondary_sae": self._digest(f"secondary{seed}", self.secondary_sae(seed)),
+            "primary_sae": self._digest("primary", self.primary_sae),
+            "secondary_sae": self._digest(f"secondary{seed}", lambda: self.secondary_sae(seed)),
         }
 
     def feature_effects(self, seed: int, family: str) -> pd.DataFrame:

@@ -65,8 +65,14 @@ def test_nan_in_a_val_shard_is_a_clear_error_not_a_nan_metric(tmp_path):
     acts.flush()
     with pytest.raises(StoreError, match="does not match its checksum"):
         Run(tmp_path).store()  # the spine verifies before any stage reads
-    with pytest.raises(StoreError, match="non-finite activations .* val split"):
-        list(ActivationStore(tmp_path / "activations").batches("val", 64, shuffle=False))  # and every reader checks
+    # read past the spine, unverified: the metric it gives is refused, never written
+    from featint_utils.metrics import evaluate_sae
+
+    sae = TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_scale=store.scale), seed=0)
+    fvu = evaluate_sae(sae, ActivationStore(tmp_path / "activations"), "val")["fvu"]
+    with pytest.raises(FloatingPointError, match=r"non-finite primary_sae metric\(s\) \['fvu'\]"):
+        update_metrics(tmp_path, "primary_sae", {"fvu": fvu})
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_an_unreadable_manifest_is_a_store_error_and_the_store_is_rebuilt(tmp_path):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from featint_utils import runner
+from featint_utils import params, runner
 from featint_utils.__main__ import main
 from featint_utils.activations import ActivationStore
 from featint_utils.io import state_digest
@@ -55,7 +55,8 @@ def test_every_profile_declares_only_known_and_valid_parameters():
 
 def test_the_embedded_profile_is_the_shared_defaults():
     """So that "Run All" in a notebook (which uses the defaults) is `make run`."""
-    assert set(runner.load_profile("embedded")) <= {"corpus"}
+    profile = runner.load_profile("embedded")
+    assert set(profile) <= {"corpus"} and profile == {k: params.all_parameters()[k].default for k in profile}
 
 
 def _raw_parameters(name):
