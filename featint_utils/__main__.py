@@ -1,6 +1,7 @@
 """Command line: ``python -m featint_utils run --profile NAME [--name RUN | --run-dir DIR] [--only 00,01]
-[--set key=value ...]``, ``python -m featint_utils report [--profile NAME] [--name RUN | --run-dir DIR]`` and
-``python -m featint_utils profiles``."""
+[--set key=value ...] [--nproc N]``, ``python -m featint_utils report [--profile NAME] [--name RUN | --run-dir
+DIR]``, ``python -m featint_utils profiles``, and, under ``torchrun`` on every rank, ``python -m featint_utils
+stage {00,01} --profile NAME [--name RUN | --run-dir DIR] [--set key=value ...]``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import sys
 
 from . import runner
+from .distributed import RankLostError
 
 
 def _where(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"
     )
     run.add_argument("--no-reports", action="store_true", help="skip the HTML reports")
+    run.add_argument(
+        "--nproc", type=int, default=1, help="ranks (GPUs) on this node for stages 00 and 01, under torchrun"
+    )
+    stage = commands.add_parser("stage", help="under torchrun: this rank's part of stage 00 or 01")
+    stage.add_argument("number", help="00 (extraction) or 01 (primary SAE training)")
+    _where(stage)
+    stage.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"
+    )
     rep = commands.add_parser("report", help="render a run's executed notebooks to HTML, inputs hidden")
     _where(rep)
     commands.add_parser("profiles", help="list the available profiles")
@@ -41,14 +52,17 @@ def main(argv: list[str] | None = None) -> int:
                 reports=not args.no_reports,
                 name=args.name,
                 run_dir=args.run_dir,
+                nproc=args.nproc,
             )
             print(f"[featint] run complete: {run_dir}")
+        elif args.command == "stage":
+            runner.run_scaled_stage(args.number, args.profile, runner.parse_sets(args.sets), args.name, args.run_dir)
         elif args.command == "report":
             for html in runner.report(args.profile, name=args.name, run_dir=args.run_dir):
                 print(html)
         else:
             print("\n".join(runner.available_profiles()))
-    except runner.RunError as err:
+    except (runner.RunError, RankLostError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

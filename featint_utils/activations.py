@@ -22,14 +22,15 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from queue import Queue
-from threading import Thread
+from queue import Full, Queue
+from threading import Event, Thread
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .corpus import Split, Text
+from .distributed import SINGLE, Dist
 from .io import read_json, replace_dir, write_json
 from .models import LoadedModel, forward_to_layer, hook_module, hook_name
 from .progress import progress
@@ -88,8 +89,8 @@ def chunk_text(ids: list[int], text_index: int, chunk_len: int) -> list[_Chunk]:
 class _ShardWriter:
     """Fills fixed-size buffers and writes each as a shard pair; tracks train-split moments."""
 
-    def __init__(self, directory: Path, split: str, d_model: int, dtype, shard_tokens: int):
-        self.directory, self.split, self.dtype = directory, split, dtype
+    def __init__(self, directory: Path, split: str, d_model: int, dtype, shard_tokens: int, prefix: str = ""):
+        self.directory, self.split, self.dtype, self.prefix = directory, split, dtype, prefix
         self.acts = np.empty((shard_tokens, d_model), dtype=dtype)
         self.meta = np.empty((shard_tokens, 3), dtype=np.int32)
         self.fill = 0
@@ -114,13 +115,23 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.fill == 0:
             return
-        stem = f"{self.split}-{len(self.shards):05d}"
+        stem = f"{self.split}-{self.prefix}{len(self.shards):05d}"
         entry = {"acts": f"{stem}.acts.npy", "meta": f"{stem}.meta.npy", "n_tokens": self.fill}
         for key, array in (("acts", self.acts), ("meta", self.meta)):
             np.save(self.directory / entry[key], array[: self.fill])
             entry[f"{key}_sha256"] = _sha256(self.directory / entry[key])
         self.shards.append(entry)
         self.fill = 0
+
+    def totals(self) -> dict:
+        """What :meth:`absorb` needs of a flushed writer (another rank's shards of the same split)."""
+        return {"shards": self.shards, "sum": self.sum, "sum_sq_norm": self.sum_sq_norm, "n_tokens": self.n_tokens}
+
+    def absorb(self, totals: dict) -> None:
+        self.shards += totals["shards"]
+        self.sum += totals["sum"]
+        self.sum_sq_norm += totals["sum_sq_norm"]
+        self.n_tokens += totals["n_tokens"]
 
 
 def _sha256(path: Path) -> str:
@@ -144,6 +155,7 @@ def extract(
     shard_mb: float = 64.0,
     window_texts: int = 512,
     reuse: bool = True,
+    dist: Dist = SINGLE,
 ) -> ActivationStore:
     """Run every text of ``split`` through the model and store ``hidden_states[layer]`` of its real tokens.
 
@@ -151,6 +163,10 @@ def extract(
     tokens are never stored. Only the blocks up to ``layer`` run. Returns the opened store. With ``reuse``,
     a complete store at ``store_dir`` made from the same request (model, layer, texts, split, context,
     dtype) is returned as it is, so re-running a pipeline does not redo (or invalidate) this stage.
+
+    Under ``torchrun`` (``dist``) the texts are dealt out to the ranks (text i to rank i mod world size);
+    each rank runs its own texts on its device and writes its own shards (``train-r<rank>-*``); rank 0 merges
+    their lists, checksums and moments into the one manifest, as a single process would have written it.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -166,10 +182,13 @@ def extract(
             "\x00".join(f"{t.text_id}\x01{t.text}" for name in SPLITS for t in getattr(split, name)).encode()
         ).hexdigest(),
     }
-    existing = reusable_store(store_dir, request) if reuse else None
-    if existing is not None:
-        print(f"reusing the activation store at {store_dir} (same model, layer, texts and split; checksums verified)")
-        return existing
+    existing = reusable_store(store_dir, request) if reuse and dist.is_main else None
+    if dist.broadcast_object(existing is not None):
+        if dist.is_main:
+            print(
+                f"reusing the activation store at {store_dir} (same model, layer, texts and split; checksums verified)"
+            )
+        return existing or ActivationStore(store_dir)
     prefix, suffix = special_frame(tokenizer)
     if context_tokens - len(prefix) - len(suffix) < 1:
         raise ValueError(
@@ -185,21 +204,25 @@ def extract(
 
     store_dir = Path(store_dir)
     partial = store_dir.with_name(store_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run are never reused
-    partial.mkdir(parents=True)
-
     texts = [(name, t) for name in SPLITS for t in getattr(split, name)]
-    with open(partial / "texts.jsonl", "w") as f:
-        for index, (name, t) in enumerate(texts):
-            f.write(
-                json.dumps({"index": index, "text_id": t.text_id, "group": t.group, "split": name, "text": t.text})
-                + "\n"
-            )
+    if dist.is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run are never reused
+        partial.mkdir(parents=True)
+        with open(partial / "texts.jsonl", "w") as f:
+            for index, (name, t) in enumerate(texts):
+                f.write(
+                    json.dumps({"index": index, "text_id": t.text_id, "group": t.group, "split": name, "text": t.text})
+                    + "\n"
+                )
+    dist.barrier()
 
-    writers = {name: _ShardWriter(partial, name, d_model, np_dtype, shard_tokens) for name in SPLITS}
+    shard_prefix = f"r{dist.rank}-" if dist.distributed else ""
+    writers = {name: _ShardWriter(partial, name, d_model, np_dtype, shard_tokens, shard_prefix) for name in SPLITS}
+    mine = np.arange(dist.rank, len(texts), dist.world_size)  # this rank's texts (all of them in one process)
     started = time.perf_counter()
-    bar = progress(total=len(texts), desc=f"extract layer {layer}", unit="text")
-    for batch in _prefetch(padded_batches(tokenizer, texts, context_tokens, batch_size, window_texts)):
+    bar = progress(total=len(mine), desc=f"extract layer {layer}", unit="text", disable=not dist.is_main)
+    batches = padded_batches(tokenizer, [texts[i] for i in mine], context_tokens, batch_size, window_texts, mine)
+    for batch in prefetch(batches):
         hidden = forward_to_layer(
             model, layer, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
         )
@@ -210,6 +233,15 @@ def extract(
             bar.update(batch.texts_done)
             bar.set_postfix(tokens=n_done, tok_per_s=f"{n_done / (time.perf_counter() - started):.0f}", refresh=False)
     bar.close()
+    for writer in writers.values():
+        writer.flush()
+    gathered = dist.all_gather_object({name: w.totals() for name, w in writers.items()})
+    if not dist.is_main:
+        dist.barrier()  # rank 0 writes the manifest and moves the store into place
+        return ActivationStore(store_dir)
+    for other in gathered[1:]:
+        for name, writer in writers.items():
+            writer.absorb(other[name])
     info = {
         "request": request,
         "model": loaded.name,
@@ -226,7 +258,10 @@ def extract(
         "extraction_seconds": time.perf_counter() - started,
     }
     n_texts = {name: len(getattr(split, name)) for name in SPLITS}
-    return _finish_store(partial, store_dir, writers, dtype, n_texts, info)
+    try:
+        return _finish_store(partial, store_dir, writers, dtype, n_texts, info)
+    finally:
+        dist.barrier()
 
 
 def _finish_store(partial: Path, store_dir: Path, writers: dict, dtype: str, n_texts: dict, info: dict):
@@ -463,9 +498,17 @@ class PaddedBatch:
     """Texts finished with this batch (for progress); 0 except on a window's last batch."""
 
 
-def padded_batches(tokenizer, texts: list[tuple[str, Text]], context_tokens: int, batch_size: int, window_texts=512):
+def padded_batches(
+    tokenizer,
+    texts: list[tuple[str, Text]],
+    context_tokens: int,
+    batch_size: int,
+    window_texts: int = 512,
+    indices: np.ndarray | None = None,
+):
     """The batches extraction runs, in order: texts tokenised a window at a time (memory stays flat),
-    cut into contexts of ``context_tokens`` framed by the tokenizer's special tokens, grouped by length."""
+    cut into contexts of ``context_tokens`` framed by the tokenizer's special tokens, grouped by length.
+    ``indices`` are the texts' numbers in the store (default: their positions in ``texts``)."""
     prefix, suffix = special_frame(tokenizer)
     chunk_len = context_tokens - len(prefix) - len(suffix)
     excluded = np.array(sorted(set(tokenizer.all_special_ids)))
@@ -475,7 +518,8 @@ def padded_batches(tokenizer, texts: list[tuple[str, Text]], context_tokens: int
         encoded = tokenizer([t.text for _, t in window], add_special_tokens=False, verbose=False)["input_ids"]
         by_split: dict[str, list[_Chunk]] = {name: [] for name in SPLITS}
         for offset, ((name, _), ids) in enumerate(zip(window, encoded)):
-            by_split[name].extend(chunk_text(ids, window_start + offset, chunk_len))
+            number = window_start + offset
+            by_split[name].extend(chunk_text(ids, number if indices is None else int(indices[number]), chunk_len))
         plan = []
         for name, chunks in by_split.items():
             chunks.sort(key=lambda c: len(c.ids))  # similar lengths share a batch: little padding
@@ -485,25 +529,40 @@ def padded_batches(tokenizer, texts: list[tuple[str, Text]], context_tokens: int
             yield _pad(name, batch, prefix, suffix, excluded, done)
 
 
-def _prefetch(batches, depth: int = 4):
-    """Build the next batches in a background thread while the model runs (tokenising and padding release
-    the GIL for most of their time), so the forward pass is rarely kept waiting."""
+def prefetch(items, depth: int = 4, pin: bool = False):
+    """Yield ``items`` while a background thread makes the next ``depth`` of them (tokenising and padding,
+    or gathering store rows from the memory maps, release the GIL for most of their time), so the model
+    is rarely kept waiting. ``pin`` puts tensors in pinned memory: their copy to a GPU is then asynchronous
+    (``.to(device, non_blocking=True)``). Stopping early (``break``, an error) stops the thread too."""
     queue: Queue = Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
 
     def produce():
         try:
-            for batch in batches:
-                queue.put(batch)
+            for item in items:
+                if not put(item.pin_memory() if pin else item):
+                    return
         except BaseException as err:  # re-raised in the consumer, with its traceback
-            queue.put(err)
-        queue.put(done)
+            put(err)
+        put(done)
 
     Thread(target=produce, daemon=True).start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _pad(split: str, batch: list[_Chunk], prefix, suffix, excluded: np.ndarray, texts_done: int) -> PaddedBatch:
@@ -706,18 +765,20 @@ class ActivationStore:
         mix_shards: int = 4,
         skip: int = 0,
         drop_last: bool = False,
+        part: slice | None = None,
     ):
         """Yield float32 tensors of ``batch_size`` rows, one pass over a split.
 
         Shuffling draws shards in random order and permutes rows across ``mix_shards`` shards at a time,
         so memory holds at most that many shards' pages, whatever the store's size. The order depends
         only on ``seed``; ``skip`` passes over the first batches without reading them (to resume).
+        ``part`` reads only those rows of each batch (a rank's share of a data-parallel global batch).
         """
         scale = np.float32(self.scale if normalize else 1.0)
         for number, rows in enumerate(self.batch_rows(split, batch_size, shuffle, seed, mix_shards)):
             if number < skip or (drop_last and len(rows) < batch_size):
                 continue
-            yield torch.from_numpy(self.gather(split, rows) * scale)
+            yield torch.from_numpy(self.gather(split, rows if part is None else rows[part]) * scale)
 
     def batch_rows(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, mix_shards: int = 4):
         """The row numbers (into the split, store order) of each batch :meth:`batches` yields."""

@@ -4,6 +4,10 @@
 layer output ``x`` becomes ``SAE(x) + NFM'(f) + error`` with ``error = x - SAE(x) - NFM(f)`` from the same
 clean ``x``; with no clamp the model is reproduced exactly. See :mod:`featint_utils.clamping` for the paths
 a :class:`Clamp` edits and the readouts.
+
+**Devices.** The parts live on one device (:meth:`Decomposition.to`); every method takes its input on any
+device and answers on the input's: hidden states of a model on the same GPU never leave it, and store
+batches from the host come back to the host.
 """
 
 from __future__ import annotations
@@ -68,6 +72,17 @@ class Decomposition:
                     f"{self.nfm.cfg.k_embed} wide"
                 )
 
+    @property
+    def device(self) -> torch.device:
+        return self.primary.W_enc.device
+
+    def to(self, device: torch.device | str) -> Decomposition:
+        """Move every part to ``device``; returns self."""
+        for part in (self.primary, self.nfm, self.secondary):
+            if part is not None:
+                part.to(device)
+        return self
+
     def _require(self, part: str) -> None:
         if getattr(self, part) is None:
             raise ValueError(f"this decomposition has no {part}")
@@ -75,7 +90,8 @@ class Decomposition:
     @torch.no_grad()
     def primary_code(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the primary SAE for raw activations [tokens, d]."""
-        return self.primary.encode(x_raw.float() * self.primary.cfg.input_scale)
+        values, indices = self.primary.encode(x_raw.to(self.device).float() * self.primary.cfg.input_scale)
+        return values.to(x_raw.device), indices.to(x_raw.device)
 
     @torch.no_grad()
     def nfm_vector(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -84,13 +100,14 @@ class Decomposition:
         if self.nfm.hidden is None:
             raise ValueError(f"an NFM of form {self.nfm.cfg.form!r} has no Linear(K,K) vector")
         self.nfm.eval()
-        return self.nfm(values, indices).hidden_pre
+        return self.nfm(values.to(self.device), indices.to(self.device)).hidden_pre.to(values.device)
 
     @torch.no_grad()
     def secondary_code_of_vector(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the secondary SAE for NFM vectors ``h``."""
         self._require("secondary")
-        return self.secondary.encode(h * self.secondary.cfg.input_scale)
+        values, indices = self.secondary.encode(h.to(self.device) * self.secondary.cfg.input_scale)
+        return values.to(h.device), indices.to(h.device)
 
     @torch.no_grad()
     def secondary_code(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +125,7 @@ class Decomposition:
         """The spliced layer output (raw units) for clean outputs ``x_raw`` [tokens, d]."""
         self._require("nfm")
         scale = self.primary.cfg.input_scale
-        x = x_raw.float() * scale
+        x = x_raw.to(self.device).float() * scale
         values, indices = self.primary.encode(x)
         reconstruction = self.primary.decode(values, indices)
         parts = self.nfm(values, indices)
@@ -118,19 +135,21 @@ class Decomposition:
             edited = parts.output + self._change(clamp, values, indices, parts)
             if control == "random":
                 change = edited - parts.output
-                noise = torch.randn(change.shape, generator=generator)
+                noise = torch.randn(change.shape, generator=generator).to(
+                    change.device
+                )  # host draws: same on any device
                 noise *= change.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 edited = parts.output + noise
             elif control is not None:
                 raise ValueError(f"control must be None or 'random', got {control!r}")
-        return (reconstruction + edited + error) / scale
+        return ((reconstruction + edited + error) / scale).to(x_raw.device)
 
     def _change(self, clamp: Clamp, values, indices, parts) -> torch.Tensor:
         """How the NFM output moves under ``clamp`` (normalised units)."""
         if clamp.path == "linear":
             current = (values * (indices == clamp.feature)).sum(1)
             target = clamp.apply(current)
-            slot = torch.full((len(values), 1), clamp.feature, dtype=indices.dtype)
+            slot = torch.full((len(values), 1), clamp.feature, dtype=indices.dtype, device=indices.device)
             return self.nfm.first_order(target[:, None], slot) - self.nfm.first_order(current[:, None], slot)
         if self.secondary is None or parts.hidden_pre is None:
             raise ValueError("a secondary clamp needs a secondary SAE and an NFM with a Linear(K,K) layer")

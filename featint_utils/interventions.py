@@ -40,7 +40,7 @@ def splice(model: torch.nn.Module, layer: int, replace: Callable[[torch.Tensor],
 def random_error_like(x: torch.Tensor, reconstruction: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``x`` plus a random direction with the norm of the reconstruction's error, token by token: the control
     that separates "this error matters" from "any error this large matters"."""
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # host draws: same on any device
     noise *= (x - reconstruction).norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return x + noise
 
@@ -82,7 +82,7 @@ def splice_metrics(
         "spliced": lambda h: reconstruct(h),
         "random": lambda h: random_error_like(h, reconstruct(h), generator),
         "zero": torch.zeros_like,
-        "mean": lambda h: mean.expand_as(h).to(h.dtype),
+        "mean": lambda h: mean.to(h).expand_as(h),
     }
     sums: dict[str, float] = {}
     count = 0

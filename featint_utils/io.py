@@ -95,8 +95,12 @@ def restore_optimizer(model, optimizer, tensors: dict) -> None:
     """Put the moments :func:`optimizer_tensors` saved back into ``optimizer``."""
     for name, param in model.named_parameters():
         keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
-        if keys:
-            optimizer.state[param] = {k.rsplit(".", 1)[1]: tensors[k] for k in keys}
+        if keys:  # the moments go where the parameter is (a checkpoint from a GPU resumes on a CPU and back);
+            # Adam keeps its step count on the host
+            optimizer.state[param] = {
+                key: value if key == "step" else value.to(param.device)
+                for key, value in ((k.rsplit(".", 1)[1], tensors[k]) for k in keys)
+            }
 
 
 def save_checkpoint(directory: Path, tensors: dict, state: dict) -> None:
@@ -105,7 +109,7 @@ def save_checkpoint(directory: Path, tensors: dict, state: dict) -> None:
 
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
     write_json(tmp / "state.json", state)
     replace_dir(tmp, directory)
 

@@ -31,14 +31,14 @@ class VarianceAccumulator:
         self.legacy_sum = 0.0
 
     def add(self, target: torch.Tensor, prediction: torch.Tensor) -> None:
-        t = target.detach().double().cpu()
-        err = ((t - prediction.detach().double().cpu()) ** 2).sum(-1)
+        t = target.detach().double()  # on the tensors' device: only the sums cross to the host
+        err = ((t - prediction.detach().double()) ** 2).sum(-1)
         self.n += len(t)
-        self.sum += t.sum(0).numpy()
+        self.sum += t.sum(0).cpu().numpy()
         self.sum_sq += float((t**2).sum())
         self.sum_err += float(err.sum())
         if self.known_mean is not None:
-            spread = ((t - torch.from_numpy(self.known_mean)) ** 2).sum(-1)
+            spread = ((t - torch.from_numpy(self.known_mean).to(t.device)) ** 2).sum(-1)
             self.legacy_sum += float((err / spread).sum())
 
     @property
@@ -74,18 +74,19 @@ def evaluate_sae(sae, store: ActivationStore, split: str = "val", batch_size: in
     if store.d_model != sae.cfg.d_in:
         raise ValueError(f"the store's width {store.d_model} does not match the SAE's d_in={sae.cfg.d_in}")
     acc = VarianceAccumulator(store.d_model, mean=split_mean(store, split, sae.cfg.input_scale))
-    fires = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
+    device = sae.W_enc.device  # the batches go where the SAE is
+    fires = torch.zeros(sae.cfg.n_latents, dtype=torch.float64, device=device)
     active = 0.0
     for x in store.batches(split, batch_size, shuffle=False, normalize=False):
-        x = x * sae.cfg.input_scale
+        x = x.to(device) * sae.cfg.input_scale
         values, indices = sae.encode(x)
         acc.add(x, sae.decode(values, indices))
         on = values > 0
         active += float(on.sum())
-        fires.index_add_(0, indices[on], torch.ones(int(on.sum()), dtype=torch.float64))
+        fires.index_add_(0, indices[on], torch.ones(int(on.sum()), dtype=torch.float64, device=device))
     if acc.n == 0:
         raise ValueError(f"split {split!r} of {store.path} holds no tokens")
-    frequency = (fires / acc.n).numpy()
+    frequency = (fires / acc.n).cpu().numpy()
     return {
         "fvu": acc.fvu(),
         "variance_explained": 1.0 - acc.fvu(),

@@ -61,12 +61,20 @@ CHECKS = {
         "a comma-separated list of distinct seeds >= 0, e.g. 0,1",
     ),
     "dtype": (lambda v: v in ("float32", "float16"), "float32 or float16"),
+    "model_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None, "auto, cpu, cuda, cuda:N or mps"),
     "text": (lambda v: v.strip() != "", "a non-empty string"),
 }
 
 # Parameters that several stages read, with one meaning.
 DEVICE = Parameter("device", str, "auto", '"auto" (GPU if present), "cpu" or "cuda"', "device")
+MODEL_DTYPE = Parameter(
+    "model_dtype",
+    str,
+    "float32",
+    "language model weights: float32, bfloat16 or float16 (not the store's dtype)",
+    "model_dtype",
+)
 RESUME = Parameter("resume", bool, True, "continue from a checkpoint of an interrupted run with the same settings")
 KEEP_CHECKPOINTS = Parameter(
     "keep_checkpoints", bool, False, "keep finished trainings' optimiser state (only to train further)"
@@ -122,6 +130,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             _P("batch_size", int, 64, "contexts per forward pass", "positive"),
             _P("dtype", str, "float32", "storage dtype: float32 or float16", "dtype"),
             DEVICE,
+            MODEL_DTYPE,
         ]
     },
     "01_primary_sae": {
@@ -145,6 +154,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             _P("splice_texts", int, 256, "held-out contexts for the splice metrics", "positive"),
             N_SHOW_FEATURES,
             DEVICE,
+            MODEL_DTYPE,
         ]
     },
     "02_nfm": {
@@ -266,6 +276,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             N_SHOW_FEATURES,
             RESUME,
             KEEP_CHECKPOINTS,
+            DEVICE,
         ]
     },
     "05_feature_identification": {
@@ -279,6 +290,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             _P("n_panels", int, 4, "secondary features shown in full in a headless run", "non_negative"),
             _P("replication_seed", int, 0, "seeds the split of the items for the replication check", "non_negative"),
             DEVICE,
+            MODEL_DTYPE,
         ]
     },
     "06_clamping": {
@@ -299,6 +311,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             FDR_Q,
             _P("clamp_seed", int, 0, "seeds the random-edit control and the statistics", "non_negative"),
             DEVICE,
+            MODEL_DTYPE,
         ]
     },
 }

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from . import params as parameters
 from .activations import ActivationStore
 from .decomposition import Decomposition
 from .io import read_json, state_digest, write_json
+from .models import resolve_device
 from .nfm import NFM
 from .residuals import CodeData, load_sets, open_residual_data
 from .sae import TopKSAE
@@ -342,12 +344,18 @@ class Run:
         self._check(self.secondary_dir(seed), self.secondary_inputs(seed), "04_secondary_sae", "secondary SAE")
         return TopKSAE.load(self.secondary_dir(seed) / "sae")
 
+    @property
+    def device(self) -> torch.device:
+        """Where this stage computes: its ``device`` parameter, resolved (auto: a GPU when there is one)."""
+        return torch.device(resolve_device(self.params.get("device", "auto")))
+
     def decomposition(self, seed: int | None = None, secondary: bool = True) -> Decomposition:
-        """The primary SAE, and with ``seed`` the NFM of that seed and (``secondary``) its secondary SAE."""
+        """The primary SAE, and with ``seed`` the NFM of that seed and (``secondary``) its secondary SAE, on
+        the stage's device."""
         primary = self.primary_sae()
         if seed is None:
-            return Decomposition(primary)
-        return Decomposition(primary, self.nfm(seed), self.secondary_sae(seed) if secondary else None)
+            return Decomposition(primary).to(self.device)
+        return Decomposition(primary, self.nfm(seed), self.secondary_sae(seed) if secondary else None).to(self.device)
 
     def identification_inputs(self, seed: int) -> dict[str, Any]:
         return {

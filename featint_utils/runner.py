@@ -10,6 +10,11 @@ stale), holds the run directory's lock while it runs, and keeps the history of a
 notebook is executed into ``attempts/`` and moved into ``notebooks/`` only when it succeeds: a failed rerun
 never replaces the last good executed notebook, its report or ``metrics.json`` (the failed notebook, with
 its traceback, stays in ``attempts/``).
+
+With ``nproc`` > 1 the stages that scale out (00's extraction, 01's SAE training: :mod:`featint_utils.stages`)
+first run under ``torchrun`` with that many ranks on this node; their notebook then finds the result and
+goes on from it. Several nodes: start ``python -m featint_utils stage NN`` under ``torchrun`` on each (README,
+"GPUs and clusters"), then this runner on one of them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 import platform
 import re
 import shutil
+import subprocess
+import sys
 import time
 import tomllib
 from datetime import UTC, datetime
@@ -28,6 +35,7 @@ from . import params
 from .activations import git_commit
 from .io import read_json, write_json
 from .run import LOCK_ENV, RUNS_DIR, RunLock, RunLockedError
+from .stages import SCALED
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "profiles"
@@ -155,8 +163,12 @@ def run(
     reports: bool = True,
     name: str | None = None,
     run_dir: str | Path | None = None,
+    nproc: int = 1,
 ) -> Path:
-    """Execute the profile's notebooks in order; stop at the first failure and name it. Returns the run dir."""
+    """Execute the profile's notebooks in order; stop at the first failure and name it. Returns the run dir.
+    ``nproc`` > 1 runs stages 00 and 01 over that many ``torchrun`` ranks first (see the module docstring)."""
+    if nproc < 1:
+        raise RunError(f"--nproc must be at least 1, got {nproc}")
     resolved = resolve_parameters(load_profile(profile, profiles_dir), overrides or {})
     selected = notebooks(notebooks_dir, only)
     if not selected:
@@ -170,14 +182,16 @@ def run(
         raise RunError(str(err)) from None
     try:
         os.environ[LOCK_ENV] = str(root)  # the kernels inherit it: they know that this process holds the lock
-        _run_locked(root, profile, selected, resolved, overrides or {}, reports)
+        _run_locked(root, profile, selected, resolved, overrides or {}, reports, nproc)
     finally:
         os.environ.pop(LOCK_ENV, None)
         lock.release()
     return root
 
 
-def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, sets: dict, reports: bool) -> None:
+def _run_locked(
+    root: Path, profile: str, selected: list[Path], resolved: dict, sets: dict, reports: bool, nproc: int
+) -> None:
     import papermill
     from nbclient.exceptions import DeadKernelError
 
@@ -192,6 +206,7 @@ def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, 
         "python": platform.python_version(),
         "packages": {p: _version(p) for p in RECORDED_PACKAGES},
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nproc": nproc,
         "status": "running",
         "stages": {},
     }
@@ -208,15 +223,18 @@ def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, 
         started = time.perf_counter()
         failure = None
         try:
-            papermill.execute_notebook(
-                _source_notebook(nb),
-                str(attempt_path),
-                parameters=stage_params,
-                kernel_name="python3",
-                cwd=str(ROOT),
-                progress_bar=False,
-                log_output=False,
-            )
+            if nproc > 1 and stage in SCALED:
+                failure = _torchrun_stage(stage, root, profile, sets, nproc)
+            if failure is None:
+                papermill.execute_notebook(
+                    _source_notebook(nb),
+                    str(attempt_path),
+                    parameters=stage_params,
+                    kernel_name="python3",
+                    cwd=str(ROOT),
+                    progress_bar=False,
+                    log_output=False,
+                )
         except papermill.PapermillExecutionError as err:
             failure = f"notebook {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}"
         except DeadKernelError:
@@ -260,6 +278,38 @@ def _run_locked(root: Path, profile: str, selected: list[Path], resolved: dict, 
     shutil.rmtree(root / "attempts", ignore_errors=True)
 
 
+def torchrun_command(stage: str, nproc: int, where: list[str], profile: str, sets: dict) -> list[str]:
+    """The ``torchrun`` command (one node, ``nproc`` ranks) that runs the scaled part of ``stage``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "featint_utils",
+        "stage",
+        stage[:2],
+        "--profile",
+        profile,
+        *where,
+        *(f"--set={k}={v}" for k, v in sets.items()),
+    ]
+
+
+def _torchrun_stage(stage: str, root: Path, profile: str, sets: dict, nproc: int) -> str | None:
+    """Run ``stage``'s scaled part over ``nproc`` ranks (they inherit this runner's lock); the failure, if any."""
+    command = torchrun_command(stage, nproc, ["--run-dir", str(root)], profile, sets)
+    print(f"[featint] {root.name}: {stage} over {nproc} ranks: {' '.join(command[2:])}", flush=True)
+    done = subprocess.run(command, cwd=ROOT)
+    if done.returncode:
+        return (
+            f"{stage} over {nproc} ranks failed (torchrun exit code {done.returncode}; the failing rank's error is "
+            "above); rerun the same command to resume from the last checkpoint"
+        )
+    return None
+
+
 def _source_notebook(source: Path):
     """The notebook of a jupytext ``.py`` source, as executed: what the file says now, whatever its twin says."""
     import jupytext
@@ -282,6 +332,26 @@ def _load_record(root: Path) -> dict:
     if "attempts" not in record:  # a record from before the history was kept
         record = {"stages": record.get("stages", {}), "attempts": []}
     return record
+
+
+def run_scaled_stage(
+    number: str,
+    profile: str,
+    overrides: dict | None = None,
+    name: str | None = None,
+    run_dir: str | Path | None = None,
+    runs_dir: Path = RUNS_DIR,
+) -> Path:
+    """This rank's part of stage ``number`` (00 or 01) of a run, as ``torchrun`` starts it on every rank."""
+    from .stages import run_stage
+
+    stage = next((s for s in SCALED if s[:2] == number), None)
+    if stage is None:
+        raise RunError(f"stage {number} does not run over ranks; only {', '.join(s[:2] for s in SCALED)} do")
+    resolved = resolve_parameters(load_profile(profile), overrides or {})
+    root = run_directory(profile, name, run_dir, runs_dir)
+    run_stage(stage, root, {k: resolved[k] for k in params.PARAMETERS[stage]} | {"run_dir": str(root)})
+    return root
 
 
 def report(

@@ -180,8 +180,10 @@ class TopKSAE(nn.Module):
 
     # -- raw-activation space -------------------------------------------------------------------------
     def reconstruct_raw(self, x_raw: torch.Tensor) -> torch.Tensor:
-        """``SAE(x)`` for raw (un-normalised) activations, returned in raw units."""
-        return self(x_raw * self.cfg.input_scale) / self.cfg.input_scale
+        """``SAE(x)`` for raw (un-normalised) activations, returned in raw units, float32 (a model's bf16 hidden
+        states are encoded in float32), on the input's device (the SAE computes on its own)."""
+        x = x_raw.to(self.W_enc.device, torch.float32)
+        return (self(x * self.cfg.input_scale) / self.cfg.input_scale).to(x_raw.device)
 
     def residual_raw(self, x_raw: torch.Tensor) -> torch.Tensor:
         """The SAE error ``x - SAE(x)`` in raw units: the target of the NFM stage."""

@@ -97,8 +97,9 @@ def pair_attribution(nfm: NFM, values: torch.Tensor, indices: torch.Tensor) -> P
     if not nfm.cfg.has_pairs or nfm.hidden is None:
         raise ValueError(f"an NFM of form {nfm.cfg.form!r} has no Linear(K,K) vector; use form 'nfm' or 'interaction'")
     nfm.eval()
+    device = nfm.embeddings.device  # the code goes where the NFM is
     active = values > 0
-    values, indices = values[active], indices[active]
+    values, indices = values[active].to(device), indices[active].to(device)
     factors = values[:, None] * nfm.embeddings[indices]  # [k, K]
     i, j = torch.triu_indices(len(values), len(values), offset=1)
     products = factors[i] * factors[j]  # [P, K]: the pooling's terms
@@ -107,7 +108,7 @@ def pair_attribution(nfm: NFM, values: torch.Tensor, indices: torch.Tensor) -> P
         gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * gain
     else:
-        gain, shift = torch.ones(nfm.cfg.k_embed), torch.zeros(nfm.cfg.k_embed)
+        gain, shift = torch.ones(nfm.cfg.k_embed, device=device), torch.zeros(nfm.cfg.k_embed, device=device)
     contributions = (products * gain) @ nfm.hidden.weight.T
     constant = nfm.hidden.weight @ shift + nfm.hidden.bias
     return PairAttribution(torch.stack([indices[i], indices[j]], 1), contributions, constant)

@@ -34,54 +34,29 @@ context_tokens: int = 128  # tokens per model context, special tokens included
 batch_size: int = 64  # contexts per forward pass
 dtype: str = "float32"  # storage dtype: float32 or float16
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+model_dtype: str = "float32"  # language model weights: float32, bfloat16 or float16 (not the store's dtype)
 
 # %%
 from IPython.display import display
 
-from featint_utils import activations, models, plots
-from featint_utils.corpus import load_corpus, split_by_group
+from featint_utils import activations, plots, stages
 from featint_utils.run import Run
 
 run = Run.open(run_dir, "00_activations", globals())
 
 # %% [markdown]
-# ## Model and corpus
+# ## Extraction
+# The model (its weights in `model_dtype`) runs every text of the corpus; only the blocks up to `layer` run.
+# The store is written to a `.partial` directory and moved into place when complete, so an interrupted run
+# never leaves a store that looks finished; a verified store of the same request is reused. Under `torchrun`
+# the texts are dealt out to the ranks and this cell finds their store (README, "GPUs and clusters").
+#
 # `corpus = "activations:PATH.npz"` skips the model: the file's arrays `acts` [n, d] and `doc` [n] (the document
 # of each row) become the store, split by document exactly as texts are (stages 00-04 then run as usual).
 
 # %%
-from_file = activations.is_activation_corpus(corpus)
-if from_file:
-    store = activations.store_from_npz(
-        corpus, run.store_dir, val_fraction, split_seed, max_groups=max_groups or None, dtype=dtype
-    )
-else:
-    loaded = models.load_model(model, device=models.resolve_device(device))
-    texts = load_corpus(corpus)
-    split = split_by_group(texts, val_fraction, split_seed, max_groups=max_groups or None)
-    print(
-        f"{loaded.name}: {loaded.model.config.model_type}, {loaded.n_layers} layers, d_model={loaded.d_model}; "
-        f"hooking {models.hook_name(loaded.model, layer)} for hidden_states[{layer}]"
-    )
-    print(f"{len(texts)} texts; {len(split.train)} train / {len(split.val)} validation texts")
-
-# %% [markdown]
-# ## Extraction
-# Only the blocks up to `layer` run. The store is written to a `.partial` directory and moved into place
-# when complete, so an interrupted run never leaves a store that looks finished.
-
-# %%
-if not from_file:
-    store = activations.extract(
-        loaded,
-        split,
-        layer,
-        run.store_dir,
-        corpus=corpus,
-        context_tokens=context_tokens,
-        batch_size=batch_size,
-        dtype=dtype,
-    )
+store, loaded, split = stages.build_store(run)
+from_file = loaded is None
 display(activations.summary(store))
 print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 

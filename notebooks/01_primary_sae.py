@@ -38,17 +38,17 @@ keep_checkpoints: bool = False  # keep finished trainings' optimiser state (only
 splice_texts: int = 256  # held-out contexts for the splice metrics
 n_show_features: int = 6  # features whose top activations are listed
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+model_dtype: str = "float32"  # language model weights: float32, bfloat16 or float16 (not the store's dtype)
 
 # %%
 import pandas as pd
 from IPython.display import display
 
-from featint_utils import features, interventions, models, plots
+from featint_utils import features, interventions, plots, stages
 from featint_utils.activations import is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.metrics import evaluate_sae
 from featint_utils.run import Run
-from featint_utils.sae_training import SAETrainer, TrainConfig
 
 run = Run.open(run_dir, "01_primary_sae", globals())
 
@@ -57,16 +57,13 @@ run = Run.open(run_dir, "01_primary_sae", globals())
 # The trainer streams shuffled batches from the on-disk store; an interrupted run resumes from its last
 # checkpoint and ends with the same weights it would have had. The SAE records the store it was trained on
 # (its checksums) and its settings: a rebuilt store or new settings start it again, and every later stage
-# refuses an SAE older than its store.
+# refuses an SAE older than its store. Under `torchrun` the ranks train it data-parallel and this cell finds
+# it finished (README, "GPUs and clusters").
 
 # %%
 store = run.store()
-out_dir = run.begin_primary_sae()
-config = TrainConfig(
-    train_tokens=sae_train_tokens, batch_size=sae_batch_size, lr=sae_lr, dead_tokens=sae_dead_tokens, seed=sae_seed
-)
-trainer = SAETrainer(store, sae_latents, sae_k, config, out_dir)
-sae = trainer.train(resume=resume, keep_optimizer=keep_checkpoints)
+trainer = stages.train_primary_sae(run)
+sae = trainer.sae
 history = trainer.history_frame()
 fig = plots.training_curves(history, title=f"TopK SAE: {sae_latents} latents, k={sae_k}")
 plots.save(fig, run.root, "01_training_curves")
@@ -84,7 +81,7 @@ metrics = evaluate_sae(sae, store, "val")
 from_file = is_activation_corpus(store.manifest["corpus"])  # activations from a file: no model to splice into
 splice = {}
 if not from_file:
-    loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
+    loaded = stages.load_language_model(run, store.manifest["model"])
     splice = interventions.splice_metrics(loaded, store, sae.reconstruct_raw, max_texts=splice_texts, seed=sae_seed)
 headline = {k: v for k, v in metrics.items() if k != "firing_frequency"} | splice
 update_metrics(run.root, "primary_sae", {"n_latents": sae_latents, "k": sae_k, **headline})

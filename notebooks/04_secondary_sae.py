@@ -39,6 +39,7 @@ secondary_seed: int = 0  # seeds the secondary SAE's initialisation and data ord
 n_show_features: int = 6  # features whose top activations are listed
 resume: bool = True  # continue from a checkpoint of an interrupted run with the same settings
 keep_checkpoints: bool = False  # keep finished trainings' optimiser state (only to train further)
+device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 
 # %%
 from dataclasses import replace
@@ -46,7 +47,7 @@ from dataclasses import replace
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import features, models, plots, secondary
+from featint_utils import distributed, features, models, plots, secondary
 from featint_utils.activations import is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.metrics import evaluate_sae
@@ -97,7 +98,7 @@ config = TrainConfig(
     dead_tokens=secondary_dead_tokens,
     seed=secondary_seed,
 )
-trainer = SAETrainer(vectors, secondary_latents, secondary_k, config, out_dir)
+trainer = SAETrainer(vectors, secondary_latents, secondary_k, config, out_dir, distributed.init(device))
 sae2 = trainer.train(resume=resume, keep_optimizer=keep_checkpoints)
 decomposition = replace(decomposition, secondary=sae2)
 title = f"secondary SAE: {secondary_latents} latents, k={secondary_k}"

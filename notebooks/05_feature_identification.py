@@ -30,12 +30,13 @@ n_top_features: int = 20  # features shown and compared per part
 n_panels: int = 4  # secondary features shown in full in a headless run
 replication_seed: int = 0  # seeds the split of the items for the replication check
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+model_dtype: str = "float32"  # language model weights: float32, bfloat16 or float16 (not the store's dtype)
 
 # %%
 import pandas as pd
 from IPython.display import display
 
-from featint_utils import identification, manipulation, models, plots, secondary, widgets
+from featint_utils import identification, manipulation, models, plots, secondary, stages, widgets
 from featint_utils.activations import require_model
 from featint_utils.corpus import load_stimuli
 from featint_utils.io import update_metrics
@@ -68,7 +69,7 @@ display(effects.round(3))
 # each factor.
 
 # %%
-loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
+loaded = stages.load_language_model(run, store.manifest["model"])
 embeddings = models.sentence_embeddings(loaded, stimuli["text"].tolist())
 probes = manipulation.probe_table(embeddings.numpy(), stimuli, n_splits=probe_folds)
 display(probes.round(3))

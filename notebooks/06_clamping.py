@@ -41,11 +41,12 @@ n_boot: int = 2000  # bootstrap resamples for every interval
 fdr_q: float = 0.05  # false-discovery (05) or family-wise (06) level
 clamp_seed: int = 0  # seeds the random-edit control and the statistics
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
+model_dtype: str = "float32"  # language model weights: float32, bfloat16 or float16 (not the store's dtype)
 
 # %%
 from IPython.display import display
 
-from featint_utils import clamping, features, identification, models, plots
+from featint_utils import clamping, features, identification, plots, stages
 from featint_utils.activations import require_model
 from featint_utils.corpus import load_prompt_frames, load_stimuli, load_wordlists
 from featint_utils.io import update_metrics
@@ -60,7 +61,7 @@ run = Run.open(run_dir, "06_clamping", globals())
 # %%
 store = run.store()
 require_model(store, "06")
-loaded = models.load_model(store.manifest["model"], device=models.resolve_device(device))
+loaded = stages.load_language_model(run, store.manifest["model"])
 decomposition = run.decomposition(nfm_seed)
 run.begin_clamping(nfm_seed)
 

@@ -1,0 +1,116 @@
+"""The work of the stages that scale out over ranks: 00's extraction and 01's SAE training.
+
+Each is one function of the run (its validated parameters) and the process's place in the job
+(:mod:`featint_utils.distributed`). A notebook calls it as a single process; ``torchrun`` runs the same
+function on every rank through ``python -m featint_utils stage NN`` (see :func:`run_stage`), and the notebook
+run afterwards finds the finished store or SAE and goes on from there (a finished SAE is never retrained,
+a verified store never re-extracted).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import activations, distributed, models
+from .activations import ActivationStore
+from .corpus import Split, load_corpus, split_by_group
+from .distributed import Dist
+from .run import Run
+from .sae_training import SAETrainer, TrainConfig
+
+SCALED = ("00_activations", "01_primary_sae")  # the stages ``python -m featint_utils stage`` runs over ranks
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_language_model(run: Run, name: str, device: torch.device | str | None = None) -> models.LoadedModel:
+    """The language model ``name`` on ``device`` (default: the run's), its weights in ``model_dtype``."""
+    device = device or models.resolve_device(run.params["device"])
+    return models.load_model(name, device=device, dtype=MODEL_DTYPES[run.params["model_dtype"]])
+
+
+class Built(NamedTuple):
+    store: ActivationStore
+    loaded: models.LoadedModel | None
+    """None when the activations come from a file (``activations:PATH.npz``)."""
+    split: Split | None
+
+
+def build_store(run: Run, dist: Dist | None = None) -> Built:
+    """Stage 00: the run's activation store, extracted (over the ranks of ``dist``; default: this process on
+    the run's ``device``) or reused when a verified one of the same request is already there."""
+    p = run.params
+    dist = dist or distributed.init(p["device"])
+    max_groups = p["max_groups"] or None
+    if activations.is_activation_corpus(p["corpus"]):
+        store = None
+        if dist.is_main:
+            store = activations.store_from_npz(
+                p["corpus"], run.store_dir, p["val_fraction"], p["split_seed"], max_groups=max_groups, dtype=p["dtype"]
+            )
+        dist.barrier()
+        return Built(store or ActivationStore(run.store_dir), None, None)
+    loaded = load_language_model(run, p["model"], dist.device)
+    texts = load_corpus(p["corpus"])
+    split = split_by_group(texts, p["val_fraction"], p["split_seed"], max_groups=max_groups)
+    if dist.is_main:
+        print(
+            f"{loaded.name}: {loaded.model.config.model_type}, {loaded.n_layers} layers, d_model={loaded.d_model}, "
+            f"{p['model_dtype']} on {dist.device}"
+            + (f" (x{dist.world_size} ranks)" if dist.distributed else "")
+            + f"; hooking {models.hook_name(loaded.model, p['layer'])} for hidden_states[{p['layer']}]"
+        )
+        print(f"{len(texts)} texts; {len(split.train)} train / {len(split.val)} validation texts")
+    store = activations.extract(
+        loaded,
+        split,
+        p["layer"],
+        run.store_dir,
+        corpus=p["corpus"],
+        context_tokens=p["context_tokens"],
+        batch_size=p["batch_size"],
+        dtype=p["dtype"],
+        dist=dist,
+    )
+    return Built(store, loaded, split)
+
+
+def train_primary_sae(run: Run, dist: Dist | None = None) -> SAETrainer:
+    """Stage 01: the primary SAE trained to its token budget (data-parallel over the ranks of ``dist``;
+    default: this process on the run's ``device``), or the finished one of the same store and settings;
+    resumes an interrupted training."""
+    p = run.params
+    dist = dist or distributed.init(p["device"])
+    if dist.is_main:
+        run.store()  # rank 0 checks the store's checksums; the others then find them checked (cached)
+    dist.barrier()
+    store = run.store()
+    out_dir = run.begin_primary_sae() if dist.is_main else run.primary_dir
+    dist.barrier()  # rank 0 has cleared a directory made from other inputs before any rank reads it
+    config = TrainConfig(
+        train_tokens=p["sae_train_tokens"],
+        batch_size=p["sae_batch_size"],
+        lr=p["sae_lr"],
+        dead_tokens=p["sae_dead_tokens"],
+        seed=p["sae_seed"],
+    )
+    trainer = SAETrainer(store, p["sae_latents"], p["sae_k"], config, out_dir, dist)
+    trainer.train(resume=p["resume"], keep_optimizer=p["keep_checkpoints"])
+    return trainer
+
+
+def run_stage(stage: str, run_dir, values: dict) -> None:
+    """Run the scaled part of ``stage`` on this rank (``torchrun`` starts one process per rank)."""
+    if stage not in SCALED:
+        raise ValueError(f"stage {stage} does not run over ranks; only {', '.join(SCALED)} do")
+    dist = distributed.init(values["device"])
+    try:
+        # rank 0 holds the run's lock for the job (unless the runner that started torchrun holds it)
+        run = Run.open(run_dir, stage, values, lock=dist.is_main)
+        try:
+            (build_store if stage == "00_activations" else train_primary_sae)(run, dist)
+        finally:
+            run.close()
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,184 @@
+"""Scale-out on CPU with gloo: 2 torchrun ranks agree with one process (SAE training, extraction), a killed rank
+fails the job and the rerun resumes to the same weights; device handling of checkpoints and the splice."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from featint_utils import clamping, distributed, models, runner, sae_training, stages
+from featint_utils.activations import ActivationStore, store_from_arrays
+from featint_utils.decomposition import Clamp
+from featint_utils.sae import TopKSAE
+from featint_utils.sae_training import SAETrainer, TrainConfig
+from tests.dist_worker import CONFIG, SETTINGS, trainer
+from tests.test_clamping import decomposition as clamping_decomposition
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("dist_worker.py")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ActivationStore:
+    """Sparse combinations of 48 planted directions in 32 dimensions, several shards."""
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(48, 32))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+
+    def draw(n):
+        chosen = np.argsort(rng.random((n, 48)), axis=1)[:, :3]
+        return np.einsum("nk,nkd->nd", rng.uniform(1, 3, (n, 3)), directions[chosen]) + 0.01 * rng.normal(size=(n, 32))
+
+    path = tmp_path_factory.mktemp("dist") / "store"
+    return store_from_arrays(path, {"train": draw(8192), "val": draw(1024)}, shard_mb=0.25)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "two_ranks"
+    done = torchrun(str(WORKER), str(store.path), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return TopKSAE.load(out / "sae").state_dict()
+
+
+def test_two_ranks_with_half_batches_train_the_sae_of_one_process_with_the_whole_batch(store, two_ranks, tmp_path):
+    single = trainer(str(store.path), str(tmp_path / "one"), distributed.SINGLE)
+    single.train()
+    history = pd.read_csv(two_ranks / "history.csv")
+    assert history["aux_loss"].gt(0).sum() >= 8, "AuxK must be active for most of the steps compared"
+    assert len(history) == CONFIG["train_tokens"] // CONFIG["batch_size"]
+    for name, value in single.sae.state_dict().items():
+        torch.testing.assert_close(weights(two_ranks)[name], value, atol=1e-5, rtol=0, msg=name)
+    # the global batch's numbers, as one process saw them
+    np.testing.assert_allclose(history["fvu"], single.history_frame()["fvu"], rtol=1e-4)
+    np.testing.assert_allclose(history["dead_fraction"], single.history_frame()["dead_fraction"])
+
+
+def test_an_sae_of_two_ranks_is_not_one_rank_of_half_the_batch(store, two_ranks, tmp_path):
+    """The comparison above has power: each rank's own half-batch, trained alone, ends elsewhere."""
+    half = SAETrainer(
+        store, **SETTINGS, train=TrainConfig(**CONFIG | {"batch_size": CONFIG["batch_size"] // 2}), out_dir=tmp_path
+    )
+    half.train(stop_after=CONFIG["train_tokens"] // CONFIG["batch_size"])
+    gap = (half.sae.W_enc - weights(two_ranks)["W_enc"]).abs().max()
+    assert gap > 1e-3
+
+
+def test_a_killed_rank_fails_the_job_and_the_rerun_resumes_to_the_uninterrupted_weights(store, two_ranks, tmp_path):
+    out = tmp_path / "killed"
+    killed = torchrun(str(WORKER), str(store.path), str(out), "--kill-rank", "1", "--kill-at", "7")
+    assert killed.returncode != 0
+    assert "dist_worker.py FAILED" in killed.stderr and "rank      : 1" in killed.stderr
+    assert "Signal 9 (SIGKILL)" in killed.stderr
+    assert not (out / "sae").exists(), "a failed job leaves no result that looks finished"
+    assert (out / "checkpoint" / "state.json").exists()
+    resumed = torchrun(str(WORKER), str(store.path), str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step 5 of 12" in resumed.stdout
+    for name, value in weights(two_ranks).items():
+        torch.testing.assert_close(weights(out)[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_two_rank_extraction_stores_the_rows_of_one_process(tmp_path):
+    sets = ["--set", "max_groups=12"]
+    one = runner.run_scaled_stage("00", "embedded", runner.parse_sets(["max_groups=12"]), run_dir=tmp_path / "one")
+    done = torchrun("-m", "featint_utils", "stage", "00", "--run-dir", str(tmp_path / "two"), *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = ActivationStore(one / "activations"), ActivationStore(tmp_path / "two" / "activations")
+    b.verify(cached=False)  # every rank's shards are in the one manifest, with their checksums
+    assert {s["acts"].split("-")[1] for s in b.manifest["splits"]["train"]["shards"]} == {"r0", "r1"}
+    assert a.manifest["request"] == b.manifest["request"] and a.manifest["splits"]["val"]["n_texts"] > 0
+    for split in ("train", "val"):
+        rows_a, rows_b = a.tokens(split).to_numpy(), b.tokens(split).to_numpy()
+        order_a, order_b = np.lexsort(rows_a.T[::-1]), np.lexsort(rows_b.T[::-1])
+        np.testing.assert_array_equal(rows_a[order_a], rows_b[order_b])
+        np.testing.assert_allclose(a.load(split)[order_a], b.load(split)[order_b], atol=1e-5)
+    assert b.scale == pytest.approx(a.scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_checkpoint_resumes_on_another_device_to_the_same_weights(store, tmp_path, device):
+    """Checkpoints hold host tensors: a run stopped on one device finishes on the other exactly as it would
+    have on the first (CPU -> CPU here; CPU -> CUDA where a GPU is present)."""
+    config = TrainConfig(**CONFIG)
+    whole = SAETrainer(store, **SETTINGS, train=config, out_dir=tmp_path / "whole")
+    whole.train()
+    first = SAETrainer(store, **SETTINGS, train=config, out_dir=tmp_path / "moved")
+    first.train(stop_after=5)  # checkpointed at step 5
+    there = distributed.Dist(device=torch.device(device))
+    second = SAETrainer(store, **SETTINGS, train=config, out_dir=tmp_path / "moved", dist=there)
+    second.train()
+    assert second.sae.W_enc.device.type == device
+    tolerance = 0 if device == "cpu" else 1e-4
+    for name, value in whole.sae.state_dict().items():
+        torch.testing.assert_close(second.sae.state_dict()[name].cpu(), value, atol=tolerance, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_bf16_is_asked_of_the_training_device_not_of_the_machine(monkeypatch, units):
+    monkeypatch.setattr(sae_training, "cpu_has_bf16_units", lambda: units)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU in the machine says nothing of the CPU
+    assert sae_training.fast_bf16("cpu") is units
+    assert TrainConfig(train_tokens=10, batch_size=10).use_bf16("cpu") is units
+    assert TrainConfig(train_tokens=10, batch_size=10, bf16_encoder="on").use_bf16("cpu") is True
+    assert TrainConfig(train_tokens=10, batch_size=10, bf16_encoder="off").use_bf16("cpu") is False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_unclamped_splice_reproduces_the_model_on_its_device_and_dtype(device, dtype):
+    """Model and decomposition on ``device``, the model's weights in ``dtype`` (model_dtype): the hidden
+    states never leave the device, the SAE reads them in float32, and the model's output is unchanged."""
+    loaded = models.load_model("embedded", device=device, dtype=stages.MODEL_DTYPES[dtype])
+    dec = clamping_decomposition(loaded.d_model, scale=0.3).to(device)
+    inputs = {
+        k: v.to(device) for k, v in loaded.tokenizer("The committee regrets the delay.", return_tensors="pt").items()
+    }
+    keep = inputs["attention_mask"].bool()
+    keep[:, [0, -1]] = False  # [CLS] and [SEP] are never spliced
+    with torch.no_grad():
+        clean = loaded.model(**inputs).last_hidden_state
+        with clamping.clamped(loaded, 3, dec, None, None) as state:
+            state["mask"] = keep
+            spliced = loaded.model(**inputs).last_hidden_state
+        moved = None
+        with clamping.clamped(loaded, 3, dec, Clamp("secondary", 0, "add", 20.0), None) as state:
+            state["mask"] = keep
+            moved = loaded.model(**inputs).last_hidden_state
+    assert spliced.device.type == device and spliced.dtype == stages.MODEL_DTYPES[dtype]
+    # float32: exact to rounding; bf16: the splice's float32 sum rounds back to the same bf16 values
+    assert (spliced.float() - clean.float()).abs().max() <= (1e-5 if dtype == "float32" else 1e-2)
+    assert (moved.float() - clean.float()).abs().max() > 1e-1  # and a clamp does reach the output
+
+
+def test_a_batch_size_that_does_not_split_over_the_ranks_is_refused(store, tmp_path):
+    three = distributed.Dist(rank=0, world_size=3)
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        SAETrainer(store, **SETTINGS, train=TrainConfig(**CONFIG), out_dir=tmp_path, dist=three)
+
+
+def test_the_runner_runs_00_and_01_over_ranks_and_their_notebooks_go_on_from_the_result(tmp_path):
+    tiny = {"max_groups": "12", "sae_latents": "256", "sae_train_tokens": "4096", "sae_batch_size": "256"}
+    tiny |= {"splice_texts": "8", "n_show_features": "2"}
+    root = runner.run("embedded", ["00", "01"], tiny, run_dir=tmp_path / "run", reports=False, nproc=2)
+    shards = ActivationStore(root / "activations").manifest["splits"]["train"]["shards"]
+    assert {s["acts"].split("-")[1] for s in shards} == {"r0", "r1"}  # the ranks' store, reused by notebook 00
+    executed = (root / "notebooks" / "01_primary_sae.ipynb").read_text()
+    assert "resuming from step 16 of 16" in executed  # the notebook found the ranks' SAE finished: no retraining
+    attempt = json.loads((root / "run.json").read_text())["attempts"][-1]
+    assert attempt["nproc"] == 2 and attempt["status"] == "ok"
