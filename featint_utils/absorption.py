@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .activations import ActivationStore, derived_store
 from .baselines import PairLookup
 from .decomposition import Decomposition
+from .distributed import SINGLE, Dist
 from .interaction import random_pairs
 from .io import state_digest, write_json
 from .residuals import code_data_from_arrays, split_fit_tune
@@ -98,6 +99,7 @@ def sensitivity_run(
     train_tokens: int = 0,
     seed: int = 0,
     resume: bool = True,
+    dist: Dist = SINGLE,
 ) -> dict:
     """Inject an interaction into a run's activations before SAE training and measure what the SAE absorbs.
 
@@ -105,7 +107,8 @@ def sensitivity_run(
     ``sae``'s code on the training split, random unit directions, and is worth ``share`` of the activations'
     variance. An SAE with ``sae``'s settings (``train_tokens`` overrides its budget; 0 keeps it) is trained on
     the injected store, and, for a fair reference, one on the original store unless the budget is ``sae``'s
-    own (then ``sae`` is the reference). Returns the absorbed fraction on the held-out split and the details."""
+    own (then ``sae`` is the reference), on the device of ``dist``. Returns the absorbed fraction on the held-out
+    split and the details."""
     out_dir = Path(out_dir)
     train_cfg = TrainConfig(**sae.cfg.extra["train"])
     budget = train_tokens or train_cfg.train_tokens
@@ -118,12 +121,16 @@ def sensitivity_run(
     }
     injected = derived_store(store, lambda x: x + interaction(x), out_dir / "activations", request)
     settings = asdict(train_cfg) | {"train_tokens": budget}
-    trained = SAETrainer(injected, sae.cfg.n_latents, sae.cfg.k, TrainConfig(**settings), out_dir / "sae_injected")
+    trained = SAETrainer(
+        injected, sae.cfg.n_latents, sae.cfg.k, TrainConfig(**settings), out_dir / "sae_injected", dist
+    )
     sae_with = trained.train(resume=resume)
     if budget == train_cfg.train_tokens:
         sae_without = sae
     else:
-        reference = SAETrainer(store, sae.cfg.n_latents, sae.cfg.k, TrainConfig(**settings), out_dir / "sae_reference")
+        reference = SAETrainer(
+            store, sae.cfg.n_latents, sae.cfg.k, TrainConfig(**settings), out_dir / "sae_reference", dist
+        )
         sae_without = reference.train(resume=resume)
     clean = store.load("val")
     term = interaction(torch.from_numpy(clean)).numpy()

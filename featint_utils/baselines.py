@@ -65,7 +65,7 @@ class RidgeModel(nn.Module):
 def pair_keys(indices: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every unordered pair of active slots of each token: (key ``lo * n + hi``, slot i, slot j), [batch, P]."""
     k = indices.shape[1]
-    slot_i, slot_j = torch.triu_indices(k, k, offset=1)
+    slot_i, slot_j = torch.triu_indices(k, k, offset=1, device=indices.device)
     a, b = indices[:, slot_i], indices[:, slot_j]
     return torch.minimum(a, b) * n_latents + torch.maximum(a, b), slot_i, slot_j
 
@@ -112,7 +112,9 @@ class PairLookup:
         column 0 where a slot pair is not listed)."""
         keys, slot_i, slot_j = pair_keys(indices, self.n_latents)
         if self.n_pairs == 0:
-            return torch.zeros_like(keys), torch.zeros(keys.shape, dtype=values.dtype)
+            return torch.zeros_like(keys), torch.zeros(keys.shape, dtype=values.dtype, device=values.device)
+        if self.sorted_keys.device != keys.device:  # the lookup follows the codes it is asked about
+            self.sorted_keys, self.order = self.sorted_keys.to(keys.device), self.order.to(keys.device)
         at = torch.searchsorted(self.sorted_keys, keys).clamp(max=self.n_pairs - 1)
         listed = self.sorted_keys[at] == keys
         product = values[:, slot_i] * values[:, slot_j] * listed
@@ -199,10 +201,16 @@ def _dense_normal_equations(data: CodeData, batch_size: int = 8192):
 
 
 def fit_ridge(
-    fit: CodeData, tune: CodeData, source: str = "codes", alphas=RIDGE_ALPHAS, design: SparseDesign | None = None
+    fit: CodeData,
+    tune: CodeData,
+    source: str = "codes",
+    alphas=RIDGE_ALPHAS,
+    design: SparseDesign | None = None,
+    device: torch.device | str = "cpu",
 ) -> RidgeModel:
     """Closed-form ridge from the code or the activation to the residual, ``alpha`` chosen on ``tune``.
-    A code ridge can reuse a :class:`SparseDesign` of ``fit`` across targets."""
+    A code ridge can reuse a :class:`SparseDesign` of ``fit`` across targets. The normal equations are
+    accumulated on the host and solved on ``device``, in float64 there too; the model lives there."""
     if source not in ("codes", "inputs"):
         raise ValueError(f"source must be 'codes' or 'inputs', got {source!r}")
     if source == "codes":  # the code block of a design (one built with pairs serves too)
@@ -212,10 +220,11 @@ def fit_ridge(
         gram_c, cross_c, z_mean = gram_c[code, code], cross_c[code], z_mean[code]
     else:
         gram_c, cross_c, z_mean, y_mean = _dense_normal_equations(fit)
+    gram_c, cross_c, z_mean, y_mean = (t.to(device) for t in (gram_c, cross_c, z_mean, y_mean))
     scale = float(gram_c.diagonal().mean()) or 1.0
     best = None
     for alpha in alphas:
-        system = gram_c + alpha * scale * torch.eye(len(gram_c), dtype=torch.float64)
+        system = gram_c + alpha * scale * torch.eye(len(gram_c), dtype=torch.float64, device=device)
         factor, info = torch.linalg.cholesky_ex(system)
         if int(info):
             continue  # not positive definite at this penalty (latents that never fire, tiny alpha)
@@ -259,6 +268,7 @@ def fit_pair_ridge(
     design: SparseDesign | None = None,
     keep=PAIR_KEEP,
     clear_gain: bool = True,
+    device: torch.device | str = "cpu",
 ) -> PairRidgeModel:
     """Ridge on the code plus pair products, nested in ``first_order`` (see the module docstring), in two
     stages: all the listed pairs, then only the ``m`` of them with the largest standardised coefficients in
@@ -269,7 +279,8 @@ def fit_pair_ridge(
     given the true pairs has no choice to pay for, and passes False).
 
     Solved through the Schur complement of the code block (restricted to the kept pairs, it is the same
-    matrix's sub-block), so every choice costs an eigenvalue solve of a pair block, not a new factorisation."""
+    matrix's sub-block), so every choice costs an eigenvalue solve of a pair block, not a new factorisation;
+    on ``device``, in float64."""
     if first_order.source != "codes":
         raise ValueError("the pair ridge nests in a ridge from the code")
     if design is None:
@@ -277,9 +288,10 @@ def fit_pair_ridge(
             raise ValueError("fit_pair_ridge needs the pairs or a SparseDesign built with them")
         design = SparseDesign(fit, pairs)
     n, n_pairs = fit.n_latents, design.lookup.n_pairs
-    gram_c, cross_c, z_mean, y_mean = design.centred(*design.cross(fit))
+    gram_c, cross_c, z_mean, y_mean = (t.to(device) for t in design.centred(*design.cross(fit)))
     code, pair = slice(0, n), slice(n, design.width)
-    factor = torch.linalg.cholesky(gram_c[code, code] + first_order.penalty * torch.eye(n, dtype=torch.float64))
+    eye = torch.eye(n, dtype=torch.float64, device=device)
+    factor = torch.linalg.cholesky(gram_c[code, code] + first_order.penalty * eye)
     a_inv_b = torch.cholesky_solve(gram_c[code, pair], factor)
     a_inv_c = torch.cholesky_solve(cross_c[code], factor)
     schur = gram_c[pair, pair] - gram_c[code, pair].T @ a_inv_b
@@ -293,7 +305,7 @@ def fit_pair_ridge(
         projected = eigenvectors.T @ remainder[kept]
         scale = float(spread[kept].mean()) or 1.0
         for alpha in alphas:
-            pair_weight = torch.zeros(n_pairs, fit.d_out, dtype=torch.float64)
+            pair_weight = torch.zeros(n_pairs, fit.d_out, dtype=torch.float64, device=device)
             if not np.isinf(alpha) and len(kept):
                 pair_weight[kept] = eigenvectors @ (projected / (eigenvalues.clamp(min=0) + alpha * scale)[:, None])
             weight = a_inv_c - a_inv_b @ pair_weight
@@ -303,7 +315,7 @@ def fit_pair_ridge(
     def scored(models) -> list[tuple[float, int, PairRidgeModel]]:
         return [(residual_fvu(model, tune), i, model) for i, model in enumerate(models)]
 
-    everything = scored(candidates(torch.arange(n_pairs)))
+    everything = scored(candidates(torch.arange(n_pairs, device=device)))
     best = min(everything, key=lambda item: item[:2])  # ties go to the earlier: "no pairs" comes first
     finite = [item for item in everything if not np.isinf(item[2].alpha)]
     if finite and n_pairs:  # rank the pairs by their standardised coefficients at the best finite penalty
@@ -340,7 +352,7 @@ class CodeMLP(nn.Module):
 
     @torch.no_grad()
     def start_from(self, weight: torch.Tensor, bias: torch.Tensor) -> CodeMLP:
-        self.linear_weight.copy_(weight.float())
+        self.linear_weight.copy_(weight.float())  # copy_ crosses devices
         self.bias.copy_(bias.float())
         self.linear_weight.requires_grad_(False)
         self.bias.requires_grad_(False)

@@ -66,7 +66,7 @@ from .io import read_json, write_json
 from .nfm import NFM, NFMConfig
 from .nfm_training import FitConfig, ResidualTrainer, document_sse, residual_fvu, select_lr
 from .progress import progress
-from .residuals import CodeBatch, CodeData
+from .residuals import CodeBatch, CodeData, device_of, predict
 
 MODELS = {
     "zero": "SAE alone (predict 0)",
@@ -132,8 +132,8 @@ class PermutedRemainder(_Transform):
     def __call__(self, at: np.ndarray, batch: CodeBatch) -> torch.Tensor:
         src = self.source[at]
         moved = self.base.stored(src)
-        remainder = self.base_target(src, moved) - self.first_order.predict(moved)
-        return self.first_order.predict(batch) + remainder
+        remainder = self.base_target(src, moved) - predict(self.first_order, moved)
+        return predict(self.first_order, batch) + remainder
 
 
 class WithoutNonLinearPart(_Transform):
@@ -145,8 +145,9 @@ class WithoutNonLinearPart(_Transform):
 
     @torch.no_grad()
     def __call__(self, at: np.ndarray, batch: CodeBatch) -> torch.Tensor:
-        beyond = self.model.predict(batch) - self.model.linear_part(batch.values, batch.indices)
-        return self.base_target(at, batch) - beyond
+        on_model = batch.to(device_of(self.model))
+        beyond = self.model.predict(on_model) - self.model.linear_part(on_model.values, on_model.indices)
+        return self.base_target(at, batch) - beyond.to(batch.target.device)
 
 
 class PlantedPairs(NamedTuple):
@@ -326,6 +327,9 @@ class EstimatorConfig:
     """Bootstrap draws of the intervals."""
     level: float = 0.95
     """Interval coverage."""
+    device: str = "cpu"
+    """Where every model is fitted and evaluated (the ridges' normal equations are solved there in float64);
+    the data stay on the host and stream to it."""
 
     @property
     def knots(self) -> int:
@@ -363,7 +367,7 @@ class Estimator:
         if name == "additive":
             model = NFM(replace(cfg, form="first_order", knots=self.cfg.knots), seed=seed)
             model.set_knots(self.feature_scale)
-            return model.start_from(start.weight, start.bias)
+            return model.start_from(start.weight, start.bias).to(self.cfg.device)
         if name == "nfm":
             model = NFM(replace(cfg, form="nfm", knots=0), seed=seed).start_from(start.weight, start.bias)
         elif name == "nfm_additive":
@@ -376,7 +380,7 @@ class Estimator:
             model = CodeMLP(cfg.n_latents, cfg.d_out, hidden, seed=seed).start_from(start.weight, start.bias)
         else:
             raise ValueError(f"unknown gradient-trained model {name!r}; known: {GRADIENT}")
-        return model.calibrate(sample.values, sample.indices, target_rms)
+        return model.calibrate(sample.values, sample.indices, target_rms).to(self.cfg.device)
 
     def _train(self, target: str, name: str, seed: int, start, sets, target_rms: float):
         out = (self.out_dir if target == RESIDUAL else self.out_dir / "targets" / target) / name / f"seed{seed}"
@@ -426,6 +430,7 @@ class Estimator:
             sets["tune"],
             alphas=(alpha,),
             design=self.design,
+            device=self.cfg.device,
         )
         model.set_linear(refit.weight, refit.bias)
         tune_fvu = residual_fvu(model, sets["tune"])
@@ -474,21 +479,21 @@ class Estimator:
             self._record(target, "zero", -1, _Zero(), sets, started)
         if "raw_ridge" in models:
             started = time.perf_counter()
-            raw = fit_ridge(fit, tune, "inputs")
+            raw = fit_ridge(fit, tune, "inputs", device=self.cfg.device)
             self._record(target, "raw_ridge", -1, raw, sets, started, alpha=raw.alpha)
         started = time.perf_counter()
         # the residual chooses the first-order penalty; a control or planted target keeps it (same design)
         alphas = (self.first_order[RESIDUAL].alpha,) if RESIDUAL in self.first_order else RIDGE_ALPHAS
-        first = fit_ridge(fit, tune, "codes", alphas=alphas, design=self.design)
+        first = fit_ridge(fit, tune, "codes", alphas=alphas, design=self.design, device=self.cfg.device)
         self.first_order[target] = first
         self._record(target, "code_ridge", -1, first, sets, started, alpha=first.alpha)
         if "pair_ridge" in models and len(self.pairs):
             started = time.perf_counter()
-            pair = fit_pair_ridge(fit, tune, first, design=self.design)
+            pair = fit_pair_ridge(fit, tune, first, design=self.design, device=self.cfg.device)
             self._record(target, "pair_ridge", -1, pair, sets, started, alpha=pair.alpha, n_pairs=len(self.pairs))
         if "oracle" in models:
             started = time.perf_counter()
-            oracle = fit_pair_ridge(fit, tune, first, pairs=oracle_pairs, clear_gain=False)
+            oracle = fit_pair_ridge(fit, tune, first, pairs=oracle_pairs, clear_gain=False, device=self.cfg.device)
             self._record(target, "oracle", -1, oracle, sets, started, alpha=oracle.alpha, n_pairs=len(oracle_pairs))
         for seed in seeds:
             additive, trained = None, {}

@@ -200,6 +200,7 @@ class NFM(nn.Module):
         if not self.cfg.has_first_order:
             raise ValueError("an 'interaction'-form NFM has no first-order part to start from")
         n, rows = self.cfg.n_latents, self.linear_weight.shape[0]
+        weight, bias = weight.to(self.linear_weight.device), bias.to(self.linear_weight.device)
         trainable = torch.zeros(rows, 1)
         if weight.shape == (n, self.cfg.d_out):
             self.linear_weight.zero_()
@@ -218,7 +219,7 @@ class NFM(nn.Module):
         self.bias.copy_(bias.float())
         self.bias.requires_grad_(False)
         if trainable.any():  # only the hinge rows move: their gradient passes, the copied rows' is zeroed
-            self.linear_weight.register_hook(lambda grad: grad * trainable)
+            self.linear_weight.register_hook(lambda grad: grad * trainable.to(grad.device))
         else:
             self.linear_weight.requires_grad_(False)
         if self.cfg.has_pairs:
@@ -251,7 +252,7 @@ class NFM(nn.Module):
     @torch.no_grad()
     def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Replace the linear rows of the first-order part and the bias (hinges and the branch are kept)."""
-        self.linear_weight[:: 1 + self.cfg.knots] = weight.float()
+        self.linear_weight[:: 1 + self.cfg.knots] = weight.to(self.linear_weight.device, torch.float32)
         self.bias.copy_(bias.float())
 
     def n_parameters(self) -> int:

@@ -45,7 +45,7 @@ from .io import (
 )
 from .metrics import VarianceAccumulator
 from .progress import progress
-from .residuals import CodeData
+from .residuals import CodeData, device_of
 
 LR_DECAY = 3.0
 
@@ -92,8 +92,10 @@ def residual_fvu(model, data: CodeData, batch_size: int = 8192) -> float:
     """FVU of the residual on ``data`` (float64, about the set's own mean)."""
     was_training = getattr(model, "training", False)
     model.eval()
+    device = device_of(model)
     acc = VarianceAccumulator(data.d_out)
     for batch in data.batches(batch_size):
+        batch = batch.to(device)
         acc.add(batch.target, model.predict(batch))
     model.train(was_training)
     return acc.fvu()
@@ -105,22 +107,25 @@ def document_sse(model, data: CodeData, batch_size: int = 8192) -> tuple[np.ndar
     (None when the target is not the stored residual)."""
     if hasattr(model, "eval"):
         model.eval()
+    device = device_of(model)
     documents, inverse = np.unique(data.document, return_inverse=True)
     sse = torch.zeros(len(documents), dtype=torch.float64)
     total = VarianceAccumulator(data.d_out) if data.target_transform is None else None
     position = 0
     for batch in data.batches(batch_size):
+        batch = batch.to(device)
         prediction = model.predict(batch)
         doc = torch.from_numpy(inverse[position : position + len(batch.target)])
         position += len(batch.target)
-        sse.index_add_(0, doc, (batch.target.double() - prediction.double()).square().sum(1))
+        sse.index_add_(0, doc, (batch.target.double() - prediction.double()).square().sum(1).cpu())
         if total is not None:  # x - (SAE(x) + e_hat) = e - e_hat
             total.add(batch.inputs, batch.inputs - batch.target + prediction)
     return sse.numpy(), (total.fvu() if total is not None else None)
 
 
 class ResidualTrainer:
-    """Fits ``model`` on ``fit``, stopping on ``tune``; writes ``out_dir/{checkpoint,history.csv}``."""
+    """Fits ``model`` on ``fit``, stopping on ``tune``; writes ``out_dir/{checkpoint,history.csv}``. Trains on
+    the model's device (the host's batches are moved there); its checkpoints resume on any device."""
 
     def __init__(self, model: torch.nn.Module, fit: CodeData, tune: CodeData, cfg: FitConfig, out_dir: str | Path):
         if fit.n_latents != tune.n_latents or fit.d_out != tune.d_out:
@@ -131,6 +136,7 @@ class ResidualTrainer:
         if len(fit) < cfg.batch_size:
             raise ValueError(f"the fitting set has {len(fit)} tokens, fewer than batch_size={cfg.batch_size}")
         self.model, self.fit, self.tune, self.cfg, self.out_dir = model, fit, tune, cfg, Path(out_dir)
+        self.device = device_of(model)
         self.fit_variance = self._variance_per_token(fit)
         self.tune_variance = self._variance_per_token(tune)
         self.start_digest = state_digest(model)
@@ -241,6 +247,7 @@ class ResidualTrainer:
         for batch in self.fit.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch):
             if len(batch.target) < cfg.batch_size:
                 continue  # drop the last, short batch: every step sees the same number of tokens
+            batch = batch.to(self.device)
             error = (batch.target - model.predict(batch)).pow(2).sum()
             loss = error / (len(batch.target) * self.fit_variance)
             if not torch.isfinite(loss):

@@ -220,6 +220,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             ),
             RESUME,
             KEEP_CHECKPOINTS,
+            DEVICE,
         ]
     },
     "03_contributions": {
@@ -252,6 +253,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "per latent, the most correlated latents whose pairs are searched",
                 "positive",
             ),
+            DEVICE,
         ]
     },
     "04_secondary_sae": {

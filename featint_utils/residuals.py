@@ -47,6 +47,21 @@ class CodeBatch(NamedTuple):
     inputs: torch.Tensor
     """[batch, d] the normalised activation."""
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CodeBatch:
+        return CodeBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model computes (the host for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def predict(model: torch.nn.Module, batch: CodeBatch) -> torch.Tensor:
+    """``model.predict(batch)`` computed on the model's device, answered on the batch's: a model on a GPU can
+    serve a host-side computation (a control's or a refit's target)."""
+    return model.predict(batch.to(device_of(model))).to(batch.target.device)
+
 
 @dataclass
 class CodeData:
@@ -196,6 +211,7 @@ def build_residual_data(
     partial.mkdir(parents=True)
     k, d = sae.cfg.k, store.d_model
     sae = sae.eval()
+    device = sae.W_enc.device  # the store's batches go where the SAE is; the cache is on the host
     split = "val"
     n = store.n_tokens(split)
     (partial / split).mkdir()
@@ -214,15 +230,15 @@ def build_residual_data(
     start = 0
     bar = progress(total=n, desc=f"SAE codes and residuals ({split})", unit="tok")
     for x in store.batches(split, batch_size, shuffle=False, normalize=False):
-        x = x * sae.cfg.input_scale
+        x = x.to(device) * sae.cfg.input_scale
         if not torch.isfinite(x).all():
             raise ValueError(f"non-finite activations in the {split} split of {store.path}")
         values, indices = sae.encode(x)
         stop = start + len(x)
-        out["values"][start:stop] = values.numpy()
-        out["indices"][start:stop] = indices.numpy()
-        out["target"][start:stop] = (x - sae.decode(values, indices)).numpy()
-        out["inputs"][start:stop] = x.numpy()
+        out["values"][start:stop] = values.cpu().numpy()
+        out["indices"][start:stop] = indices.cpu().numpy()
+        out["target"][start:stop] = (x - sae.decode(values, indices)).cpu().numpy()
+        out["inputs"][start:stop] = x.cpu().numpy()
         start = stop
         bar.update(len(x))
     bar.close()

@@ -59,6 +59,7 @@ power_shares: str = "0.001,0.003,0.01,0.03"  # planted sizes: pairwise-only vari
 power_pairs: int = 16  # pairs per planted interaction (among the 256 most frequently co-firing)
 resume: bool = True  # continue from a checkpoint of an interrupted run with the same settings
 keep_checkpoints: bool = False  # keep finished trainings' optimiser state (only to train further)
+device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 
 # %%
 import pandas as pd
@@ -82,7 +83,7 @@ run = Run.open(run_dir, "02_nfm", globals())
 
 # %%
 store = run.store()
-sae = run.primary_sae()  # refused if the store changed after the SAE was trained
+sae = run.primary_sae().to(run.device)  # refused if the store changed after the SAE was trained
 sae_fit = pd.DataFrame({split: evaluate_sae(sae, store, split) for split in ("train", "val")}).T
 display(sae_fit[["fvu", "n_tokens"]].rename(index={"train": "SAE's training documents", "val": "held-out documents"}))
 
@@ -125,6 +126,7 @@ config = interaction.EstimatorConfig(
     seeds=seeds(nfm_seeds),
     lr_grid=numbers(nfm_lr_grid),
     n_pairs=pair_ridge_pairs,
+    device=str(run.device),
 )
 estimator = interaction.run(
     sets, config, run.nfm_dir, resume=resume, n_planted=power_pairs, power_shares=numbers(power_shares)

@@ -40,12 +40,13 @@ absorption_pairs: int = 16  # latent pairs in the injected interaction
 absorption_train_tokens: int = 0  # the retrained SAE's budget (0: the primary SAE's own; then it is the reference)
 absorption_seed: int = 0  # seeds the injected interaction and the retrained SAE
 conjunction_candidates: int = 10  # per latent, the most correlated latents whose pairs are searched
+device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 
 # %%
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import absorption, contributions, interaction, plots
+from featint_utils import absorption, contributions, distributed, interaction, plots
 from featint_utils.io import update_metrics
 from featint_utils.run import Run
 
@@ -137,6 +138,7 @@ absorbed = absorption.sensitivity_run(
     n_pairs=absorption_pairs,
     train_tokens=absorption_train_tokens,
     seed=absorption_seed,
+    dist=distributed.init(device),
 )
 display(pd.Series(absorbed, name="sensitivity run").to_frame())
 
