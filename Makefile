@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= embedded
 ARGS ?=
+NPROC ?= 1
 
 .PHONY: setup run test report bench bench-setup calibration sync lint
 
@@ -13,8 +14,8 @@ setup:  ## create .venv and install the pinned requirements + this package (edit
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 
-run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/ (ARGS="--name N" elsewhere)
-	$(PY) -m featint_utils run --profile $(PROFILE) $(ARGS)
+run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/ (ARGS="--name N" elsewhere); NPROC=8: stages 00-01 over 8 GPUs (torchrun)
+	$(PY) -m featint_utils run --profile $(PROFILE) --nproc $(NPROC) $(ARGS)
 
 test:  ## unit tests + papermill smoke run of every notebook
 	$(PY) -m pytest
@@ -32,6 +33,7 @@ bench:  ## side-by-side performance comparisons (see benchmarks/README.md); need
 	.venv-bench/bin/python benchmarks/sae_train.py
 	.venv-bench/bin/python benchmarks/nfm_train.py
 	.venv-bench/bin/python benchmarks/saelens_interop.py
+	.venv-bench/bin/python benchmarks/scaling.py
 
 calibration:  ## the interaction estimator on planted data: null calibration, power, absorption (~6 min)
 	$(PY) benchmarks/interaction_calibration.py

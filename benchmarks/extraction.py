@@ -1,7 +1,7 @@
 """Extraction throughput against a bare forward pass of the same model on the same batches, and peak
 memory for the default corpus vs one ten times larger.
 
-    .venv/bin/python benchmarks/extraction.py [--model embedded] [--layer 3] [--repeats 3]
+    .venv/bin/python benchmarks/extraction.py [--model embedded] [--layer 3] [--repeats 3] [--device cpu|cuda]
 
 Throughput: our `activations.extract` (hook, early stop after the layer, masking, shard writes, checksums)
 vs `model(**batch)` over exactly the batches extraction runs (same chunking, sorting and padding), timed
@@ -52,20 +52,32 @@ SPLITS = {"default": default_split, "10x": replicated_split, "wikitext-2": wikit
 
 
 @torch.inference_mode()
+def synchronize(loaded) -> None:
+    device = next(loaded.model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
 def bare_forward_seconds(loaded, split: Split, context_tokens: int, batch_size: int, stop_layer: int | None) -> float:
+    """The model alone on the same batches, each moved to the model's device as extraction moves them."""
     texts = [(name, t) for name in ("train", "val") for t in getattr(split, name)]
     batches = list(activations.padded_batches(loaded.tokenizer, texts, context_tokens, batch_size))
+    device = next(loaded.model.parameters()).device
+    synchronize(loaded)
     started = time.perf_counter()
     for b in batches:
+        ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
         if stop_layer is None:
-            loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            loaded.model(input_ids=ids, attention_mask=mask)
         else:
-            models.forward_to_layer(loaded.model, stop_layer, input_ids=b.input_ids, attention_mask=b.attention_mask)
+            models.forward_to_layer(loaded.model, stop_layer, input_ids=ids, attention_mask=mask)
+    synchronize(loaded)
     return time.perf_counter() - started
 
 
-def throughput(model: str, layer: int, repeats: int, context_tokens: int, batch_size: int) -> dict:
-    loaded = models.load_model(model)
+def throughput(model: str, layer: int, repeats: int, context_tokens: int, batch_size: int, device="cpu") -> dict:
+    loaded = models.load_model(model, device=device)
     split = default_split()
     times = {"extract": [], "bare_full": [], "bare_to_layer": []}
     n_tokens = 0
@@ -82,6 +94,7 @@ def throughput(model: str, layer: int, repeats: int, context_tokens: int, batch_
     best = {k: min(v) for k, v in times.items()}
     return {
         "model": model,
+        "device": str(device),
         "layer": layer,
         "n_layers": loaded.n_layers,
         "tokens": n_tokens,
@@ -125,10 +138,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--context-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _peak_rss_child(args.child, args.model, args.layer)
+        return
+    if args.device != "cpu":  # the GPU's throughput only: peak host RSS is a CPU question
+        result = {
+            "throughput": throughput(
+                args.model, args.layer, args.repeats, args.context_tokens, args.batch_size, args.device
+            )
+        }
+        (ROOT / "benchmarks" / "results" / f"extraction_{args.device.split(':')[0]}.json").write_text(
+            json.dumps(result, indent=2) + "\n"
+        )
+        print(json.dumps(result, indent=2))
         return
     result = {
         "throughput": throughput(args.model, args.layer, args.repeats, args.context_tokens, args.batch_size),

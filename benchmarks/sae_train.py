@@ -2,6 +2,7 @@
 
     make bench-setup   # once: .venv-bench with sae-lens, eai-sparsify, deepctr-torch beside featint
     .venv-bench/bin/python benchmarks/sae_train.py [--widths 4096 16384] [--tokens 500000] [--lrs 3e-3 1e-2]
+        [--k 32] [--device cpu|cuda]
 
 featint's numbers come from the pipeline's own code: a real ``featint_utils.sae_training.SAETrainer`` on the
 benchmark's ActivationStore, with a ``TrainConfig`` holding the shared settings, and only
@@ -24,6 +25,9 @@ alike; tokens/s counts only each library's own step time. Held-out FVU is measur
 same float64 function on the same validation tokens, in float32 (featint: ``trainer.sae``).
 SAELens runs in its default dense mode: its ``use_sparse_activations=True`` fails in the backward pass on
 CPU with torch 2.13 (``aten::view`` has no SparseCPU kernel).
+
+``--device cuda`` runs every library on the GPU (featint's ``SAETrainer`` on that device), the batches already
+there, each step's time taken after ``torch.cuda.synchronize()``; results go to ``sae_train_cuda_k<k>.json``.
 """
 
 from __future__ import annotations
@@ -45,12 +49,21 @@ sys.path.insert(0, str(ROOT))
 from featint_utils import activations, models  # noqa: E402
 from featint_utils.activations import ActivationStore  # noqa: E402
 from featint_utils.corpus import load_text_file, split_by_group  # noqa: E402
+from featint_utils.distributed import Dist  # noqa: E402
 from featint_utils.metrics import VarianceAccumulator  # noqa: E402
 from featint_utils.sae_training import SAETrainer, TrainConfig, lr_at  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 STORE = ROOT / "runs" / "bench" / "minilm-wikitext2-l3"
-K, BATCH = 32, 4096
+BATCH = 4096
+K = 32  # --k sets it
+DEVICE = torch.device("cpu")  # --device sets it
+
+
+def synchronize() -> None:
+    """A step's time ends when the device has finished it (CUDA runs kernels asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def get_store() -> ActivationStore:
@@ -68,7 +81,8 @@ class Featint:
 
     def __init__(self, store: ActivationStore, width: int, cfg: TrainConfig):
         # only SAETrainer.train() writes to out_dir (checkpoints, the SAE); train_step writes nothing
-        self.trainer = SAETrainer(store, width, K, cfg, STORE.parent / f"sae-train-unused-{width}-{cfg.lr:g}")
+        unused = STORE.parent / f"sae-train-unused-{width}-{cfg.lr:g}"
+        self.trainer = SAETrainer(store, width, K, cfg, unused, Dist(device=DEVICE))
         self.opt = self.trainer.optimizer
 
     def step(self, x, _lr):
@@ -87,7 +101,7 @@ class Sparsify:
 
         torch.manual_seed(cfg.seed)
         self.sae = SparseCoder(
-            store.d_model, SparseCoderConfig(num_latents=width, k=K), device="cpu", dtype=torch.float32
+            store.d_model, SparseCoderConfig(num_latents=width, k=K), device=DEVICE, dtype=torch.float32
         )
         self.opt = torch.optim.Adam(self.sae.parameters())
         self.clip = cfg.grad_clip
@@ -114,7 +128,7 @@ class SAELens:
         from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
         torch.manual_seed(cfg.seed)
-        sae_cfg = TopKTrainingSAEConfig(d_in=store.d_model, d_sae=width, k=K, dtype="float32", device="cpu")
+        sae_cfg = TopKTrainingSAEConfig(d_in=store.d_model, d_sae=width, k=K, dtype="float32", device=str(DEVICE))
         self.sae = TopKTrainingSAE(sae_cfg)
         self.opt = torch.optim.Adam(self.sae.parameters())
         self.clip = cfg.grad_clip
@@ -160,8 +174,10 @@ def run_width(store, width: int, shared: TrainConfig, lrs: list[float], train, v
         x = train[order[step * BATCH : (step + 1) * BATCH]]
         for lib, lr in runs:
             lr_now = lr_at(step, steps, lr, shared.warmup_fraction, shared.decay_fraction)
+            synchronize()
             started = time.perf_counter()
             lib.step(x, lr_now)
+            synchronize()
             seconds[lib.name] += time.perf_counter() - started
             if lib.opt.param_groups[0]["lr"] != lr_now:  # SAETrainer schedules its own rate: same as the peers'?
                 raise RuntimeError(f"{lib.name} stepped at lr {lib.opt.param_groups[0]['lr']}, not {lr_now}")
@@ -192,7 +208,11 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--skip", nargs="*", default=[], help="libraries to leave out")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    global K, DEVICE
+    K, DEVICE = args.k, torch.device(args.device)
     load_at_start = os.getloadavg()  # before a first run's extraction: other jobs on the machine distort timings
     torch.manual_seed(0)
     store = get_store()
@@ -202,6 +222,7 @@ def main() -> None:
     first_rows = next(store.batch_rows("train", BATCH))
     if not torch.equal(next(store.batches("train", BATCH, normalize=True)), train[first_rows]):
         raise RuntimeError("store.load(normalize=True) does not give the values store.batches feeds SAETrainer")
+    train, val = train.to(DEVICE), val.to(DEVICE)
     shared = TrainConfig(
         train_tokens=args.tokens,
         batch_size=BATCH,
@@ -211,7 +232,7 @@ def main() -> None:
         seed=0,
         bf16_encoder=args.bf16,
     )
-    bf16 = shared.use_bf16()
+    bf16 = shared.use_bf16(DEVICE)
     libraries = [c for c in (Featint, Sparsify, SAELens) if c.name not in args.skip]
     results = {
         "store": str(STORE),
@@ -220,12 +241,15 @@ def main() -> None:
         "featint": "SAETrainer.train_step",
         "featint_bf16_encoder": bf16,
         "threads": torch.get_num_threads(),
+        "device": str(DEVICE) + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else ""),
+        "k": K,
         "load_average_at_start": list(load_at_start),
         "runs": [],
     }
     for width in args.widths:
         results["runs"].append(run_width(store, width, shared, args.lrs, train, val, libraries))
-        out = ROOT / "benchmarks" / "results" / f"sae_train{'' if bf16 else '_fp32'}.json"
+        name = "sae_train" + ("" if bf16 else "_fp32") if DEVICE.type == "cpu" else f"sae_train_{DEVICE.type}_k{K}"
+        out = ROOT / "benchmarks" / "results" / f"{name}.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
     for run in results["runs"]:
         print(f"width {run['width']}, k={K}, batch {BATCH}, {run['tokens']} tokens (featint bf16 encoder: {bf16})")

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .activations import prefetch
 from .io import (
     CheckpointError,
     load_checkpoint,
@@ -244,10 +245,13 @@ class ResidualTrainer:
         torch.manual_seed(cfg.seed * 1_000_003 + self.epoch)  # this epoch's dropout draws
         model.train()
         total, n = 0.0, 0
-        for batch in self.fit.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch):
+        batches = self.fit.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch)
+        if self.device.type == "cuda":  # gathered and pinned by a background thread while the GPU computes
+            batches = prefetch(batches, 2, pin=True)
+        for batch in batches:
             if len(batch.target) < cfg.batch_size:
                 continue  # drop the last, short batch: every step sees the same number of tokens
-            batch = batch.to(self.device)
+            batch = batch.to(self.device, non_blocking=True)
             error = (batch.target - model.predict(batch)).pow(2).sum()
             loss = error / (len(batch.target) * self.fit_variance)
             if not torch.isfinite(loss):

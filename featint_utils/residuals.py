@@ -50,6 +50,9 @@ class CodeBatch(NamedTuple):
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CodeBatch:
         return CodeBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
 
+    def pin_memory(self) -> CodeBatch:
+        return CodeBatch(*(t.pin_memory() for t in self))
+
 
 def device_of(model: torch.nn.Module) -> torch.device:
     """Where a model computes (the host for a model without parameters)."""
