@@ -135,9 +135,8 @@ class Decomposition:
             edited = parts.output + self._change(clamp, values, indices, parts)
             if control == "random":
                 change = edited - parts.output
-                noise = torch.randn(change.shape, generator=generator).to(
-                    change.device
-                )  # host draws: same on any device
+                # drawn on the host: the same draws whatever the device
+                noise = torch.randn(change.shape, generator=generator).to(change.device)
                 noise *= change.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 edited = parts.output + noise
             elif control is not None:

@@ -221,11 +221,12 @@ def _run_locked(
         before = metrics.read_bytes() if metrics.exists() else None
         print(f"[featint] {root.name}: running {stage}", flush=True)
         started = time.perf_counter()
-        failure = None
+        failure, notebook_ran = None, False
         try:
             if nproc > 1 and stage in SCALED:
                 failure = _torchrun_stage(stage, root, profile, sets, nproc)
             if failure is None:
+                notebook_ran = True
                 papermill.execute_notebook(
                     _source_notebook(nb),
                     str(attempt_path),
@@ -254,9 +255,11 @@ def _run_locked(
             attempt["status"] = "failed"
             attempt["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
             write_json(root / "run.json", record)
+            where = (  # a torchrun failure leaves no notebook: its ranks' errors were printed above
+                f"the executed notebook, with the traceback, is {attempt_path}; " if notebook_ran else ""
+            )
             raise RunError(
-                f"{failure}\nthe executed notebook, with the traceback, is {attempt_path}; the last "
-                f"good one (if any) is still {root / 'notebooks' / (stage + '.ipynb')}"
+                f"{failure}\n{where}the last good one (if any) is still {root / 'notebooks' / (stage + '.ipynb')}"
             )
         executed = root / "notebooks" / f"{stage}.ipynb"
         executed.parent.mkdir(parents=True, exist_ok=True)
