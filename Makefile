@@ -14,7 +14,7 @@ setup:  ## create .venv and install the pinned requirements + this package (edit
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 
-run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/ (ARGS="--name N" elsewhere); NPROC=8: stages 00-01 over 8 GPUs (torchrun)
+run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/ (ARGS="--name N" elsewhere); NPROC=8: stages 00-02 over 8 GPUs (torchrun)
 	$(PY) -m featint_utils run --profile $(PROFILE) --nproc $(NPROC) $(ARGS)
 
 test:  ## unit tests + papermill smoke run of every notebook

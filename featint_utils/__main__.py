@@ -1,7 +1,7 @@
 """Command line: ``python -m featint_utils run --profile NAME [--name RUN | --run-dir DIR] [--only 00,01]
 [--set key=value ...] [--nproc N]``, ``python -m featint_utils report [--profile NAME] [--name RUN | --run-dir
 DIR]``, ``python -m featint_utils profiles``, and, under ``torchrun`` on every rank, ``python -m featint_utils
-stage {00,01} --profile NAME [--name RUN | --run-dir DIR] [--set key=value ...]``."""
+stage {00,01,02} --profile NAME [--name RUN | --run-dir DIR] [--set key=value ...]``."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--no-reports", action="store_true", help="skip the HTML reports")
     run.add_argument(
-        "--nproc", type=int, default=1, help="ranks (GPUs) on this node for stages 00 and 01, under torchrun"
+        "--nproc", type=int, default=1, help="ranks (GPUs) on this node for stages 00 to 02, under torchrun"
     )
-    stage = commands.add_parser("stage", help="under torchrun: this rank's part of stage 00 or 01")
-    stage.add_argument("number", help="00 (extraction) or 01 (primary SAE training)")
+    stage = commands.add_parser("stage", help="under torchrun: this rank's part of stage 00, 01 or 02")
+    stage.add_argument("number", help="00 (extraction), 01 (primary SAE training) or 02 (NFM ladder)")
     _where(stage)
     stage.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"

@@ -38,12 +38,21 @@ an oracle ridge that knows ``S`` run on each. An estimator detects a size when w
 adds to its estimate (paired bootstrap over test documents and seeds) has an interval above zero; its
 detection limit is the smallest planted share (the oracle's increment) it detects at that size and every
 larger one.
+
+**Over ranks** (``torchrun``, :mod:`featint_utils.distributed`) every rank walks the same ladder: each
+gradient-trained model trains data-parallel (:class:`~featint_utils.nfm_training.ResidualTrainer`), the
+closed-form ridges are solved by every rank (the same numbers everywhere, so every nested start agrees), and
+rank 0 writes the models and the tables. A finished :func:`run` leaves ``ladder.done.json``: run again with
+the same settings and data, it reads its tables back instead of refitting (how a notebook goes on from
+what the ranks fitted).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +71,7 @@ from .baselines import (
     fit_ridge,
     matched_hidden,
 )
+from .distributed import SINGLE, Dist
 from .io import read_json, write_json
 from .nfm import NFM, NFMConfig
 from .nfm_training import FitConfig, ResidualTrainer, document_sse, residual_fvu, select_lr
@@ -342,13 +352,20 @@ class Estimator:
     ``out_dir`` holds the trained models (``<model>/seed<s>/``, resumable; the real residual's NFMs are saved
     under ``<model>/seed<s>/model``) and, per target other than the residual, ``targets/<target>/...``."""
 
-    def __init__(self, sets: dict[str, CodeData], cfg: EstimatorConfig, out_dir: str | Path, resume: bool = True):
+    def __init__(
+        self,
+        sets: dict[str, CodeData],
+        cfg: EstimatorConfig,
+        out_dir: str | Path,
+        resume: bool = True,
+        dist: Dist = SINGLE,
+    ):
         missing = {"fit", "tune", "test"} - set(sets)
         if missing:
             raise ValueError(f"the estimator needs fit, tune and test sets; missing {sorted(missing)}")
         if not cfg.seeds:
             raise ValueError("the estimator needs at least one seed")
-        self.sets, self.cfg, self.out_dir, self.resume = sets, cfg, Path(out_dir), resume
+        self.sets, self.cfg, self.out_dir, self.resume, self.dist = sets, cfg, Path(out_dir), resume, dist
         self.pairs = cofiring_pairs(sets["fit"], cfg.n_pairs)
         self.design = SparseDesign(sets["fit"], self.pairs)  # its code block serves the first-order ridges
         self.feature_scale = sets["fit"].feature_scale()
@@ -398,9 +415,10 @@ class Estimator:
                 out,
                 resume=self.resume,
                 desc=desc,
+                dist=self.dist,
             )
             self.lrs[name] = lr
-            write_json(self.out_dir / "learning_rates.json", self.lrs)
+            self._write_learning_rates()
         else:
             trainer = ResidualTrainer(
                 self._model(name, seed, start, target_rms),
@@ -408,15 +426,20 @@ class Estimator:
                 sets["tune"],
                 replace(cfg, lr=self.lrs[name]),
                 out,
+                self.dist,
             )
             model = trainer.train(resume=self.resume, desc=desc)
         info = trainer.summary()
         if trainer.improved:
             fresh = lambda: self._model(name, seed, start, target_rms)  # noqa: E731 (the start, rebuilt exactly)
             info |= self._refit_linear(model, fresh, sets, trainer.start_fvu, self.first_order[target].alpha)
-        if isinstance(model, NFM):
+        if isinstance(model, NFM) and self.dist.is_main:
             model.save(out / "model", extra=info)
         return model, info
+
+    def _write_learning_rates(self) -> None:
+        if self.dist.is_main:
+            write_json(self.out_dir / "learning_rates.json", self.lrs)
 
     def _refit_linear(self, model, fresh, sets, start_fvu: float, alpha: float) -> dict:
         """The Frisch-Waugh step that makes a trained model nested: refit its linear block in closed form (the
@@ -433,7 +456,7 @@ class Estimator:
             device=self.cfg.device,
         )
         model.set_linear(refit.weight, refit.bias)
-        tune_fvu = residual_fvu(model, sets["tune"])
+        tune_fvu = residual_fvu(model, sets["tune"], dist=self.dist)
         if tune_fvu > start_fvu:  # never worse than the start: back to it
             model.load_state_dict(fresh().state_dict())
             return {"refit_tune_fvu": tune_fvu, "kept_start": True}
@@ -506,7 +529,7 @@ class Estimator:
                     model, info = trained["nfm"]
                     if "nfm_additive" not in self.lrs:  # ... and later fits of it take that NFM's learning rate
                         self.lrs["nfm_additive"] = self.lrs["nfm"]
-                        write_json(self.out_dir / "learning_rates.json", self.lrs)
+                        self._write_learning_rates()
                 else:
                     start = additive if name == "nfm_additive" else first
                     model, info = self._train(target, name, seed, start, sets, target_rms)
@@ -543,7 +566,9 @@ class Estimator:
         return pd.concat([t.assign(target=name) for name, t in self.totals.items()], ignore_index=True)
 
     def save(self) -> None:
-        """``ladder.csv`` (all targets), ``test_sse.csv`` and ``test_documents.csv`` in ``out_dir``."""
+        """``ladder.csv`` (all targets), ``test_sse.csv`` and ``test_documents.csv`` in ``out_dir`` (rank 0)."""
+        if not self.dist.is_main:
+            return
         self.table().to_csv(self.out_dir / "ladder.csv", index=False)
         self.sse_table().to_csv(self.out_dir / "test_sse.csv", index=False)
         self.totals_table().to_csv(self.out_dir / "test_documents.csv", index=False)
@@ -555,6 +580,36 @@ class _Zero(torch.nn.Module):
         return torch.zeros_like(batch.target)
 
 
+@dataclass
+class Ladder:
+    """What a finished :func:`run` leaves in its directory: one row per (target, model, seed) (see
+    :meth:`Estimator.table`) and the learning rates chosen on tune."""
+
+    table: pd.DataFrame
+    lrs: dict[str, float]
+
+    @classmethod
+    def read(cls, out_dir: str | Path) -> Ladder:
+        out_dir = Path(out_dir)
+        return cls(pd.read_csv(out_dir / "ladder.csv"), read_json(out_dir / "learning_rates.json"))
+
+
+DONE = "ladder.done.json"
+
+
+def _run_key(sets: dict[str, CodeData], cfg: EstimatorConfig, power_shares, n_planted: int) -> str:
+    """What a finished run's tables depend on: the settings and a summary of every set (its rows, and the
+    first rows' targets), so a changed split or residual is never answered with old tables."""
+    summary = {
+        name: [len(data), hashlib.sha256(np.ascontiguousarray(data.rows).tobytes()).hexdigest()[:16]]
+        + [float(data.batch(np.arange(min(len(data), 1024))).target.double().sum())]
+        for name, data in sorted(sets.items())
+    }
+    # not the device: a fit is the same fit wherever it ran (to float tolerance), like a resumed checkpoint
+    key = {"cfg": asdict(replace(cfg, device="")), "power": [list(power_shares), n_planted], "sets": summary}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run(
     sets: dict[str, CodeData],
     cfg: EstimatorConfig,
@@ -562,10 +617,20 @@ def run(
     power_shares: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03),
     n_planted: int = 16,
     resume: bool = True,
-) -> Estimator:
+    dist: Dist = SINGLE,
+) -> Ladder:
     """Everything notebook 02 fits: the ladder on the residual, the null control over the linear and the
-    additive fits, and a planted interaction of each of ``power_shares`` (every seed). Saves the tables."""
-    estimator = Estimator(sets, cfg, out_dir, resume)
+    additive fits, and a planted interaction of each of ``power_shares`` (every seed). Saves the tables;
+    over the ranks of ``dist``, each model trains data-parallel (see the module docstring). A run finished
+    before with the same settings and data is read back (``resume``), not refitted."""
+    out_dir, key = Path(out_dir), _run_key(sets, cfg, power_shares, n_planted)
+    done = out_dir / DONE
+    if resume and done.exists() and read_json(done).get("key") == key:
+        return Ladder.read(out_dir)
+    dist.barrier()  # every rank has read the marker before rank 0 removes it
+    if dist.is_main:
+        done.unlink(missing_ok=True)  # from here until the end, the tables on disk are not this run's
+    estimator = Estimator(sets, cfg, out_dir, resume, dist)
     estimator.fit_target(RESIDUAL, sets, tuple(MODELS.keys() - {"oracle"}))
     estimator.fit_target(CONTROL, estimator.control_sets(), ("nfm",))
     for seed in cfg.seeds:  # the control over the additive fit permutes what that seed's additive model leaves
@@ -574,15 +639,18 @@ def run(
         estimator.fit_target(name, control, ("additive", "nfm_additive"), seeds=(seed,))
     planted_pairs = {}
     first = estimator.first_order[RESIDUAL]
-    for share in progress(power_shares, desc="planted interactions", unit="size"):
+    for share in progress(power_shares, desc="planted interactions", unit="size", disable=not dist.is_main):
         planted = plant_pairs(sets["fit"], share, estimator.design, first.penalty, n_planted, seed=cfg.seeds[0])
         injected = {name: data.with_target(AddPlanted(data, planted)) for name, data in sets.items()}
         target = f"planted_{share:g}"
         estimator.fit_target(target, injected, ("pair_ridge", "oracle", "nfm"), oracle_pairs=planted.pairs)
         planted_pairs[target] = {"share": share, "scale": planted.scale, "pairs": planted.pairs.tolist()}
-    write_json(Path(out_dir) / "planted.json", planted_pairs)
-    estimator.save()
-    return estimator
+    if dist.is_main:
+        write_json(out_dir / "planted.json", planted_pairs)
+        estimator.save()
+        write_json(done, {"key": key})
+    dist.barrier()  # the tables are written before any rank reads them
+    return Ladder.read(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,6 +41,16 @@ class VarianceAccumulator:
             spread = ((t - torch.from_numpy(self.known_mean).to(t.device)) ** 2).sum(-1)
             self.legacy_sum += float((err / spread).sum())
 
+    def merge_ranks(self, dist) -> VarianceAccumulator:
+        """Every rank's sums added together (in place; ``dist``: :class:`featint_utils.distributed.Dist`), so
+        that ranks that each saw part of a set answer for the whole of it."""
+        if dist.distributed:
+            sums = np.concatenate([[self.n, self.sum_sq, self.sum_err, self.legacy_sum], self.sum])
+            total = dist.all_reduce(torch.from_numpy(sums).to(dist.device)).cpu().numpy()  # NCCL: on the GPU
+            self.n, self.sum_sq, self.sum_err, self.legacy_sum = int(total[0]), *map(float, total[1:4])
+            self.sum = total[4:]
+        return self
+
     @property
     def mean(self) -> np.ndarray:
         return self.sum / self.n

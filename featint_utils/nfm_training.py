@@ -17,6 +17,11 @@ A checkpoint (weights, Adam moments, best weights, schedule state, history) is w
 end of an epoch every ``checkpoint_seconds`` and when a call ends; a killed run resumes from it (losing at
 most that much work) and ends with the same weights as an uninterrupted one, because the data order and
 the dropout draws of an epoch depend only on the seed and the epoch.
+
+Over the ranks of a ``torchrun`` job (:mod:`featint_utils.distributed`) one model trains data-parallel: every
+rank reads its share of each batch, DDP adds the gradients, the tune set is evaluated in shares whose sums
+are added, and rank 0 writes the checkpoints. Without dropout this is the single process's training to
+float tolerance; with dropout each rank draws its own masks (the same distribution, not the same draws).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import pandas as pd
 import torch
 
 from .activations import prefetch
+from .distributed import SINGLE, Dist
 from .io import (
     CheckpointError,
     load_checkpoint,
@@ -89,17 +95,20 @@ class FitConfig:
 
 
 @torch.no_grad()
-def residual_fvu(model, data: CodeData, batch_size: int = 8192) -> float:
-    """FVU of the residual on ``data`` (float64, about the set's own mean)."""
+def residual_fvu(model, data: CodeData, batch_size: int = 8192, dist: Dist = SINGLE) -> float:
+    """FVU of the residual on ``data`` (float64, about the set's own mean); over ranks, each evaluates a
+    contiguous share of the rows and the sums are added."""
     was_training = getattr(model, "training", False)
     model.eval()
     device = device_of(model)
+    if dist.distributed:
+        data = data.subset(np.array_split(np.arange(len(data)), dist.world_size)[dist.rank])
     acc = VarianceAccumulator(data.d_out)
     for batch in data.batches(batch_size):
         batch = batch.to(device)
         acc.add(batch.target, model.predict(batch))
     model.train(was_training)
-    return acc.fvu()
+    return acc.merge_ranks(dist).fvu()
 
 
 @torch.no_grad()
@@ -124,11 +133,31 @@ def document_sse(model, data: CodeData, batch_size: int = 8192) -> tuple[np.ndar
     return sse.numpy(), (total.fvu() if total is not None else None)
 
 
+class _SquaredError(torch.nn.Module):
+    """A batch's summed squared error as a module's forward: what DDP wraps to add the ranks' gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> torch.Tensor:
+        return (batch.target - self.model.predict(batch)).pow(2).sum()
+
+
 class ResidualTrainer:
     """Fits ``model`` on ``fit``, stopping on ``tune``; writes ``out_dir/{checkpoint,history.csv}``. Trains on
-    the model's device (the host's batches are moved there); its checkpoints resume on any device."""
+    the model's device (the host's batches are moved there); its checkpoints resume on any device. Over the
+    ranks of ``dist`` (every rank builds the same model) it trains data-parallel, see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, fit: CodeData, tune: CodeData, cfg: FitConfig, out_dir: str | Path):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        fit: CodeData,
+        tune: CodeData,
+        cfg: FitConfig,
+        out_dir: str | Path,
+        dist: Dist = SINGLE,
+    ):
         if fit.n_latents != tune.n_latents or fit.d_out != tune.d_out:
             raise ValueError("the fit and tune sets come from different SAEs or layers")
         n_latents = getattr(getattr(model, "cfg", None), "n_latents", fit.n_latents)
@@ -136,7 +165,27 @@ class ResidualTrainer:
             raise ValueError(f"the model takes {n_latents} latents but the data's SAE has {fit.n_latents}")
         if len(fit) < cfg.batch_size:
             raise ValueError(f"the fitting set has {len(fit)} tokens, fewer than batch_size={cfg.batch_size}")
+        if cfg.batch_size % dist.world_size:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} does not split evenly over {dist.world_size} ranks: choose a multiple "
+                f"of {dist.world_size}"
+            )
+        if dist.distributed and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError(
+                "batch norm over ranks would normalise each rank's part of a batch on its own (SyncBatchNorm is "
+                "not wired in): set nfm_batch_norm=False, or fit on one process"
+            )
         self.model, self.fit, self.tune, self.cfg, self.out_dir = model, fit, tune, cfg, Path(out_dir)
+        self.dist = dist
+        self.objective = _SquaredError(model)
+        if dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(
+                self.objective,
+                device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                broadcast_buffers=False,  # the buffers (hinge knots) are fixed and equal on every rank
+            )
         self.device = device_of(model)
         self.fit_variance = self._variance_per_token(fit)
         self.tune_variance = self._variance_per_token(tune)
@@ -207,7 +256,9 @@ class ResidualTrainer:
             "stopped": self.stopped,
             "history": self.history,
         }
-        save_checkpoint(self.checkpoint_dir, tensors, state)
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_dir, tensors, state)
+        self.dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
 
     def load_checkpoint(self) -> bool:
         """Restore from ``checkpoint/`` if present; True if restored."""
@@ -241,19 +292,21 @@ class ResidualTrainer:
         return self.best_epoch > 0
 
     def train_epoch(self) -> float:
-        cfg, model = self.cfg, self.model
-        torch.manual_seed(cfg.seed * 1_000_003 + self.epoch)  # this epoch's dropout draws
+        cfg, model, dist = self.cfg, self.model, self.dist
+        torch.manual_seed(cfg.seed * 1_000_003 + self.epoch + 7919 * dist.rank)  # this epoch's (rank's) dropout
         model.train()
         total, n = 0.0, 0
-        batches = self.fit.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch)
+        # this rank's part of every full batch (the last, short batch is dropped: every step sees as many tokens)
+        batches = self.fit.batches(
+            cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch, part=dist.part(cfg.batch_size)
+        )
         if self.device.type == "cuda":  # gathered and pinned by a background thread while the GPU computes
             batches = prefetch(batches, 2, pin=True)
         for batch in batches:
-            if len(batch.target) < cfg.batch_size:
-                continue  # drop the last, short batch: every step sees the same number of tokens
             batch = batch.to(self.device, non_blocking=True)
-            error = (batch.target - model.predict(batch)).pow(2).sum()
-            loss = error / (len(batch.target) * self.fit_variance)
+            error = self.objective(batch)
+            # over the global batch; DDP averages the ranks' gradients, so each rank's loss counts world times
+            loss = error * dist.world_size / (cfg.batch_size * self.fit_variance)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {self.epoch}: lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)
@@ -262,6 +315,8 @@ class ResidualTrainer:
             self.optimizer.step()
             total += error.item()
             n += len(batch.target)
+        if dist.distributed:
+            total, n = dist.all_reduce(torch.tensor([total, n], dtype=torch.float64, device=dist.device)).tolist()
         return total / (n * self.fit_variance)
 
     def _end_of_epoch(self, tune_fvu: float) -> None:
@@ -282,23 +337,27 @@ class ResidualTrainer:
     def train(self, resume: bool = True, stop_after: int | None = None, desc: str = "fit") -> torch.nn.Module:
         """Fit until the schedule ends; returns the model holding its best tune-set weights (possibly the
         starting weights). ``stop_after`` ends this call after that many epochs (to test resuming)."""
+        dist = self.dist
         if not resume:
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        elif self.load_checkpoint():
+            if dist.is_main:
+                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            dist.barrier()
+        elif self.load_checkpoint() and dist.is_main:
             print(f"{desc}: resuming after epoch {self.epoch}")
         if not self.history:  # the start is the first candidate: never keep anything worse
-            self.start_fvu = self.best_fvu = residual_fvu(self.model, self.tune)
+            self.start_fvu = self.best_fvu = residual_fvu(self.model, self.tune, dist=dist)
             self.history.append({"epoch": 0, "fit_fvu": float("nan"), "tune_fvu": self.start_fvu, "lr": self.lr})
-        bar = progress(total=self.cfg.max_epochs, initial=self.epoch, desc=desc, unit="epoch")
+        bar = progress(total=self.cfg.max_epochs, initial=self.epoch, desc=desc, unit="epoch", disable=not dist.is_main)
         done, saved_at = 0, time.monotonic()
         while not self.finished and (stop_after is None or done < stop_after):
             fit_fvu = self.train_epoch()
-            tune_fvu = residual_fvu(self.model, self.tune)
+            tune_fvu = residual_fvu(self.model, self.tune, dist=dist)
             self.epoch += 1
             done += 1
             self.history.append({"epoch": self.epoch, "fit_fvu": fit_fvu, "tune_fvu": tune_fvu, "lr": self.lr})
             self._end_of_epoch(tune_fvu)
-            if time.monotonic() - saved_at >= self.cfg.checkpoint_seconds:
+            # rank 0's clock decides, so that every rank joins the checkpoint's barrier
+            if dist.broadcast_object(time.monotonic() - saved_at >= self.cfg.checkpoint_seconds):
                 self.save_checkpoint()
                 saved_at = time.monotonic()
             bar.update(1)
@@ -308,7 +367,8 @@ class ResidualTrainer:
             self.save_checkpoint()  # every call ends with its state saved: a re-run resumes or returns at once
         if self.finished:
             self.model.load_state_dict(self.best_state)
-            pd.DataFrame(self.history).to_csv(self.out_dir / "history.csv", index=False)
+            if dist.is_main:
+                pd.DataFrame(self.history).to_csv(self.out_dir / "history.csv", index=False)
         return self.model.eval()
 
     def history_frame(self) -> pd.DataFrame:
@@ -335,6 +395,7 @@ def select_lr(
     out_dir: str | Path,
     resume: bool = True,
     desc: str = "fit",
+    dist: Dist = SINGLE,
 ) -> tuple[float, torch.nn.Module, ResidualTrainer]:
     """Fit a fresh model (same start, same seed) at every learning rate of ``lrs``; keep the one with the best
     tune FVU. Each fit lives in ``out_dir/lr<lr>/`` (resumable); the choice is written to ``out_dir/lr.json``."""
@@ -343,9 +404,10 @@ def select_lr(
     out_dir = Path(out_dir)
     results = []
     for lr in lrs:
-        trainer = ResidualTrainer(make_model(), fit, tune, replace(cfg, lr=lr), out_dir / f"lr{lr:g}")
+        trainer = ResidualTrainer(make_model(), fit, tune, replace(cfg, lr=lr), out_dir / f"lr{lr:g}", dist)
         model = trainer.train(resume=resume, desc=f"{desc}, lr {lr:g}")
         results.append((trainer.best_fvu, lr, model, trainer))
     best_fvu, lr, model, trainer = min(results, key=lambda r: r[0])
-    write_json(out_dir / "lr.json", {"chosen": lr, "tune_fvu": {f"{r[1]:g}": r[0] for r in results}})
+    if dist.is_main:
+        write_json(out_dir / "lr.json", {"chosen": lr, "tune_fvu": {f"{r[1]:g}": r[0] for r in results}})
     return lr, model, trainer

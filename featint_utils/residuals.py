@@ -128,11 +128,15 @@ class CodeData:
             return batch
         return batch._replace(target=self.target_transform(at, batch))
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0):
-        """One pass in minibatches; the order depends only on ``seed``."""
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, part: slice | None = None):
+        """One pass in minibatches; the order depends only on ``seed``. With ``part`` (a rank's share, see
+        :meth:`featint_utils.distributed.Dist.part`) only those rows of every full batch are read, and the last,
+        short batch is dropped: the ranks' parts together are exactly the single process's full batches."""
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
-        for start in range(0, len(self), batch_size):
-            yield self.batch(order[start : start + batch_size])
+        stop = len(self) - len(self) % batch_size if part is not None else len(self)
+        for start in range(0, stop, batch_size):
+            chunk = order[start : start + batch_size]
+            yield self.batch(chunk if part is None else chunk[part])
 
     def subset(self, local: np.ndarray) -> CodeData:
         """Rows ``local`` of this set, in store order."""

@@ -11,10 +11,10 @@ notebook is executed into ``attempts/`` and moved into ``notebooks/`` only when 
 never replaces the last good executed notebook, its report or ``metrics.json`` (the failed notebook, with
 its traceback, stays in ``attempts/``).
 
-With ``nproc`` > 1 the stages that scale out (00's extraction, 01's SAE training: :mod:`featint_utils.stages`)
-first run under ``torchrun`` with that many ranks on this node; their notebook then finds the result and
-goes on from it. Several nodes: start ``python -m featint_utils stage NN`` under ``torchrun`` on each (README,
-"GPUs and clusters"), then this runner on one of them.
+With ``nproc`` > 1 the stages that scale out (00's extraction, 01's SAE training, 02's NFM ladder:
+:mod:`featint_utils.stages`) first run under ``torchrun`` with that many ranks on this node; their notebook
+then finds the result and goes on from it. Several nodes: start ``python -m featint_utils stage NN`` under
+``torchrun`` on each (README, "GPUs and clusters"), then this runner on one of them.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def run(
     nproc: int = 1,
 ) -> Path:
     """Execute the profile's notebooks in order; stop at the first failure and name it. Returns the run dir.
-    ``nproc`` > 1 runs stages 00 and 01 over that many ``torchrun`` ranks first (see the module docstring)."""
+    ``nproc`` > 1 runs stages 00 to 02 over that many ``torchrun`` ranks first (see the module docstring)."""
     if nproc < 1:
         raise RunError(f"--nproc must be at least 1, got {nproc}")
     resolved = resolve_parameters(load_profile(profile, profiles_dir), overrides or {})
@@ -345,7 +345,7 @@ def run_scaled_stage(
     run_dir: str | Path | None = None,
     runs_dir: Path = RUNS_DIR,
 ) -> Path:
-    """This rank's part of stage ``number`` (00 or 01) of a run, as ``torchrun`` starts it on every rank."""
+    """This rank's part of stage ``number`` (00, 01 or 02) of a run, as ``torchrun`` starts it on every rank."""
     from .stages import run_stage
 
     stage = next((s for s in SCALED if s[:2] == number), None)

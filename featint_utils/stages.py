@@ -1,10 +1,10 @@
-"""The work of the stages that scale out over ranks: 00's extraction and 01's SAE training.
+"""The work of the stages that scale out over ranks: 00's extraction, 01's SAE training, 02's NFM ladder.
 
 Each is one function of the run (its validated parameters) and the process's place in the job
 (:mod:`featint_utils.distributed`). A notebook calls it as a single process; ``torchrun`` runs the same
 function on every rank through ``python -m featint_utils stage NN`` (see :func:`run_stage`), and the notebook
-run afterwards finds the finished store or SAE and goes on from there (a finished SAE is never retrained,
-a verified store never re-extracted).
+run afterwards finds the finished store, SAE or ladder and goes on from there (a finished SAE is never
+retrained, a verified store never re-extracted, a finished ladder read back).
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ from typing import NamedTuple
 
 import torch
 
-from . import activations, distributed, models
+from . import activations, distributed, interaction, models
 from .activations import ActivationStore
 from .corpus import Split, load_corpus, split_by_group
 from .distributed import Dist
+from .nfm import NFMConfig
+from .nfm_training import FitConfig
+from .params import numbers, seeds
+from .residuals import CodeData, build_residual_data, open_residual_data, save_sets, split_fit_tune_test
 from .run import Run
 from .sae_training import SAETrainer, TrainConfig
 
-SCALED = ("00_activations", "01_primary_sae")  # the stages ``python -m featint_utils stage`` runs over ranks
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,6 +103,79 @@ def train_primary_sae(run: Run, dist: Dist | None = None) -> SAETrainer:
     return trainer
 
 
+def build_residual_sets(run: Run, dist: Dist | None = None) -> dict[str, CodeData]:
+    """Stage 02's data: every held-out token's SAE code and residual (cached beside the run by rank 0, from
+    the store and SAE of this run) split by document into fit / tune / test; the split is recorded."""
+    p = run.params
+    dist = dist or distributed.init(p["device"])
+    if dist.is_main:
+        run.store()  # checksums checked once, by rank 0 (see train_primary_sae)
+    dist.barrier()
+    sae = run.primary_sae().to(dist.device)  # refused if the store changed after the SAE was trained
+    data = None
+    if dist.is_main:
+        run.begin_nfm_stage()
+        data = build_residual_data(sae, run.store(), run.residuals_dir)
+    dist.barrier()  # the cache is complete before the other ranks open it
+    if data is None:
+        data = open_residual_data(run.residuals_dir)
+    sets = split_fit_tune_test(data, p["tune_fraction"], p["test_fraction"], p["nfm_split_seed"])
+    if dist.is_main:
+        save_sets(sets, run.sets_path)
+    return sets
+
+
+def estimator_config(run: Run, sets: dict[str, CodeData], device: torch.device | str) -> interaction.EstimatorConfig:
+    """Stage 02's ladder settings, from the run's parameters and the data's shape."""
+    p, fit = run.params, sets["fit"]
+    return interaction.EstimatorConfig(
+        nfm=NFMConfig(
+            fit.n_latents,
+            fit.d_out,
+            k_embed=p["nfm_k_embed"],
+            dropout=p["nfm_dropout"],
+            batch_norm=p["nfm_batch_norm"],
+            knots=p["nfm_knots"],
+        ),
+        fit=FitConfig(
+            batch_size=p["nfm_batch_size"],
+            weight_decay=p["nfm_weight_decay"],
+            max_epochs=p["nfm_max_epochs"],
+            patience=p["nfm_patience"],
+            keep_optimizer=p["keep_checkpoints"],
+        ),
+        seeds=seeds(p["nfm_seeds"]),
+        lr_grid=numbers(p["nfm_lr_grid"]),
+        n_pairs=p["pair_ridge_pairs"],
+        device=str(device),
+    )
+
+
+def fit_ladder(run: Run, sets: dict[str, CodeData], dist: Dist | None = None) -> interaction.Ladder:
+    """Stage 02's fits (:func:`featint_utils.interaction.run`: the ladder, the null control, the planted
+    interactions; each trained model data-parallel over the ranks of ``dist``), or the finished ones."""
+    p = run.params
+    dist = dist or distributed.init(p["device"])
+    return interaction.run(
+        sets,
+        estimator_config(run, sets, dist.device),
+        run.nfm_dir,
+        power_shares=numbers(p["power_shares"]),
+        n_planted=p["power_pairs"],
+        resume=p["resume"],
+        dist=dist,
+    )
+
+
+def nfm_ladder(run: Run, dist: Dist | None = None) -> interaction.Ladder:
+    """Stage 02 as ranks run it: the residual sets, then the ladder."""
+    return fit_ladder(run, build_residual_sets(run, dist), dist)
+
+
+STAGE_WORK = {"00_activations": build_store, "01_primary_sae": train_primary_sae, "02_nfm": nfm_ladder}
+SCALED = tuple(STAGE_WORK)  # the stages ``python -m featint_utils stage`` runs over ranks
+
+
 def run_stage(stage: str, run_dir, values: dict) -> None:
     """Run the scaled part of ``stage`` on this rank (``torchrun`` starts one process per rank)."""
     if stage not in SCALED:
@@ -109,7 +185,7 @@ def run_stage(stage: str, run_dir, values: dict) -> None:
         # rank 0 holds the run's lock for the job (unless the runner that started torchrun holds it)
         run = Run.open(run_dir, stage, values, lock=dist.is_main)
         try:
-            (build_store if stage == "00_activations" else train_primary_sae)(run, dist)
+            STAGE_WORK[stage](run, dist)
         finally:
             run.close()
     finally:

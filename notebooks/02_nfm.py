@@ -65,12 +65,10 @@ device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 import pandas as pd
 from IPython.display import display
 
-from featint_utils import contributions, interaction, plots
+from featint_utils import contributions, plots, stages
 from featint_utils.metrics import evaluate_sae
-from featint_utils.nfm import NFMConfig
-from featint_utils.nfm_training import FitConfig
-from featint_utils.params import numbers, seeds
-from featint_utils.residuals import build_residual_data, save_sets, set_sizes, split_fit_tune_test
+from featint_utils.params import seeds
+from featint_utils.residuals import set_sizes
 from featint_utils.run import Run
 
 run = Run.open(run_dir, "02_nfm", globals())
@@ -94,44 +92,19 @@ display(sae_fit[["fvu", "n_tokens"]].rename(index={"train": "SAE's training docu
 # records the store and SAE it was made from: after a new SAE or store, every model below is fitted again.
 
 # %%
-run.begin_nfm_stage()
-data = build_residual_data(sae, store, run.residuals_dir)
-sets = split_fit_tune_test(data, tune_fraction, test_fraction, nfm_split_seed)
-save_sets(sets, run.sets_path)
+sets = stages.build_residual_sets(run)
 display(set_sizes(sets))
 
 # %% [markdown]
 # ## Fitting
 # The ladder on the residual (every seeded model once per seed), the null control, and one planted
 # interaction per size. Every trained model is checkpointed after each epoch, so an interrupted run picks up
-# where it stopped; the weights kept are those of the best tune-set epoch, possibly the start.
+# where it stopped; the weights kept are those of the best tune-set epoch, possibly the start. (Run with
+# `--nproc N`, the fits were made by N ranks before this notebook started: they are read back here.)
 
 # %%
-config = interaction.EstimatorConfig(
-    nfm=NFMConfig(
-        sae.cfg.n_latents,
-        store.d_model,
-        k_embed=nfm_k_embed,
-        dropout=nfm_dropout,
-        batch_norm=nfm_batch_norm,
-        knots=nfm_knots,
-    ),
-    fit=FitConfig(
-        batch_size=nfm_batch_size,
-        weight_decay=nfm_weight_decay,
-        max_epochs=nfm_max_epochs,
-        patience=nfm_patience,
-        keep_optimizer=keep_checkpoints,
-    ),
-    seeds=seeds(nfm_seeds),
-    lr_grid=numbers(nfm_lr_grid),
-    n_pairs=pair_ridge_pairs,
-    device=str(run.device),
-)
-estimator = interaction.run(
-    sets, config, run.nfm_dir, resume=resume, n_planted=power_pairs, power_shares=numbers(power_shares)
-)
-print("learning rates chosen on tune:", estimator.lrs)
+ladder = stages.fit_ladder(run, sets)
+print("learning rates chosen on tune:", ladder.lrs)
 
 # %%
 first_seed = seeds(nfm_seeds)[0]
@@ -148,7 +121,7 @@ plots.save(fig, run.root, "02_fit_curves")
 # model's prediction is added to the SAE's reconstruction. Notebook 03 takes these apart, with intervals.
 
 # %%
-summary = contributions.ladder_summary(estimator.table())
+summary = contributions.ladder_summary(ladder.table)
 display(
     summary[
         ["label", "residual_fvu", "residual_fvu_sd", "gain_over_zero", "total_fvu", "seeds", "n_parameters"]

@@ -11,16 +11,20 @@ import pandas as pd
 import pytest
 import torch
 
-from featint_utils import clamping, distributed, models, runner, sae_training, stages
+from featint_utils import clamping, distributed, interaction, models, runner, sae_training, stages
 from featint_utils.activations import ActivationStore, store_from_arrays
 from featint_utils.decomposition import Clamp
+from featint_utils.nfm import NFM
+from featint_utils.nfm_training import FitConfig
 from featint_utils.sae import TopKSAE
 from featint_utils.sae_training import SAETrainer, TrainConfig
+from tests import dist_nfm_worker
 from tests.dist_worker import CONFIG, SETTINGS, trainer
 from tests.test_clamping import decomposition as clamping_decomposition
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("dist_worker.py")
+NFM_WORKER = Path(__file__).with_name("dist_nfm_worker.py")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -172,13 +176,75 @@ def test_a_batch_size_that_does_not_split_over_the_ranks_is_refused(store, tmp_p
         SAETrainer(store, **SETTINGS, train=TrainConfig(**CONFIG), out_dir=tmp_path, dist=three)
 
 
-def test_the_runner_runs_00_and_01_over_ranks_and_their_notebooks_go_on_from_the_result(tmp_path):
+def test_the_runner_runs_00_to_02_over_ranks_and_their_notebooks_go_on_from_the_result(tmp_path):
     tiny = {"max_groups": "12", "sae_latents": "256", "sae_train_tokens": "4096", "sae_batch_size": "256"}
-    tiny |= {"splice_texts": "8", "n_show_features": "2"}
-    root = runner.run("embedded", ["00", "01"], tiny, run_dir=tmp_path / "run", reports=False, nproc=2)
+    tiny |= {"splice_texts": "8", "n_show_features": "2", "nfm_batch_size": "64", "nfm_k_embed": "8"}
+    tiny |= {"nfm_max_epochs": "2", "nfm_seeds": "0", "pair_ridge_pairs": "32", "power_shares": "0.05"}
+    tiny |= {"power_pairs": "4"}
+    root = runner.run("embedded", ["00", "01", "02"], tiny, run_dir=tmp_path / "run", reports=False, nproc=2)
     shards = ActivationStore(root / "activations").manifest["splits"]["train"]["shards"]
     assert {s["acts"].split("-")[1] for s in shards} == {"r0", "r1"}  # the ranks' store, reused by notebook 00
     executed = (root / "notebooks" / "01_primary_sae.ipynb").read_text()
     assert "resuming from step 16 of 16" in executed  # the notebook found the ranks' SAE finished: no retraining
+    executed = (root / "notebooks" / "02_nfm.ipynb").read_text()
+    assert (root / "nfm" / interaction.DONE).exists() and "learning rates chosen on tune" in executed
+    assert "nfm (seed 0)" not in executed  # the ranks' ladder was read back, nothing refitted
+    assert len(pd.read_csv(root / "nfm" / "ladder.csv")) >= 12
     attempt = json.loads((root / "run.json").read_text())["attempts"][-1]
     assert attempt["nproc"] == 2 and attempt["status"] == "ok"
+
+
+# -- the NFM stage: one model data-parallel, and the whole ladder ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nfm_two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "nfm_two_ranks"
+    done = torchrun(str(NFM_WORKER), "nfm", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def nfm_weights(out: Path) -> dict[str, torch.Tensor]:
+    return NFM.load(out / "model").state_dict()
+
+
+def test_two_ranks_with_half_batches_fit_the_nfm_of_one_process_with_the_whole_batch(nfm_two_ranks, tmp_path):
+    single = dist_nfm_worker.nested_nfm_trainer(str(tmp_path / "one"))
+    start = {k: v.clone() for k, v in single.model.state_dict().items()}
+    model = single.train()
+    assert single.improved and single.best_epoch >= 3  # the planted pairs are being learnt, epoch after epoch
+    assert max(float((model.state_dict()[k] - start[k]).abs().max()) for k in start if start[k].numel()) > 1e-2
+    two = nfm_weights(nfm_two_ranks)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(two[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    ranks = pd.read_csv(nfm_two_ranks / "history.csv")
+    np.testing.assert_allclose(ranks[["fit_fvu", "tune_fvu"]], single.history_frame()[["fit_fvu", "tune_fvu"]], 1e-5)
+
+
+def test_an_nfm_of_two_ranks_is_not_one_rank_of_half_the_batch(nfm_two_ranks, tmp_path):
+    half = dist_nfm_worker.nested_nfm_trainer(str(tmp_path / "half"), batch_size=dist_nfm_worker.FIT.batch_size // 2)
+    model, two = half.train(), nfm_weights(nfm_two_ranks)
+    assert max(float((two[k] - v).abs().max()) for k, v in model.state_dict().items() if v.numel()) > 1e-3
+
+
+def test_two_ranks_fit_the_ladder_of_one_process(tmp_path):
+    done = torchrun(str(NFM_WORKER), "ladder", str(tmp_path / "ranks"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = dist_nfm_worker.ladder(str(tmp_path / "ranks"))  # finished: read back, not refitted
+    assert (tmp_path / "ranks" / interaction.DONE).exists()
+    single = dist_nfm_worker.ladder(str(tmp_path / "one"))
+    assert ranks.lrs == single.lrs
+    columns = ["residual_fvu", "gain_over_zero", "total_fvu", "tune_fvu", "refit_tune_fvu"]
+    assert len(ranks.table) == len(single.table) >= 12 and ranks.table["improved_on_start"].fillna(False).any()
+    for key in ("target", "model", "seed", "epochs", "best_epoch", "kept_start", "alpha", "n_pairs"):
+        pd.testing.assert_series_equal(ranks.table[key], single.table[key])
+    np.testing.assert_allclose(ranks.table[columns], single.table[columns], rtol=1e-5, atol=1e-7)
+    sse = [pd.read_csv(tmp_path / where / "test_sse.csv") for where in ("ranks", "one")]
+    np.testing.assert_allclose(sse[0]["sse"], sse[1]["sse"], rtol=1e-5)
+    # the read-back answers only for the same settings and data: other planted sizes are fitted
+    cfg = interaction.EstimatorConfig(
+        dist_nfm_worker.NFM_SHAPE, FitConfig(batch_size=512, max_epochs=4), seeds=(0,), lr_grid=(3e-3,), n_pairs=128
+    )
+    other = interaction.run(dist_nfm_worker.residual_sets(), cfg, tmp_path / "one", power_shares=(0.1,), n_planted=4)
+    assert "planted_0.1" in set(other.table["target"]) and "planted_0.05" not in set(other.table["target"])

@@ -1,0 +1,68 @@
+"""One rank of the NFM stage's data-parallel fits, started by the tests with ``torchrun`` (gloo on CPU).
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/dist_nfm_worker.py {nfm,ladder} OUT``: ``nfm``
+trains one nested NFM on a residual with a planted interaction into OUT; ``ladder`` runs the whole estimator
+(:func:`featint_utils.interaction.run`) into OUT. The tests run the same with one process and compare.
+"""
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from featint_utils import distributed, interaction, planted
+from featint_utils.baselines import SparseDesign, cofiring_pairs, fit_ridge
+from featint_utils.nfm import NFM, NFMConfig
+from featint_utils.nfm_training import FitConfig, ResidualTrainer
+from featint_utils.residuals import split_fit_tune_test
+
+N_LATENTS, D_OUT = 64, 16
+NFM_SHAPE = NFMConfig(N_LATENTS, D_OUT, k_embed=16, dropout=0.0)  # no dropout: the ranks' draws would differ
+FIT = FitConfig(batch_size=512, lr=3e-3, max_epochs=5, checkpoint_seconds=0.0)  # a checkpoint every epoch
+
+
+def residual_sets():
+    """fit / tune / test of a planted code and residual (no pairwise structure of its own)."""
+    return split_fit_tune_test(planted.codes(8_000, n_latents=N_LATENTS, k=8, d=D_OUT, seed=3), 0.15, 0.3, seed=3)
+
+
+def nested_nfm_trainer(out: str, dist=distributed.SINGLE, batch_size: int = FIT.batch_size) -> ResidualTrainer:
+    """A nested NFM (started as the code ridge) on the residual plus a planted interaction: there is a
+    pairwise term to learn, so training moves the model."""
+    sets = residual_sets()
+    design = SparseDesign(sets["fit"], cofiring_pairs(sets["fit"], 128))
+    ridge = fit_ridge(sets["fit"], sets["tune"], design=design)
+    pairs = interaction.plant_pairs(sets["fit"], 0.2, design, ridge.penalty, 6, seed=0)
+    sets = {name: data.with_target(interaction.AddPlanted(data, pairs)) for name, data in sets.items()}
+    ridge = fit_ridge(sets["fit"], sets["tune"], design=design)
+    sample = sets["fit"].batch(np.arange(2_048))
+    model = NFM(NFM_SHAPE, seed=0).start_from(ridge.weight, ridge.bias)
+    model.calibrate(sample.values, sample.indices, target_rms=float(sample.target.std()))
+    return ResidualTrainer(model, sets["fit"], sets["tune"], replace(FIT, batch_size=batch_size), out, dist)
+
+
+def ladder(out: str, dist=distributed.SINGLE) -> interaction.Ladder:
+    cfg = interaction.EstimatorConfig(
+        NFM_SHAPE, FitConfig(batch_size=512, max_epochs=4), seeds=(0,), lr_grid=(3e-3,), n_pairs=128, n_boot=200
+    )
+    return interaction.run(residual_sets(), cfg, out, power_shares=(0.05,), n_planted=4, dist=dist)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=("nfm", "ladder"))
+    parser.add_argument("out")
+    args = parser.parse_args()
+    dist = distributed.init("cpu")
+    if args.what == "nfm":
+        model = nested_nfm_trainer(args.out, dist).train()
+        if dist.is_main:
+            model.save(Path(args.out) / "model")
+    else:
+        ladder(args.out, dist)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
