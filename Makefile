@@ -6,7 +6,9 @@ PROFILE ?= embedded
 ARGS ?=
 NPROC ?= 1
 
-.PHONY: setup run test report bench bench-setup calibration sync lint
+SWEEP ?= --grid layer=2,3,4 --grid sae_k=16,32 --only 00,01,02,03
+
+.PHONY: setup run sweep test report bench bench-setup calibration sync lint
 
 setup:  ## create .venv and install the pinned requirements + this package (editable)
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,9 @@ setup:  ## create .venv and install the pinned requirements + this package (edit
 
 run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs/PROFILE/ (ARGS="--name N" elsewhere); NPROC=8: stages 00-02 over 8 GPUs (torchrun)
 	$(PY) -m featint_utils run --profile $(PROFILE) --nproc $(NPROC) $(ARGS)
+
+sweep:  ## one run per point of a grid for PROFILE into runs/sweeps/PROFILE/ (default: layers 2-4 x k 16,32, stages 00-03), and comparison.html
+	$(PY) -m featint_utils sweep --profile $(PROFILE) $(SWEEP) $(ARGS)
 
 test:  ## unit tests + papermill smoke run of every notebook
 	$(PY) -m pytest

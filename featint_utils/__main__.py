@@ -1,14 +1,16 @@
 """Command line: ``python -m featint_utils run --profile NAME [--name RUN | --run-dir DIR] [--only 00,01]
 [--set key=value ...] [--nproc N]``, ``python -m featint_utils report [--profile NAME] [--name RUN | --run-dir
 DIR]``, ``python -m featint_utils profiles``, and, under ``torchrun`` on every rank, ``python -m featint_utils
-stage {00,01,02} --profile NAME [--name RUN | --run-dir DIR] [--set key=value ...]``."""
+stage {00,01,02} --profile NAME [--name RUN | --run-dir DIR] [--set key=value ...]``; ``python -m featint_utils
+sweep --profile NAME --grid key=v1,v2 [--grid ...] [--zip] [--only 00,01] [--set key=value ...] [--name SWEEP |
+--sweep-dir DIR] [--jobs N] [--nproc M]``. Installed, ``featint`` is the same command."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import runner
+from . import runner, sweeps
 from .distributed import RankLostError
 
 
@@ -38,6 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"
     )
+    sweep = commands.add_parser("sweep", help="one run per point of a parameter grid, and a comparison report")
+    sweep.add_argument("--profile", default="embedded", help="profiles/<NAME>.toml (default: embedded)")
+    sweep.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="a swept parameter and its values"
+    )
+    sweep.add_argument("--zip", action="store_true", help="pair the grids' i-th values instead of every combination")
+    sweep.add_argument("--only", default="", help="comma-separated notebook numbers each point runs, e.g. 00,01,02,03")
+    sweep.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="a parameter fixed for every point"
+    )
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument("--name", help="the sweep's name: runs/sweeps/<NAME>/ (default: the profile's name)")
+    where.add_argument("--sweep-dir", help="the sweep's directory, anywhere")
+    sweep.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
+    sweep.add_argument("--nproc", type=int, default=1, help="torchrun ranks (GPUs) of each point's stages 00 to 02")
+    sweep.add_argument("--no-reports", action="store_true", help="skip the points' HTML reports")
     rep = commands.add_parser("report", help="render a run's executed notebooks to HTML, inputs hidden")
     _where(rep)
     commands.add_parser("profiles", help="list the available profiles")
@@ -55,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
                 nproc=args.nproc,
             )
             print(f"[featint] run complete: {run_dir}")
+        elif args.command == "sweep":
+            root = sweeps.run_sweep(
+                args.profile,
+                args.grid,
+                zipped=args.zip,
+                overrides=runner.parse_sets(args.sets),
+                only=[n.strip() for n in args.only.split(",") if n.strip()] or None,
+                name=args.name,
+                sweep_dir=args.sweep_dir,
+                jobs=args.jobs,
+                nproc=args.nproc,
+                reports=not args.no_reports,
+            )
+            print(f"[sweep] complete: {root / 'comparison.html'}")
         elif args.command == "stage":
             runner.run_scaled_stage(args.number, args.profile, runner.parse_sets(args.sets), args.name, args.run_dir)
         elif args.command == "report":
@@ -62,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(html)
         else:
             print("\n".join(runner.available_profiles()))
-    except (runner.RunError, RankLostError) as err:
+    except (runner.RunError, sweeps.SweepError, RankLostError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

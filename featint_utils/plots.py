@@ -387,3 +387,42 @@ def effect_forest(table: pd.DataFrame) -> plt.Figure:
     ax.set(xlabel="interaction contrast (FE − FN) − (CE − CN) of the change, 95% CI", title="non-additive effects")
     fig.tight_layout()
     return fig
+
+
+def sweep_comparison(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
+    """A sweep's headline numbers against its first swept parameter, one line per combination of the others:
+    the NFM's interaction share over the linear fit (bars: its interval; dashed, hollow: the detection limit
+    of that run), the fraction of a planted interaction the SAE absorbs, and the SAE's held-out FVU."""
+    x, others = keys[0], keys[1:]
+    levels = sorted(table[x].unique(), key=lambda v: (isinstance(v, str), v))
+    groups = list(table.groupby(others, sort=True)) if others else [((), table)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    panels = (
+        ("interaction_share", "interaction share over the linear fit\n(held-out ΔR² of the residual; bars: 95% CI)"),
+        ("absorbed_fraction", "fraction of a planted interaction\nthe retrained SAE absorbs"),
+        ("sae_fvu", "primary SAE: held-out FVU"),
+    )
+    for i, (key, group) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, key)) or None
+        group = group.set_index(x).reindex(levels)
+        offset = (i - (len(groups) - 1) / 2) * 0.06  # side by side, so that intervals do not hide each other
+        pos = np.arange(len(levels)) + offset
+        color = f"C{i}"
+        share = group["interaction_share"]
+        low, high = share - group["interaction_share_low"], group["interaction_share_high"] - share
+        axes[0].errorbar(pos, share, yerr=[low, high], fmt="o-", color=color, capsize=3, label=label)
+        axes[0].plot(pos, group["detection_limit"], "o--", color=color, mfc="white", lw=1)
+        axes[1].plot(pos, group["absorbed_fraction"], "o-", color=color, label=label)
+        axes[2].plot(pos, group["sae_fvu"], "o-", color=color, label=label)
+    for ax, (column, title) in zip(axes, panels):
+        ax.set_xticks(np.arange(len(levels)), [str(v) for v in levels])
+        ax.set(xlabel=x, title=title)
+        if table[column].isna().all():
+            ax.text(0.5, 0.5, "not run in this sweep", transform=ax.transAxes, ha="center", color="0.4")
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].plot([], [], "o--", color="0.4", mfc="white", lw=1, label="detection limit")
+    axes[0].legend(fontsize=8)
+    axes[1].set_ylim(0, 1.05)
+    fig.tight_layout()
+    return fig

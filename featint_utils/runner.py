@@ -228,7 +228,7 @@ def _run_locked(
             if failure is None:
                 notebook_ran = True
                 papermill.execute_notebook(
-                    _source_notebook(nb),
+                    source_notebook(nb),
                     str(attempt_path),
                     parameters=stage_params,
                     kernel_name="python3",
@@ -313,7 +313,7 @@ def _torchrun_stage(stage: str, root: Path, profile: str, sets: dict, nproc: int
     return None
 
 
-def _source_notebook(source: Path):
+def source_notebook(source: Path):
     """The notebook of a jupytext ``.py`` source, as executed: what the file says now, whatever its twin says."""
     import jupytext
 

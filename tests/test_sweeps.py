@@ -1,0 +1,108 @@
+"""Sweeps: bad grids fail before any work; a tiny sweep makes one run per point over one shared store, a
+comparison table with a row per point and its report; a rerun does no work; a swept layer gets a store each."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from featint_utils import sweeps
+from featint_utils.activations import ActivationStore
+from featint_utils.run import LINEAGE
+
+TINY = {
+    "max_groups": "12",
+    "sae_latents": "256",
+    "sae_train_tokens": "4096",
+    "sae_batch_size": "256",
+    "splice_texts": "8",
+    "n_show_features": "2",
+    "nfm_batch_size": "64",
+    "nfm_k_embed": "8",
+    "nfm_max_epochs": "2",
+    "nfm_lr_grid": "3e-3",
+    "nfm_seeds": "0",
+    "pair_ridge_pairs": "32",
+    "power_shares": "0.05",
+    "power_pairs": "4",
+    "conjunction_candidates": "4",
+    "absorption_pairs": "4",
+    "n_boot": "50",
+}
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (["sae_kk=4,8"], r"unknown parameter 'sae_kk'; did you mean sae_k"),
+        (["sae_k=4,eight"], r"sae_k=eight: expected int"),
+        (["sae_k="], r"empty value list"),
+        (["sae_k=4,,8"], r"empty value list"),
+        (["sae_k=4,4"], r"repeated values"),
+        (["sae_k=4", "sae_k=8"], r"'sae_k' is given twice"),
+        (["sae_k=4,512"], r"point sae_k512: sae_k=512 exceeds sae_latents=256"),
+        ([], r"at least one --grid"),
+    ],
+)
+def test_a_bad_grid_fails_before_any_work(tmp_path, grid, message):
+    where = tmp_path / "sweep"
+    with pytest.raises(sweeps.SweepError, match=message):
+        sweeps.run_sweep("embedded", grid, overrides={"sae_latents": "256"}, sweep_dir=where)
+    assert not where.exists()
+
+
+def test_zip_pairs_values_and_refuses_lists_of_different_lengths(tmp_path):
+    grid = sweeps.parse_grid(["layer=2,3", "sae_k=16,32"])
+    assert sweeps.grid_points(grid, zipped=True) == [{"layer": 2, "sae_k": 16}, {"layer": 3, "sae_k": 32}]
+    assert len(sweeps.grid_points(grid)) == 4
+    assert [sweeps.point_name(p) for p in sweeps.grid_points(sweeps.parse_grid(["sae_lr=1e-3,0.01"]))] == [
+        "sae_lr0p001",
+        "sae_lr0p01",
+    ]
+    with pytest.raises(sweeps.SweepError, match="--zip needs lists of one length"):
+        sweeps.run_sweep("embedded", ["layer=2,3", "sae_k=16"], zipped=True, sweep_dir=tmp_path / "s")
+    with pytest.raises(sweeps.SweepError, match=r"both swept \(--grid\) and fixed"):
+        sweeps.run_sweep("embedded", ["sae_k=16,32"], overrides={"sae_k": "8"}, sweep_dir=tmp_path / "s")
+
+
+def test_a_tiny_sweep_shares_its_store_compares_its_points_and_a_rerun_does_no_work(tmp_path, capsys):
+    where = tmp_path / "sweep"
+    only = ["00", "01", "02", "03"]
+    sweeps.run_sweep("embedded", ["sae_k=4,8"], overrides=TINY, only=only, sweep_dir=where, reports=False)
+    points = [where / "points" / name for name in ("sae_k4", "sae_k8")]
+    assert len(list((where / "stores").iterdir())) == 1  # sae_k does not shape the store: extracted once
+    stores = [ActivationStore(p / "activations") for p in points]
+    assert stores[0].path.resolve() == stores[1].path.resolve()
+    lineages = [json.loads((p / "primary_sae" / LINEAGE).read_text()) for p in points]
+    assert lineages[0]["store"] == lineages[1]["store"] == stores[0].fingerprint  # both SAEs read that store
+    assert [json.loads((p / "primary_sae" / "sae" / "cfg.json").read_text())["k"] for p in points] == [4, 8]
+
+    table = pd.read_csv(where / "comparison.csv")
+    assert list(table["point"]) == ["sae_k4", "sae_k8"] and list(table["sae_k"]) == [4, 8]
+    assert (table["status"] == "ok").all()
+    for column in ("sae_fvu", "interaction_share", "interaction_share_low", "detection_limit", "absorbed_fraction"):
+        assert np.isfinite(table[column]).all(), column
+    assert (table["interaction_share_low"] <= table["interaction_share"]).all()
+    assert table["sae_fvu"].iloc[1] < table["sae_fvu"].iloc[0]  # twice the active latents reconstruct better
+    assert (where / "comparison.html").stat().st_size > 10_000
+    assert (where / "figures" / "sweep_comparison.png").exists()
+
+    attempts = [len(json.loads((p / "run.json").read_text())["attempts"]) for p in points]
+    report_time = os.stat(where / "comparison.ipynb").st_mtime_ns
+    capsys.readouterr()
+    sweeps.run_sweep("embedded", ["sae_k=4,8"], overrides=TINY, only=only, sweep_dir=where, reports=False)
+    assert capsys.readouterr().out.count("finished before, skipped") == 2
+    assert [len(json.loads((p / "run.json").read_text())["attempts"]) for p in points] == attempts
+    assert os.stat(where / "comparison.ipynb").st_mtime_ns == report_time
+
+
+def test_a_swept_layer_extracts_one_store_per_layer(tmp_path):
+    where = tmp_path / "sweep"
+    sweeps.run_sweep("embedded", ["layer=2,3"], overrides=TINY, only=["00"], sweep_dir=where, reports=False)
+    stores = [ActivationStore(where / "points" / f"layer{n}" / "activations") for n in (2, 3)]
+    assert len(list((where / "stores").iterdir())) == 2
+    assert [s.manifest["layer"] for s in stores] == [2, 3] and stores[0].fingerprint != stores[1].fingerprint
+    table = sweeps.comparison_table(where)
+    assert list(table["layer"]) == [2, 3] and table["sae_fvu"].isna().all()  # no SAE in this sweep
