@@ -421,6 +421,7 @@ def sweep_comparison(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
         if table[column].isna().all():
             ax.text(0.5, 0.5, "not run in this sweep", transform=ax.transAxes, ha="center", color="0.4")
     axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_yscale("symlog", linthresh=1e-4)  # shares and detection limits differ by orders of magnitude
     axes[0].plot([], [], "o--", color="0.4", mfc="white", lw=1, label="detection limit")
     axes[0].legend(fontsize=8)
     axes[1].set_ylim(0, 1.05)

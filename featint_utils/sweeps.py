@@ -164,20 +164,20 @@ def _link_store(point_dir: Path, store_dir: Path) -> None:
     link.symlink_to(target, target_is_directory=True)
 
 
-def _gpu_slot_env(slot: int, nproc: int) -> dict[str, str]:
-    """The environment of job slot ``slot``: on a GPU machine it sees its own ``nproc`` GPUs."""
-    env = dict(os.environ)
-    try:
-        import torch
+def gpu_slot_env(slot: int, nproc: int) -> dict[str, str]:
+    """The environment of job slot ``slot``: on a GPU machine it sees its own ``nproc`` of the GPUs this
+    process sees (slot j: the j-th group of ``nproc``); elsewhere this process's environment."""
+    import torch
 
-        count = torch.cuda.device_count()
-    except Exception:  # no usable CUDA: nothing to partition
-        count = 0
+    env = dict(os.environ)
+    count = torch.cuda.device_count()
     if count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",")[:count] if visible else [str(g) for g in range(count)]
         first = slot * nproc
         if first + nproc > count:
             raise SweepError(f"job slot {slot} needs GPUs {first}..{first + nproc - 1}; only {count} are visible")
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(first, first + nproc))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[first : first + nproc])
     return env
 
 
@@ -264,6 +264,8 @@ def _run_locked(root, profile, grid, zipped, overrides, only, stages, points, jo
         "only": only,
         "points": [{k: p[k] for k in ("name", "values", "store")} for p in points],
     }
+    # each job slot's environment, checked before any work (enough GPUs for jobs x nproc)
+    envs = [gpu_slot_env(slot, nproc) for slot in range(jobs)] if jobs > 1 else [dict(os.environ)]
     write_json(root / "sweep.json", definition)
     shares_store = STORE_STAGE in stages
     if shares_store:  # one store per distinct stage-00 request, made before the points that link to it
@@ -291,8 +293,7 @@ def _run_locked(root, profile, grid, zipped, overrides, only, stages, points, jo
         slot = slot_queue.pop()
         try:
             print(f"{label}: running (log: {run_dir / 'sweep.log'})", flush=True)
-            env = _gpu_slot_env(slot, nproc) if jobs > 1 else dict(os.environ)
-            ok, seconds = _run_point(profile, run_dir, only, point["sets"], reports, nproc, env)
+            ok, seconds = _run_point(profile, run_dir, only, point["sets"], reports, nproc, envs[slot])
         finally:
             slot_queue.append(slot)
         if ok:

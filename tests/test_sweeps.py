@@ -98,11 +98,27 @@ def test_a_tiny_sweep_shares_its_store_compares_its_points_and_a_rerun_does_no_w
     assert os.stat(where / "comparison.ipynb").st_mtime_ns == report_time
 
 
-def test_a_swept_layer_extracts_one_store_per_layer(tmp_path):
+def test_a_swept_layer_extracts_one_store_per_layer_and_jobs_run_points_at_once(tmp_path):
     where = tmp_path / "sweep"
-    sweeps.run_sweep("embedded", ["layer=2,3"], overrides=TINY, only=["00"], sweep_dir=where, reports=False)
+    sweeps.run_sweep("embedded", ["layer=2,3"], overrides=TINY, only=["00"], sweep_dir=where, reports=False, jobs=2)
     stores = [ActivationStore(where / "points" / f"layer{n}" / "activations") for n in (2, 3)]
     assert len(list((where / "stores").iterdir())) == 2
     assert [s.manifest["layer"] for s in stores] == [2, 3] and stores[0].fingerprint != stores[1].fingerprint
     table = sweeps.comparison_table(where)
     assert list(table["layer"]) == [2, 3] and table["sae_fvu"].isna().all()  # no SAE in this sweep
+
+
+def test_each_job_slot_sees_its_own_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [sweeps.gpu_slot_env(slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["0,1", "2,3"]
+    with pytest.raises(sweeps.SweepError, match="needs GPUs 4..5; only 4 are visible"):
+        sweeps.gpu_slot_env(2, 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # slots take the GPUs this process was given
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert sweeps.gpu_slot_env(1, 2)["CUDA_VISIBLE_DEVICES"] == "6,7"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert "CUDA_VISIBLE_DEVICES" not in sweeps.gpu_slot_env(1, 2)  # a CPU machine: nothing to partition
