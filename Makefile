@@ -44,8 +44,8 @@ calibration:  ## the interaction estimator on planted data: null calibration, po
 	$(PY) benchmarks/interaction_calibration.py
 
 sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
-	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py
-	touch notebooks/[0-9][0-9]_*.ipynb  # the derived file is never older than its source
+	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py notebooks/sweep_comparison.py
+	touch notebooks/[0-9][0-9]_*.ipynb notebooks/sweep_comparison.ipynb  # the derived file is never older than its source
 
 lint:  ## ruff's lint rules and formatting (CI runs this)
 	$(VENV)/bin/ruff check featint_utils tests benchmarks notebooks

@@ -30,7 +30,7 @@ def test_exactly_one_parameters_cell_with_typed_commented_defaults(source):
         assert "  # " in line, f"parameter without a comment: {line!r}"
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("source", [*SOURCES, NOTEBOOKS_DIR / "sweep_comparison.py"], ids=lambda p: p.stem)
 def test_ipynb_is_in_sync_with_py_source_and_has_no_outputs(source):
     paired = source.with_suffix(".ipynb")
     assert paired.exists(), f"{paired.name} missing: run `make sync`"
