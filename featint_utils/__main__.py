@@ -1,9 +1,14 @@
-"""Command line: ``python -m featint_utils run --profile NAME [--name RUN | --run-dir DIR] [--only 00,01]
-[--set key=value ...] [--nproc N]``, ``python -m featint_utils report [--profile NAME] [--name RUN | --run-dir
-DIR]``, ``python -m featint_utils profiles``, and, under ``torchrun`` on every rank, ``python -m featint_utils
-stage {00,01,02} --profile NAME [--name RUN | --run-dir DIR] [--set key=value ...]``; ``python -m featint_utils
-sweep --profile NAME --grid key=v1,v2 [--grid ...] [--zip] [--only 00,01] [--set key=value ...] [--name SWEEP |
---sweep-dir DIR] [--jobs N] [--nproc M]``. Installed, ``featint`` is the same command."""
+"""Command line (installed, ``featint`` is the same command):
+
+* ``python -m featint_utils run --profile NAME [--name RUN | --run-dir DIR] [--only 00,01] [--set key=value ...]
+  [--nproc N]``
+* ``python -m featint_utils sweep --profile NAME --grid key=v1,v2 [--grid ...] [--zip] [--only 00,01]
+  [--set key=value ...] [--name SWEEP | --sweep-dir DIR] [--jobs N] [--nproc M]``
+* ``python -m featint_utils report [--profile NAME] [--name RUN | --run-dir DIR]``
+* ``python -m featint_utils profiles``; ``python -m featint_utils params [--profile NAME]``
+* under ``torchrun``, on every rank: ``python -m featint_utils stage {00,01,02} --profile NAME [--name RUN |
+  --run-dir DIR] [--set key=value ...]``
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,11 @@ def _where(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m featint_utils", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="execute the notebooks of a profile into runs/<name>/")
+    run = commands.add_parser(
+        "run",
+        help="execute the notebooks of a profile into runs/<name>/",
+        epilog=f"profiles: {', '.join(runner.available_profiles())}; parameters: `params [--profile NAME]`",
+    )
     _where(run)
     run.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 00,01")
     run.add_argument(
@@ -59,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = commands.add_parser("report", help="render a run's executed notebooks to HTML, inputs hidden")
     _where(rep)
     commands.add_parser("profiles", help="list the available profiles")
+    described = commands.add_parser("params", help="every parameter: stage, type, default and meaning")
+    described.add_argument("--profile", help="show this profile's values in place of the defaults")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -92,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             for html in runner.report(args.profile, name=args.name, run_dir=args.run_dir):
                 print(html)
+        elif args.command == "params":
+            print(runner.describe_parameters(args.profile))
         else:
             print("\n".join(runner.available_profiles()))
     except (runner.RunError, sweeps.SweepError, RankLostError) as err:

@@ -19,6 +19,7 @@ then finds the result and goes on from it. Several nodes: start ``python -m feat
 
 from __future__ import annotations
 
+import difflib
 import os
 import platform
 import re
@@ -102,6 +103,18 @@ def notebooks(notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None
     return found
 
 
+def describe_parameters(profile: str | None = None, profiles_dir: Path = PROFILES_DIR) -> str:
+    """Every parameter by stage: type, default (or the profile's value, marked), and what it means."""
+    values = load_profile(profile, profiles_dir) if profile else {}
+    lines = []
+    for stage, declared in params.PARAMETERS.items():
+        lines.append(f"{stage}:")
+        for name, p in declared.items():
+            value = f"{values[name]!r} (profile {profile})" if name in values else repr(p.default)
+            lines.append(f"  {name} ({p.type.__name__}) = {value}: {p.doc}")
+    return "\n".join(lines)
+
+
 def parse_sets(pairs: list[str]) -> dict[str, str]:
     """``["k=v", ...]`` from the command line into a dict of raw strings."""
     out = {}
@@ -119,7 +132,12 @@ def resolve_parameters(profile: dict, overrides: dict) -> dict:
     for origin, keys in (("profile", profile), ("--set", overrides)):
         unknown = sorted(set(keys) - set(known))
         if unknown:
-            raise RunError(f"unknown parameter(s) {unknown} in {origin}; known: {', '.join(sorted(known))}")
+            close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hints = "; ".join(f"{k}: did you mean {c[0]}?" for k, c in close.items() if c)
+            raise RunError(
+                f"unknown parameter(s) {unknown} in {origin}{f' ({hints})' if hints else ''}; "
+                f"known: {', '.join(sorted(known))} (`python -m featint_utils params` explains each)"
+            )
     resolved = {name: p.default for name, p in known.items()}
     resolved |= profile
     try:

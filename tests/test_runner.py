@@ -16,7 +16,10 @@ def test_unknown_profile_lists_the_available_ones():
 
 
 def test_unknown_parameter_is_an_error_naming_the_known_ones(tmp_path):
-    with pytest.raises(runner.RunError, match=r"unknown parameter\(s\) \['leyer'\] in --set; known: .*layer"):
+    with pytest.raises(
+        runner.RunError,
+        match=r"unknown parameter\(s\) \['leyer'\] in --set \(leyer: did you mean layer\?\); known: .*layer",
+    ):
         runner.run("embedded", overrides={"leyer": "3"}, runs_dir=tmp_path)
     (tmp_path / "typo.toml").write_text('[parameters]\nmodle = "embedded"\n')
     with pytest.raises(runner.RunError, match=r"\['modle'\] in profile"):
@@ -221,3 +224,15 @@ def test_failing_notebook_stops_the_run_and_is_named(tmp_path):
 def test_cli_reports_errors_without_a_traceback(capsys):
     assert main(["run", "--profile", "does-not-exist"]) == 2
     assert "unknown profile 'does-not-exist'" in capsys.readouterr().err
+
+
+def test_params_lists_every_parameter_with_its_default_or_the_profiles_value(capsys):
+    from featint_utils import params
+    from featint_utils.__main__ import main
+
+    assert main(["params"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} (" in out for name in params.all_parameters())
+    assert "  sae_k (int) = 32: " in out
+    assert main(["params", "--profile", "openllama-3b-seed"]) == 0
+    assert "  layer (int) = 16 (profile openllama-3b-seed): hidden_states index" in capsys.readouterr().out
