@@ -106,6 +106,23 @@ def test_a_swept_layer_extracts_one_store_per_layer_and_jobs_run_points_at_once(
     assert [s.manifest["layer"] for s in stores] == [2, 3] and stores[0].fingerprint != stores[1].fingerprint
     table = sweeps.comparison_table(where)
     assert list(table["layer"]) == [2, 3] and table["sae_fvu"].isna().all()  # no SAE in this sweep
+    spans = [json.loads((where / "points" / f"layer{n}" / "run.json").read_text())["attempts"][-1] for n in (2, 3)]
+    assert spans[0]["started"] < spans[1]["finished"] and spans[1]["started"] < spans[0]["finished"]  # overlapped
+
+
+def test_a_failed_point_does_not_stop_the_others_and_the_sweep_names_it(tmp_path, monkeypatch):
+    ran = []
+
+    def point(profile, run_dir, only, sets, reports, nproc, env):  # stands in for the point's own process
+        ran.append(run_dir.name)
+        return run_dir.name != "sae_k4", 1.0
+
+    monkeypatch.setattr(sweeps, "_run_point", point)
+    where = tmp_path / "sweep"
+    with pytest.raises(sweeps.SweepError, match=r"1 of 3 points failed: sae_k4; .*sweep.log"):
+        sweeps.run_sweep("embedded", ["sae_k=4,8,16"], overrides=TINY, only=["00"], sweep_dir=where, reports=False)
+    assert ran == ["sae_k4", "sae_k8", "sae_k16"]  # the points after the failed one still ran
+    assert len(pd.read_csv(where / "comparison.csv")) == 3 and (where / "comparison.html").exists()
 
 
 def test_each_job_slot_sees_its_own_gpus(monkeypatch):
@@ -115,7 +132,6 @@ def test_each_job_slot_sees_its_own_gpus(monkeypatch):
     assert [sweeps.gpu_slot_env(slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["0,1", "2,3"]
     with pytest.raises(sweeps.SweepError, match="needs GPUs 4..5; only 4 are visible"):
         sweeps.gpu_slot_env(2, 2)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # slots take the GPUs this process was given
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert sweeps.gpu_slot_env(1, 2)["CUDA_VISIBLE_DEVICES"] == "6,7"
