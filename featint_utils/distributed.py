@@ -125,6 +125,11 @@ def init(device: str = "auto", timeout_s: float | None = None) -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Leave the process group. After success every rank first meets the others at a barrier: a rank that tears
+    down its connections while another is still writing or sending can abort that rank (gloo). After a failure
+    there is no barrier (the peers may be stuck in another collective); the job fails anyway."""
     if torch_dist.is_initialized():
+        if wait_for_peers:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()

@@ -179,12 +179,16 @@ class ResidualTrainer:
         self.dist = dist
         self.objective = _SquaredError(model)
         if dist.distributed:
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel
 
+            # the buffers (hinge knots) are fixed and equal on every rank: no broadcast before each forward
+            # (torch 2.13 renamed the switch; older torch on GPU machines has only the old name)
+            renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
             self.objective = DistributedDataParallel(
-                self.objective,
-                device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                broadcast_buffers=False,  # the buffers (hinge knots) are fixed and equal on every rank
+                self.objective, device_ids=[dist.device] if dist.device.type == "cuda" else None, **no_sync
             )
         self.device = device_of(model)
         self.fit_variance = self._variance_per_token(fit)

@@ -181,12 +181,14 @@ def run_stage(stage: str, run_dir, values: dict) -> None:
     if stage not in SCALED:
         raise ValueError(f"stage {stage} does not run over ranks; only {', '.join(SCALED)} do")
     dist = distributed.init(values["device"])
+    done = False
     try:
         # rank 0 holds the run's lock for the job (unless the runner that started torchrun holds it)
         run = Run.open(run_dir, stage, values, lock=dist.is_main)
         try:
             STAGE_WORK[stage](run, dist)
+            done = True
         finally:
             run.close()
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait_for_peers=done)
