@@ -129,7 +129,7 @@ def top_feature_overlap(attribution: pd.DataFrame, n: int = 20) -> dict | None:
 
 def interaction_strength(model: NFM, features: np.ndarray) -> pd.DataFrame:
     """``<v_i, v_j>`` between the factor embeddings of ``features`` (the FM's pairwise weight)."""
-    v = model.embeddings.detach()[torch.as_tensor(np.asarray(features))]
+    v = model.embeddings.detach()[torch.tensor(np.asarray(features), dtype=torch.long)]  # a copy: ids may be read-only
     labels = [str(f) for f in features]
     return pd.DataFrame((v @ v.T).numpy(), index=labels, columns=labels)
 

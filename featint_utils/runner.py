@@ -32,9 +32,10 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from . import params
+from . import params, reports
 from .activations import git_commit
 from .io import read_json, write_json
+from .live import StageProgress
 from .run import LOCK_ENV, RUNS_DIR, RunLock, RunLockedError
 from .stages import SCALED
 
@@ -149,17 +150,6 @@ def resolve_parameters(profile: dict, overrides: dict) -> dict:
     return resolved
 
 
-def render_report(executed: Path, html: Path) -> None:
-    """HTML of an executed notebook with code inputs hidden (a report, not a program)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-    html.parent.mkdir(parents=True, exist_ok=True)
-    html.write_text(body, encoding="utf-8")
-
-
 def run_directory(
     profile: str, name: str | None = None, run_dir: str | Path | None = None, runs_dir: Path = RUNS_DIR
 ) -> Path:
@@ -208,12 +198,11 @@ def run(
 
 
 def _run_locked(
-    root: Path, profile: str, selected: list[Path], resolved: dict, sets: dict, reports: bool, nproc: int
+    root: Path, profile: str, selected: list[Path], resolved: dict, sets: dict, render: bool, nproc: int
 ) -> None:
     import papermill
     from nbclient.exceptions import DeadKernelError
 
-    os.environ["FEATINT_HEADLESS"] = "1"  # the kernels inherit it: text progress bars in saved notebooks
     record = _load_record(root)
     attempt = {
         "profile": profile,
@@ -231,13 +220,17 @@ def _run_locked(
     record["attempts"].append(attempt)
     write_json(root / "run.json", record)
     metrics = root / "metrics.json"
-    for nb in selected:
+    expected = {stage: done.get("seconds") for stage, done in record["stages"].items()}
+    known = [expected[nb.stem] for nb in selected if expected.get(nb.stem)]
+    estimate = f"; last time they took {reports.format_seconds(sum(known))}" if len(known) == len(selected) else ""
+    print(f"[featint] {root.name}: {len(selected)} stage(s), profile {profile}{estimate}", flush=True)
+    for index, nb in enumerate(selected, 1):
         stage = nb.stem
         stage_params = {k: resolved[k] for k in params.PARAMETERS[stage]} | {"run_dir": str(root)}
         attempt_path = root / "attempts" / f"{stage}.ipynb"
         attempt_path.parent.mkdir(parents=True, exist_ok=True)
         before = metrics.read_bytes() if metrics.exists() else None
-        print(f"[featint] {root.name}: running {stage}", flush=True)
+        live = StageProgress(index, len(selected), stage, expected.get(stage))
         started = time.perf_counter()
         failure, notebook_ran = None, False
         try:
@@ -245,15 +238,17 @@ def _run_locked(
                 failure = _torchrun_stage(stage, root, profile, sets, nproc)
             if failure is None:
                 notebook_ran = True
-                papermill.execute_notebook(
-                    source_notebook(nb),
-                    str(attempt_path),
-                    parameters=stage_params,
-                    kernel_name="python3",
-                    cwd=str(ROOT),
-                    progress_bar=False,
-                    log_output=False,
-                )
+                with live:  # the kernel's progress bars (its stderr) drive the terminal line
+                    papermill.execute_notebook(
+                        source_notebook(nb),
+                        str(attempt_path),
+                        parameters=stage_params,
+                        kernel_name="python3",
+                        cwd=str(ROOT),
+                        progress_bar=False,
+                        log_output=False,
+                        stderr_file=live,
+                    )
         except papermill.PapermillExecutionError as err:
             failure = f"notebook {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}"
         except DeadKernelError:
@@ -267,6 +262,7 @@ def _run_locked(
             failure = f"notebook {stage} could not be executed: {type(err).__name__}: {err}"
         seconds = round(time.perf_counter() - started, 1)
         if failure is not None:
+            live.finished(seconds, ok=False)
             if before is not None:  # its metrics never replace the last good ones
                 metrics.write_bytes(before)
             attempt["stages"][stage] = {"status": "failed", "seconds": seconds, "error": failure}
@@ -290,12 +286,26 @@ def _run_locked(
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json(root / "run.json", record)
-        print(f"[featint] {root.name}: {stage} done in {seconds:.0f} s", flush=True)
-        if reports:
-            render_report(executed, root / "reports" / f"{stage}.html")
+        reports.add_header(
+            executed,
+            {
+                "run": root.name,
+                "profile": profile,
+                "stage": stage,
+                "changed": reports.changed_parameters(stage, stage_params),
+                "git_commit": attempt["git_commit"],
+                "finished": record["stages"][stage]["finished"].replace("+00:00", "").replace("T", " "),
+                "seconds": seconds,
+            },
+        )
+        live.finished(seconds, reports.stage_summary(root, stage))
+        if render:
+            reports.render_report(executed, root / "reports" / f"{stage}.html")
     attempt["status"] = "ok"
     attempt["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_json(root / "run.json", record)
+    if render:
+        reports.write_index(root)
     shutil.rmtree(root / "attempts", ignore_errors=True)
 
 
@@ -378,7 +388,8 @@ def run_scaled_stage(
 def report(
     profile: str = "embedded", runs_dir: Path = RUNS_DIR, name: str | None = None, run_dir: str | Path | None = None
 ) -> list[Path]:
-    """Render every executed notebook of a run to HTML (inputs hidden) under ``<run>/reports``."""
+    """Render every executed notebook of a run to HTML (inputs hidden) under ``<run>/reports``, and the
+    run's ``index.html``."""
     root = run_directory(profile, name, run_dir, runs_dir)
     executed = sorted((root / "notebooks").glob("*.ipynb"))
     if not executed:
@@ -386,8 +397,9 @@ def report(
     out = []
     for nb in executed:
         html = root / "reports" / f"{nb.stem}.html"
-        render_report(nb, html)
+        reports.render_report(nb, html)
         out.append(html)
+    out.append(reports.write_index(root))
     return out
 
 

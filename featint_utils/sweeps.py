@@ -39,6 +39,7 @@ import pandas as pd
 
 from . import params, runner
 from .io import read_json, write_json
+from .reports import render_report
 from .run import RUNS_DIR, RunLock, RunLockedError, fingerprint
 
 SWEEP_NOTEBOOK = runner.NOTEBOOKS_DIR / "sweep_comparison.py"
@@ -367,7 +368,6 @@ def render_comparison(sweep_dir: Path) -> Path:
     """Execute the comparison notebook for ``sweep_dir`` into ``comparison.ipynb`` and ``comparison.html``."""
     import papermill
 
-    os.environ["FEATINT_HEADLESS"] = "1"
     executed = sweep_dir / "comparison.ipynb"
     try:
         papermill.execute_notebook(
@@ -381,5 +381,5 @@ def render_comparison(sweep_dir: Path) -> Path:
         )
     except papermill.PapermillExecutionError as err:
         raise SweepError(f"the comparison notebook failed: {err.ename}: {err.evalue} (see {executed})") from None
-    runner.render_report(executed, sweep_dir / "comparison.html")
+    render_report(executed, sweep_dir / "comparison.html")
     return executed

@@ -1,9 +1,10 @@
 import json
 import math
 
+import nbformat
 import pytest
 
-from featint_utils import params, runner
+from featint_utils import params, reports, runner
 from featint_utils.__main__ import main
 from featint_utils.activations import ActivationStore
 from featint_utils.io import state_digest
@@ -69,7 +70,7 @@ def _raw_parameters(name):
         return tomllib.load(f)["parameters"]
 
 
-def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
+def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path, capfd):
     """The real pipeline through papermill: every notebook, tiny sizes, reports rendered."""
     tiny = {
         "max_groups": "12",
@@ -103,9 +104,29 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path):
         "n_permutations": "199",
     }
     run_dir = runner.run("embedded", overrides=tiny, runs_dir=tmp_path)
-    for nb in runner.notebooks():
-        assert (run_dir / "notebooks" / f"{nb.stem}.ipynb").exists()
-        assert (run_dir / "reports" / f"{nb.stem}.html").stat().st_size > 10_000
+    terminal = capfd.readouterr().err
+    index = (run_dir / "reports" / "index.html").read_text()
+    for i, nb in enumerate(runner.notebooks(), 1):
+        executed = nbformat.read(run_dir / "notebooks" / f"{nb.stem}.ipynb", as_version=4)
+        header = executed.cells[0]
+        assert reports.HEADER_TAG in header.metadata["tags"] and "profile `embedded`" in header.source
+        assert ("`max_groups=12`" in header.source) == (nb.stem == "00_activations")  # its stage's settings only
+        streams = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"]
+        warned = [o.text[:300] for o in streams if o.name == "stderr" and "Warning" in o.text]
+        assert not warned, f"{nb.stem} printed warnings: {warned}"
+        views = [
+            o
+            for c in executed.cells
+            if c.cell_type == "code"
+            for o in c.outputs
+            if reports.WIDGET_VIEW in o.get("data", {})
+        ]
+        assert not views, f"{nb.stem} saved widget views: headless was not detected under papermill"
+        page = (run_dir / "reports" / f"{nb.stem}.html").read_text()
+        assert len(page) > 10_000 and "<title>Notebook</title>" not in page and "%|" not in page
+        assert f'href="{nb.stem}.html"' in index
+        assert f"[{i}/7] {nb.stem}  done in" in terminal  # the runner's one-line summary of each stage
+    assert "held-out FVU" in index and "interaction share over linear" in index
     record = json.loads((run_dir / "run.json").read_text())
     assert all(stage["status"] == "ok" for stage in record["stages"].values()) and len(record["stages"]) == 7
     assert record["attempts"][-1]["status"] == "ok"
