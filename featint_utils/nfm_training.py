@@ -53,6 +53,7 @@ from .io import (
 from .metrics import VarianceAccumulator
 from .progress import progress
 from .residuals import CodeData, device_of
+from .scalars import ScalarLog
 
 LR_DECAY = 3.0
 
@@ -352,6 +353,7 @@ class ResidualTrainer:
             self.start_fvu = self.best_fvu = residual_fvu(self.model, self.tune, dist=dist)
             self.history.append({"epoch": 0, "fit_fvu": float("nan"), "tune_fvu": self.start_fvu, "lr": self.lr})
         bar = progress(total=self.cfg.max_epochs, initial=self.epoch, desc=desc, unit="epoch", disable=not dist.is_main)
+        curves = ScalarLog(self.out_dir, active=dist.is_main)  # x axis: epochs
         done, saved_at = 0, time.monotonic()
         while not self.finished and (stop_after is None or done < stop_after):
             fit_fvu = self.train_epoch()
@@ -359,6 +361,7 @@ class ResidualTrainer:
             self.epoch += 1
             done += 1
             self.history.append({"epoch": self.epoch, "fit_fvu": fit_fvu, "tune_fvu": tune_fvu, "lr": self.lr})
+            curves.add(self.epoch, {"fit/fit_fvu": fit_fvu, "fit/tune_fvu": tune_fvu, "fit/lr": self.lr})
             self._end_of_epoch(tune_fvu)
             # rank 0's clock decides, so that every rank joins the checkpoint's barrier
             if dist.broadcast_object(time.monotonic() - saved_at >= self.cfg.checkpoint_seconds):
@@ -367,6 +370,7 @@ class ResidualTrainer:
             bar.update(1)
             bar.set_postfix(fit=f"{fit_fvu:.4f}", tune=f"{tune_fvu:.4f}", best=self.best_epoch, refresh=False)
         bar.close()
+        curves.close()
         if done or not self.checkpoint_dir.exists():
             self.save_checkpoint()  # every call ends with its state saved: a re-run resumes or returns at once
         if self.finished:

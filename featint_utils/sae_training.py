@@ -39,6 +39,7 @@ from .io import CheckpointError, load_checkpoint, optimizer_tensors, restore_opt
 from .metrics import VarianceAccumulator
 from .progress import progress
 from .sae import SAEConfig, TopKSAE
+from .scalars import ScalarLog
 
 
 @dataclass
@@ -349,6 +350,7 @@ class SAETrainer:
         eval_every = cfg.eval_every or max(1, total // 20)
         checkpoint_every = cfg.checkpoint_every or max(1, total // 10)
         bar = progress(total=total, initial=self.step, desc="train SAE", unit="step", disable=not self.dist.is_main)
+        curves = ScalarLog(self.out_dir, active=self.dist.is_main)  # x axis: training tokens
         started, tokens_at_start, done = time.perf_counter(), self.step * cfg.batch_size, 0
         batches = self._batches()
         while self.step < total and (stop_after is None or done < stop_after):
@@ -358,6 +360,7 @@ class SAETrainer:
             if self.step % eval_every == 0 or self.step == total:
                 stats["val_fvu"] = self.quick_eval()
             self.history.append(stats)
+            curves.add(stats["tokens"], {f"sae/{k}": v for k, v in stats.items() if k not in ("step", "tokens")})
             if self.step % checkpoint_every == 0 and self.step < total:
                 self.save_checkpoint()
             rate = (self.step * cfg.batch_size - tokens_at_start) / (time.perf_counter() - started)  # global
@@ -370,6 +373,7 @@ class SAETrainer:
                 refresh=False,
             )
         bar.close()
+        curves.close()
         if self.step >= total:
             self.save_checkpoint(keep_optimizer)  # a finished run: re-running returns at once, no retraining
             self.sae_cfg.extra["git_commit"] = git_commit()
