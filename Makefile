@@ -4,11 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= embedded
 ARGS ?=
+LAB_ARGS ?=
 NPROC ?= 1
 
 SWEEP ?= --grid layer=2,3,4 --grid sae_k=16,32 --only 00,01,02,03
 
-.PHONY: setup run sweep test report bench bench-setup calibration sync lint
+.PHONY: setup run sweep lab test report bench bench-setup calibration sync lint
 
 setup:  ## create .venv and install the pinned requirements + this package (editable)
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ run:  ## run every notebook, in order, for PROFILE (default: embedded) into runs
 
 sweep:  ## one run per point of a grid for PROFILE into runs/sweeps/PROFILE/ (default: layers 2-4 x k 16,32, stages 00-03), and comparison.html
 	$(PY) -m featint_utils sweep --profile $(PROFILE) $(SWEEP) $(ARGS)
+
+lab:  ## JupyterLab (opens notebooks/; runs/ beside it) with this environment (kernel also registered as "featint" for other Jupyter installs); LAB_ARGS="--no-browser --port 8890"
+	$(PY) -m ipykernel install --user --name featint --display-name "Python (featint)" > /dev/null
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 test:  ## unit tests + papermill smoke run of every notebook
 	$(PY) -m pytest
@@ -43,9 +48,12 @@ bench:  ## side-by-side performance comparisons (see benchmarks/README.md); need
 calibration:  ## the interaction estimator on planted data: null calibration, power, absorption (~6 min)
 	$(PY) benchmarks/interaction_calibration.py
 
-sync:  ## regenerate notebooks/*.ipynb from their .py source (no outputs)
-	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py notebooks/sweep_comparison.py
-	touch notebooks/[0-9][0-9]_*.ipynb notebooks/sweep_comparison.ipynb  # the derived file is never older than its source
+NOTEBOOK_SOURCES := $(wildcard notebooks/[0-9][0-9]_*.py) notebooks/sweep_comparison.py
+
+sync:  ## update notebooks/*.ipynb from their .py sources, keeping cell ids (a one-line edit is a one-line diff), outputs cleared
+	$(PY) -m jupytext --update --to ipynb $(NOTEBOOK_SOURCES)
+	$(PY) -m nbconvert --clear-output --inplace --log-level=WARN $(NOTEBOOK_SOURCES:.py=.ipynb)
+	touch $(NOTEBOOK_SOURCES:.py=.ipynb)  # the derived file is never older than its source
 
 lint:  ## ruff's lint rules and formatting (CI runs this)
 	$(VENV)/bin/ruff check featint_utils tests benchmarks notebooks

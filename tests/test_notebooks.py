@@ -70,3 +70,23 @@ def test_a_name_shared_by_stages_means_one_thing():
     merged = params.all_parameters()  # raises if two stages define one name differently
     assert {"device", "nfm_seed", "resume", "n_boot", "fdr_q"} <= set(merged)
     assert "seed" not in merged  # every seed says what it seeds
+
+
+def test_a_plain_jupytext_sync_in_either_direction_leaves_the_py_source_as_it_is(tmp_path):
+    """The repository's jupytext config keeps the header (kernelspec, pairing): syncing from the .py or from an
+    .ipynb that JupyterLab saved later must not rewrite the source."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(NOTEBOOKS_DIR.parent / "pyproject.toml", tmp_path / "pyproject.toml")  # jupytext reads its config
+    source = NOTEBOOKS_DIR / "01_primary_sae.py"
+    copy = tmp_path / "notebooks" / source.name
+    copy.parent.mkdir()
+    shutil.copy(source, copy)
+    shutil.copy(source.with_suffix(".ipynb"), copy.with_suffix(".ipynb"))
+    for newer in (copy, copy.with_suffix(".ipynb")):
+        newer.touch()
+        done = subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(newer)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert copy.read_text() == source.read_text(), f"jupytext --sync {newer.name} rewrote the .py"
