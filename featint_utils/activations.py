@@ -198,7 +198,7 @@ def extract(
     if max_positions and context_tokens > max_positions:
         raise ValueError(f"context_tokens={context_tokens} exceeds the model's {max_positions} positions")
     np_dtype = DTYPES[dtype]
-    d_model = loaded.d_model
+    d_model = loaded.layer_width(layer)
     shard_tokens = max(1, int(shard_mb * 2**20 // (d_model * np.dtype(np_dtype).itemsize)))
     device = next(model.parameters()).device
 

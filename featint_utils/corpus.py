@@ -146,7 +146,12 @@ def load_text_file(path: str | Path) -> list[Text]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist")
+        where = "" if path.is_absolute() else f" (relative to the working directory {str(Path.cwd())!r})"
+        raise FileNotFoundError(
+            f"corpus file {str(path)!r} does not exist{where}. Profiles read the corpus path from FEATINT_CORPUS "
+            "(minilm-wikitext: FEATINT_WIKITEXT); point it at an existing .txt/.jsonl/.parquet file, e.g. "
+            "`export FEATINT_WIKITEXT=/path/to/wikitext-2/valid.txt` or `export FEATINT_CORPUS=/path/to/corpus.txt`"
+        )
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
@@ -174,8 +179,23 @@ def load_text_file(path: str | Path) -> list[Text]:
     return _texts_from_documents(docs)
 
 
+def _hub_dataset_error(spec: str, name: str, err: Exception) -> OSError:
+    """What failed loading hub dataset ``spec`` and how to point the run at a local copy instead."""
+    from .models import hub_failure_reason  # one wording for models and corpora
+
+    return OSError(
+        f"could not load dataset {spec!r} from the Hugging Face Hub: {hub_failure_reason(err)}. Download it where "
+        f"the Hub is reachable (`hf download --repo-type dataset {name} --local-dir /path/to/data`), copy its text "
+        "to a local .txt/.jsonl/.parquet file and point FEATINT_CORPUS at it: "
+        "`export FEATINT_CORPUS=/path/to/corpus.txt`"
+    )
+
+
 def load_hf_dataset(spec: str) -> list[Text]:
-    """``NAME[:CONFIG[:SPLIT]]`` from the Hugging Face Hub (needs network and the ``datasets`` package)."""
+    """``NAME[:CONFIG[:SPLIT]]`` from the Hugging Face Hub (needs network and the ``datasets`` package).
+
+    A dataset that cannot be loaded (no network) is an OSError that says how to use a local file (``FEATINT_CORPUS``).
+    """
     name, config, split = (spec.split(":") + [None, None])[:3]
     try:
         import datasets
@@ -183,8 +203,8 @@ def load_hf_dataset(spec: str) -> list[Text]:
         raise ImportError("Hugging Face datasets need `pip install datasets`") from err
     try:
         ds = datasets.load_dataset(name, config, split=split or "train")
-    except Exception as err:
-        raise OSError(f"could not load dataset {spec!r} from the Hugging Face Hub: {err}") from err
+    except Exception as err:  # datasets raises ConnectionError offline, DatasetNotFoundError, ValueError (config)...
+        raise _hub_dataset_error(spec, name, err) from err
     lines = [line + "\n" if not line.endswith("\n") else line for line in ds["text"]]
     docs = _documents_from_lines([line.rstrip("\n") for line in lines], name.replace("/", "_"))
     if not docs:

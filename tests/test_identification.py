@@ -104,12 +104,17 @@ def test_null_features_hold_the_nominal_false_discovery_rate():
     assert 0.04 < np.mean(null_rejections) < 0.06  # the uncorrected test is calibrated
 
 
-def test_multiple_comparison_corrections_match_statsmodels():
-    from statsmodels.stats.multitest import multipletests
-
-    p = np.random.default_rng(0).uniform(size=40) ** 3
-    for method, ours in (("fdr_bh", stats.benjamini_hochberg), ("holm", stats.holm)):
-        np.testing.assert_allclose(ours(p), multipletests(p, method=method)[1], rtol=1e-12)
+def test_multiple_comparison_corrections_on_a_hand_computed_example():
+    # sorted p 0.01, 0.03, 0.04, 0.2 (n = 4). BH: p * n / rank = 0.04, 0.06, 0.0533, 0.2, then the running minimum
+    # from the top. Holm: p * (n - rank + 1) = 0.04, 0.09, 0.08, 0.2, then the running maximum from the bottom.
+    p = np.array([0.01, np.nan, 0.04, 0.03, 0.2])  # the NaN is no test: n stays 4 and it stays NaN
+    np.testing.assert_allclose(stats.benjamini_hochberg(p), [0.04, np.nan, 0.16 / 3, 0.16 / 3, 0.2], rtol=1e-12)
+    np.testing.assert_allclose(stats.holm(p), [0.04, np.nan, 0.09, 0.09, 0.2], rtol=1e-12)
+    np.testing.assert_allclose(stats.benjamini_hochberg([0.7, 0.8]), [0.8, 0.8], rtol=1e-12)
+    np.testing.assert_array_equal(stats.holm([0.7, 0.8]), [1.0, 1.0])  # 0.7 * 2 = 1.4, capped at 1
+    for adjust in (stats.benjamini_hochberg, stats.holm):
+        assert np.isnan(adjust(np.array([np.nan, np.nan]))).all()
+        assert adjust(np.array([])).shape == (0,)
 
 
 def test_sign_flip_test_is_calibrated_and_finds_an_effect():
