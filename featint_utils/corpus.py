@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+REPOSITORY = Path(__file__).resolve().parent.parent
+DATA_DIR = REPOSITORY / "data"
 STIMULI_CSV = DATA_DIR / "stimuli" / "stimuli.csv"
 WORDLISTS_DIR = DATA_DIR / "wordlists"
 
@@ -146,7 +147,11 @@ def load_text_file(path: str | Path) -> list[Text]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        where = "" if path.is_absolute() else f" (relative to the working directory {str(Path.cwd())!r})"
+        where = (
+            ""
+            if path.is_absolute()
+            else f" (relative to the working directory {str(Path.cwd())!r} or the repository {str(REPOSITORY)!r})"
+        )
         raise FileNotFoundError(
             f"corpus file {str(path)!r} does not exist{where}. Profiles read the corpus path from FEATINT_CORPUS "
             "(minilm-wikitext: FEATINT_WIKITEXT); point it at an existing .txt/.jsonl/.parquet file, e.g. "
@@ -191,8 +196,12 @@ def _hub_dataset_error(spec: str, name: str, err: Exception) -> OSError:
     )
 
 
-def load_hf_dataset(spec: str) -> list[Text]:
+def load_hf_dataset(spec: str, max_documents: int | None = None) -> list[Text]:
     """``NAME[:CONFIG[:SPLIT]]`` from the Hugging Face Hub (needs network and the ``datasets`` package).
+
+    With ``max_documents`` the dataset is streamed and reading stops once that many documents are complete: the
+    first ``max_documents`` documents of the split, without downloading the rest (WikiText-103's train split
+    is 500 MB for the 300 articles a profile keeps). Without it the whole split is loaded.
 
     A dataset that cannot be loaded (no network) is an OSError that says how to use a local file (``FEATINT_CORPUS``).
     """
@@ -201,26 +210,48 @@ def load_hf_dataset(spec: str) -> list[Text]:
         import datasets
     except ImportError as err:
         raise ImportError("Hugging Face datasets need `pip install datasets`") from err
+    label = name.replace("/", "_")
     try:
-        ds = datasets.load_dataset(name, config, split=split or "train")
+        ds = datasets.load_dataset(name, config, split=split or "train", streaming=max_documents is not None)
+        if max_documents is None:
+            docs = _documents_from_lines([line.rstrip("\n") for line in ds["text"]], label)
+        else:
+            docs = _first_documents((row["text"].rstrip("\n") for row in ds), label, max_documents)
     except Exception as err:  # datasets raises ConnectionError offline, DatasetNotFoundError, ValueError (config)...
         raise _hub_dataset_error(spec, name, err) from err
-    lines = [line + "\n" if not line.endswith("\n") else line for line in ds["text"]]
-    docs = _documents_from_lines([line.rstrip("\n") for line in lines], name.replace("/", "_"))
     if not docs:
         raise ValueError(f"dataset {spec!r} holds no text")
     return _texts_from_documents(docs)
 
 
-def load_corpus(spec: str) -> list[Text]:
-    """Texts named by a spec: ``"stimuli"`` (the project's set), a file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``."""
+def _first_documents(lines, name: str, n: int, check_every: int = 2_000) -> list[tuple[str, str]]:
+    """The first ``n`` complete documents of a stream of lines, reading no further than needed: a document is
+    complete once the next one has begun (or the stream has ended)."""
+    read: list[str] = []
+    for i, line in enumerate(lines, 1):
+        read.append(line)
+        if i % check_every == 0 and len(_documents_from_lines(read, name)) > n:
+            break
+    return _documents_from_lines(read, name)[:n]
+
+
+def load_corpus(spec: str, max_documents: int | None = None) -> list[Text]:
+    """Texts named by a spec: ``"stimuli"`` (the project's set), a file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
+
+    ``max_documents`` streams a Hub dataset and stops after that many documents; local files are read whole (the
+    split then keeps a seeded random subset). A relative path is from the repository (as the runner's kernels
+    see it), so a notebook opened in JupyterLab from ``notebooks/`` reads the same file.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("corpus spec is empty: use 'stimuli', a .txt/.jsonl/.parquet path, or 'hf:NAME'")
     if spec == "stimuli":
         return stimulus_texts(load_stimuli())
     if spec.startswith("hf:"):
-        return load_hf_dataset(spec[3:])
-    return load_text_file(spec)
+        return load_hf_dataset(spec[3:], max_documents)
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPOSITORY / path).exists():
+        path = REPOSITORY / path
+    return load_text_file(path)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "max_groups",
                 int,
                 0,
-                "keep a seeded random subset of this many documents or items (0: all)",
+                "keep a seeded random subset of this many documents or items (0: all); a Hub corpus is "
+                "streamed and its first this many kept",
                 "non_negative",
             ),
             _P(
@@ -136,6 +137,12 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
     "01_primary_sae": {
         p.name: p
         for p in [
+            _P(
+                "primary_sae",
+                str,
+                "",
+                '"" trains the SAE; a SAELens SAE directory or "saelens:RELEASE/SAE_ID" is installed instead',
+            ),
             _P("sae_latents", int, 4096, "dictionary size", "positive"),
             _P("sae_k", int, 32, "active latents per token", "positive"),
             _P(

@@ -9,8 +9,11 @@ retrained, a verified store never re-extracted, a finished ladder read back).
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
+import pandas as pd
 import torch
 
 from . import activations, distributed, interaction, models
@@ -21,7 +24,8 @@ from .nfm import NFMConfig
 from .nfm_training import FitConfig
 from .params import numbers, seeds
 from .residuals import CodeData, build_residual_data, open_residual_data, save_sets, split_fit_tune_test
-from .run import Run
+from .run import ROOT, Run
+from .sae import TopKSAE, locate_pretrained, pretrained_primary
 from .sae_training import SAETrainer, TrainConfig
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,7 +59,7 @@ def build_store(run: Run, dist: Dist | None = None) -> Built:
         dist.barrier()
         return Built(store or ActivationStore(run.store_dir), None, None)
     loaded = load_language_model(run, p["model"], dist.device)
-    texts = load_corpus(p["corpus"])
+    texts = load_corpus(p["corpus"], max_documents=max_groups if p["corpus"].startswith("hf:") else None)
     split = split_by_group(texts, p["val_fraction"], p["split_seed"], max_groups=max_groups)
     if dist.is_main:
         print(
@@ -79,16 +83,39 @@ def build_store(run: Run, dist: Dist | None = None) -> Built:
     return Built(store, loaded, split)
 
 
-def train_primary_sae(run: Run, dist: Dist | None = None) -> SAETrainer:
+class PrimarySAE(NamedTuple):
+    """Stage 01's result."""
+
+    sae: TopKSAE
+    history: pd.DataFrame
+    """The training curve, one row per step (empty for an installed SAE)."""
+    source: dict | None
+    """For a published SAE installed instead of trained: its ``source`` and the ``sha256`` of its files."""
+
+
+def train_primary_sae(run: Run, dist: Dist | None = None) -> PrimarySAE:
     """Stage 01: the primary SAE trained to its token budget (data-parallel over the ranks of ``dist``;
     default: this process on the run's ``device``), or the finished one of the same store and settings;
-    resumes an interrupted training."""
+    resumes an interrupted training. With ``primary_sae`` set, the published SAE it names is installed
+    instead, untrained, once checked against the store (:func:`featint_utils.sae.pretrained_primary`)."""
     p = run.params
     dist = dist or distributed.init(p["device"])
     if dist.is_main:
         run.store()  # rank 0 checks the store's checksums; the others then find them checked (cached)
     dist.barrier()
     store = run.store()
+    if p["primary_sae"]:
+        if dist.is_main:
+            with tempfile.TemporaryDirectory() as scratch:
+                directory, source = locate_pretrained(p["primary_sae"], ROOT, Path(scratch))
+                sae, provenance = pretrained_primary(directory, source, store)
+                sae.save(run.begin_primary_sae(provenance) / "sae")
+            print(
+                f"installed {source} as the primary SAE ({sae.cfg.n_latents} latents, k={sae.cfg.k}, "
+                f"{sae.cfg.extra['saelens_hook_name']} = hidden_states[{store.layer}]): nothing trained"
+            )
+        dist.barrier()
+        return PrimarySAE(run.primary_sae(), pd.DataFrame(), run.primary_sae_source())
     out_dir = run.begin_primary_sae() if dist.is_main else run.primary_dir
     dist.barrier()  # rank 0 has cleared a directory made from other inputs before any rank reads it
     config = TrainConfig(
@@ -100,7 +127,7 @@ def train_primary_sae(run: Run, dist: Dist | None = None) -> SAETrainer:
     )
     trainer = SAETrainer(store, p["sae_latents"], p["sae_k"], config, out_dir, dist)
     trainer.train(resume=p["resume"], keep_optimizer=p["keep_checkpoints"])
-    return trainer
+    return PrimarySAE(trainer.sae, trainer.history_frame(), None)
 
 
 def build_residual_sets(run: Run, dist: Dist | None = None) -> dict[str, CodeData]:

@@ -129,10 +129,10 @@ def test_stimulus_texts_group_the_four_variants_of_an_item(tmp_path):
 def test_missing_local_corpus_names_the_environment_variables(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as info:
-        corpus.load_corpus("../shared/data/wikitext-2/valid.txt")  # minilm-wikitext's default, missing here
+        corpus.load_corpus("../shared/data/wikitext-9/valid.txt")  # as a mistyped minilm-wikitext path
     message = str(info.value)
-    assert "corpus file '../shared/data/wikitext-2/valid.txt' does not exist" in message
-    assert f"relative to the working directory {str(tmp_path)!r}" in message
+    assert "corpus file '../shared/data/wikitext-9/valid.txt' does not exist" in message
+    assert f"relative to the working directory {str(tmp_path)!r} or the repository" in message
     assert "export FEATINT_WIKITEXT=" in message and "export FEATINT_CORPUS=" in message
 
 
@@ -151,3 +151,41 @@ def test_hub_dataset_that_cannot_be_reached_names_featint_corpus(monkeypatch):
     assert "the Hub cannot be reached (HF_HUB_OFFLINE is set)" in message
     assert "hf download --repo-type dataset featint-tests/uncached-corpus" in message
     assert "`export FEATINT_CORPUS=/path/to/corpus.txt`" in message
+
+
+def test_a_hub_corpus_with_max_documents_is_streamed_and_read_no_further_than_needed(monkeypatch):
+    """The real loader with the Hub replaced by a local stream of WikiText-style rows: 200 articles of 30 rows,
+    of which 5 are asked for."""
+    import datasets
+
+    consumed, asked = [], {}
+
+    def rows():
+        for article in range(200):
+            for row in range(30):
+                consumed.append(1)
+                yield {
+                    "text": f" = Article {article} = \n" if row == 0 else f" Sentence {row} of article {article} .\n"
+                }
+
+    def fake_load_dataset(name, config, split, streaming):
+        asked.update(name=name, config=config, split=split, streaming=streaming)
+        return rows()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    texts = corpus.load_corpus("hf:Salesforce/wikitext:wikitext-103-raw-v1:train", max_documents=5)
+    assert asked == {
+        "name": "Salesforce/wikitext",
+        "config": "wikitext-103-raw-v1",
+        "split": "train",
+        "streaming": True,
+    }
+    assert [t.group.split(":")[-1] for t in texts] == [f"Article {i}" for i in range(5)]
+    assert all(t.text.count("Sentence") == 29 for t in texts)  # complete articles, not cut at the stop
+    assert len(consumed) < 200 * 30 / 2  # stopped early: the stream was not read to its end
+
+
+def test_a_relative_corpus_path_is_read_from_the_repository_whatever_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as a notebook opened from notebooks/ in JupyterLab
+    texts = corpus.load_corpus("data/wordlists/prompt_frames.txt")
+    assert texts and texts[0].group.startswith("prompt_frames")
