@@ -110,7 +110,8 @@ def sensitivity_run(
     own (then ``sae`` is the reference), on the device of ``dist``. Returns the absorbed fraction on the held-out
     split and the details."""
     out_dir = Path(out_dir)
-    train_cfg = TrainConfig(**sae.cfg.extra["train"])
+    published = "train" not in sae.cfg.extra  # installed from SAELens: how it was trained is not known
+    train_cfg = _default_training() if published else TrainConfig(**sae.cfg.extra["train"])
     budget = train_tokens or train_cfg.train_tokens
     pairs, directions = random_pairs(_code_data(store, sae, "train"), n_pairs, candidates, store.d_model, seed + 31_337)
     unit = PairInteraction(sae, pairs, directions)
@@ -125,7 +126,7 @@ def sensitivity_run(
         injected, sae.cfg.n_latents, sae.cfg.k, TrainConfig(**settings), out_dir / "sae_injected", dist
     )
     sae_with = trained.train(resume=resume)
-    if budget == train_cfg.train_tokens:
+    if budget == train_cfg.train_tokens and not published:
         sae_without = sae
     else:
         reference = SAETrainer(
@@ -140,7 +141,10 @@ def sensitivity_run(
         "injected_share": share,
         "n_pairs": n_pairs,
         "train_tokens": budget,
-        "reference": "primary SAE" if sae_without is sae else "retrained on the original activations",
+        "reference": "primary SAE"
+        if sae_without is sae
+        else "retrained on the original activations"
+        + (" (the primary SAE is published: both trained with stage 01's default settings)" if published else ""),
         "interaction_variance_share_val": float(_share_of(clean + term, term)),
     }
     write_json(out_dir / "absorption.json", result | {"pairs": pairs.tolist()})
@@ -165,6 +169,19 @@ def injected_conjunctions(out_dir: str | Path, candidates: int = 10, min_cosine:
         "with_a_latent": int((cosine.max(1).values >= min_cosine).sum()),
         "as_conjunction_latent": int(((cosine >= min_cosine) & flagged).any(1).sum()),
     }
+
+
+def _default_training() -> TrainConfig:
+    """Stage 01's default training settings, for an SAE that carries no record of its own training."""
+    from .params import defaults
+
+    p = defaults("01_primary_sae")
+    return TrainConfig(
+        train_tokens=p["sae_train_tokens"],
+        batch_size=p["sae_batch_size"],
+        lr=p["sae_lr"],
+        dead_tokens=p["sae_dead_tokens"],
+    )
 
 
 def _share_of(total: np.ndarray, part: np.ndarray) -> float:

@@ -233,8 +233,11 @@ class Run:
         """The named parameters of this stage (those that shape an artifact, for its lineage)."""
         return {name: self.params[name] for name in names}
 
-    def begin_primary_sae(self) -> Path:
-        return self.begin(self.primary_dir, self.primary_inputs() | self.settings(*SHAPES_PRIMARY))
+    def begin_primary_sae(self, pretrained: dict | None = None) -> Path:
+        """Stage 01's directory; ``pretrained`` (a published SAE's source and content hash) replaces the
+        training settings in its lineage, so another SAE, or changed files at the same path, start it again."""
+        shapes = {"pretrained": pretrained} if pretrained else self.settings(*SHAPES_PRIMARY)
+        return self.begin(self.primary_dir, self.primary_inputs() | shapes)
 
     def begin_nfm_stage(self) -> Path:
         return self.begin(self.nfm_dir, self.nfm_inputs() | self.settings(*SHAPES_NFM))
@@ -308,6 +311,12 @@ class Run:
         """The primary SAE, refused if the store changed after it was trained."""
         self._check(self.primary_dir, self.primary_inputs(), "01_primary_sae", "primary SAE")
         return TopKSAE.load(self.primary_dir / "sae")
+
+    def primary_sae_source(self) -> dict | None:
+        """Where the primary SAE came from when stage 01 installed a published one instead of training it: its
+        ``source`` (``primary_sae`` as given) and the ``sha256`` of its files; None for a trained SAE."""
+        self._check(self.primary_dir, self.primary_inputs(), "01_primary_sae", "primary SAE")
+        return _read_lineage(self.primary_dir / LINEAGE).get("pretrained")
 
     def nfm_inputs(self) -> dict[str, Any]:
         return {"store": self.store().fingerprint, "primary_sae": self._digest("primary", self.primary_sae)}

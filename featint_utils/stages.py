@@ -112,7 +112,7 @@ def train_primary_sae(run: Run, dist: Dist | None = None) -> PrimarySAE:
                 sae.save(run.begin_primary_sae(provenance) / "sae")
             print(
                 f"installed {source} as the primary SAE ({sae.cfg.n_latents} latents, k={sae.cfg.k}, "
-                f"{sae.cfg.extra['saelens_hook_name']} = hidden_states[{store.layer}]): nothing trained"
+                f"{sae.cfg.extra['saelens_hook_name']} = hidden_states[{sae.cfg.layer}]): nothing trained"
             )
         dist.barrier()
         return PrimarySAE(run.primary_sae(), pd.DataFrame(), run.primary_sae_source())

@@ -23,9 +23,14 @@
 # * FVU accumulated in float64 over **held-out documents**, about the mean (the per-token "legacy" ratio
 #   beside it only for comparison with older SAELens numbers);
 # * the reconstruction spliced back into the model, beside a random error of the same size.
+#
+# Or start from a published SAE: `primary_sae` names a SAELens SAE (its directory, or `saelens:RELEASE/SAE_ID`
+# where the Hugging Face Hub is reachable), which is checked against this run's activations (width, layer,
+# model) and installed untrained; the metrics below then measure it on this run's held-out documents.
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
+primary_sae: str = ""  # "" trains the SAE; a SAELens SAE directory or "saelens:RELEASE/SAE_ID" is installed instead
 sae_latents: int = 4096  # dictionary size
 sae_k: int = 32  # active latents per token
 sae_train_tokens: int = 1_000_000  # training-token budget (several epochs over a small store)
@@ -42,7 +47,7 @@ model_dtype: str = "float32"  # language model weights: float32, bfloat16 or flo
 
 # %%
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
 from featint_utils import features, interventions, plots, stages
 from featint_utils.activations import is_activation_corpus
@@ -58,15 +63,25 @@ run = Run.open(run_dir, "01_primary_sae", globals())
 # checkpoint and ends with the same weights it would have had. The SAE records the store it was trained on
 # (its checksums) and its settings: a rebuilt store or new settings start it again, and every later stage
 # refuses an SAE older than its store. Under `torchrun` the ranks train it data-parallel and this cell finds
-# it finished (README, "GPUs and clusters").
+# it finished (README, "GPUs and clusters"). A published SAE (`primary_sae`) is installed instead, its source and
+# a hash of its files recorded in the same way, so that replacing it also brings every later stage up to date.
 
 # %%
 store = run.store()
-trainer = stages.train_primary_sae(run)
-sae = trainer.sae
-history = trainer.history_frame()
-fig = plots.training_curves(history, title=f"TopK SAE: {sae_latents} latents, k={sae_k}")
-plots.save(fig, run.root, "01_training_curves")
+primary = stages.train_primary_sae(run)
+sae = primary.sae
+if primary.source is None:
+    fig = plots.training_curves(primary.history, title=f"TopK SAE: {sae.cfg.n_latents} latents, k={sae.cfg.k}")
+    plots.save(fig, run.root, "01_training_curves")
+else:
+    display(
+        Markdown(
+            f"**Loaded, not trained:** the primary SAE is the published SAE `{primary.source['source']}` "
+            f"(sha256 `{primary.source['sha256'][:16]}`): {sae.cfg.n_latents} latents, k={sae.cfg.k}, reading "
+            f"`{sae.cfg.extra['saelens_hook_name']}` = `hidden_states[{sae.cfg.layer}]`. There is no training curve; "
+            "the training settings (`sae_*`) are not used."
+        )
+    )
 
 # %% [markdown]
 # ## Held-out metrics
@@ -84,7 +99,7 @@ if not from_file:
     loaded = stages.load_language_model(run, store.manifest["model"])
     splice = interventions.splice_metrics(loaded, store, sae.reconstruct_raw, max_texts=splice_texts, seed=sae_seed)
 headline = {k: v for k, v in metrics.items() if k != "firing_frequency"} | splice
-update_metrics(run.root, "primary_sae", {"n_latents": sae_latents, "k": sae_k, **headline})
+update_metrics(run.root, "primary_sae", {"n_latents": sae.cfg.n_latents, "k": sae.cfg.k, **headline})
 display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
 
 # %%

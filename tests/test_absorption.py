@@ -1,6 +1,8 @@
 """Where the SAE hides interactions (absorbed fraction, conjunction latents), and bringing your own activations
 (the ``activations:PATH.npz`` corpus), on planted activations whose interaction is known."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,16 @@ def test_arrays_without_provenance_are_one_document_per_row(tmp_path):
     store = store_from_arrays(tmp_path / "s", {"train": np.ones((5, 3)), "val": np.zeros((4, 3))})
     assert store.tokens("train").text_index.tolist() == [0, 1, 2, 3, 4]
     assert store.tokens("val").text_index.tolist() == [5, 6, 7, 8]  # never one document for every row
+
+
+def test_a_published_primary_sae_with_no_training_record_gets_a_trained_reference(planted_saes, tmp_path):
+    """An SAE installed from SAELens carries no training settings: both SAEs of the comparison are trained (with
+    stage 01's defaults at this budget), never the published one against one of ours."""
+    store, sae = planted_saes["without"]
+    published = copy.deepcopy(sae)  # the fixture's SAE stays as it is
+    del published.cfg.extra["train"]
+    result = absorption.sensitivity_run(
+        store, published, tmp_path, share=0.05, n_pairs=4, candidates=64, train_tokens=100_000
+    )
+    assert result["reference"].startswith("retrained on the original activations (the primary SAE is published")
+    assert (tmp_path / "sae_reference" / "sae").exists() and result["train_tokens"] == 100_000

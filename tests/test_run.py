@@ -4,12 +4,13 @@ run exit 0 with wrong results."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from featint_utils import params, runner
+from featint_utils import params, runner, stages
 from featint_utils.activations import ActivationStore, StoreError, reusable_store, store_from_arrays
 from featint_utils.io import update_metrics
 from featint_utils.nfm import NFM, NFMConfig
@@ -394,3 +395,151 @@ def test_a_relative_run_dir_is_the_repositorys_whatever_the_kernels_cwd(tmp_path
     monkeypatch.chdir(tmp_path)
     assert Run("runs/embedded").root == ROOT / "runs" / "embedded"
     assert Run(tmp_path / "x").root == tmp_path / "x"
+
+
+# -- a published SAE as the primary SAE ----------------------------------------------------------------
+
+SAELENS_MINILM = Path(__file__).parent / "fixtures" / "saelens_minilm_l3"  # real SAELens output: d_in 384, layer 3
+
+
+def _minilm_run(tmp_path, layer: int = 3, d: int = 384, **info) -> dict:
+    """A store as stage 00 writes for the embedded MiniLM at ``layer`` (random activations), and stage 01's
+    parameters."""
+    rng = np.random.default_rng(0)
+    store_from_arrays(
+        tmp_path / "activations",
+        {"train": rng.normal(0.5, 2.0, (300, d)), "val": rng.normal(0.5, 2.0, (200, d))},
+        info={"model": "embedded", "model_type": "bert", "layer": layer, "hook": f"encoder.layer.{layer - 1}"} | info,
+    )
+    return {k: v for s in params.STAGES for k, v in params.defaults(s).items()} | {"device": "cpu"}
+
+
+def _install(tmp_path, values, source) -> stages.PrimarySAE:
+    return stages.train_primary_sae(Run(tmp_path, "01_primary_sae", values | {"primary_sae": str(source)}))
+
+
+def test_stage_01_installs_a_saelens_sae_untrained_and_later_stages_read_it(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from featint_utils.metrics import evaluate_sae
+    from featint_utils.residuals import build_residual_data
+    from featint_utils.sae import from_saelens
+
+    values = _minilm_run(tmp_path)
+    monkeypatch.setattr(stages, "SAETrainer", None)  # any training would fail
+    primary = _install(tmp_path, values, SAELENS_MINILM)
+    assert primary.history.empty and "installed" in capsys.readouterr().out
+    content = b"".join(
+        name.encode() + (SAELENS_MINILM / name).read_bytes() for name in ("cfg.json", "sae_weights.safetensors")
+    )
+    assert primary.source == {"source": str(SAELENS_MINILM.resolve()), "sha256": hashlib.sha256(content).hexdigest()}
+    assert sorted(p.name for p in (tmp_path / "primary_sae").iterdir()) == ["lineage.json", "sae"]  # no checkpoint
+    downstream = Run(tmp_path, "02_nfm", values)
+    sae = downstream.primary_sae()
+    assert downstream.primary_sae_source() == primary.source
+    store = downstream.store()
+    assert sae.cfg.input_scale == pytest.approx(store.scale) and store.scale != pytest.approx(1.0)
+    # the installed SAE (normalised inputs, like a trained one) is SAELens's SAE: same codes, same raw output
+    lens = from_saelens(SAELENS_MINILM).requires_grad_(False)
+    x_raw = torch.from_numpy(store.load("val"))
+    torch.testing.assert_close(sae.reconstruct_raw(x_raw), lens.reconstruct_raw(x_raw), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae.encode(x_raw * store.scale).values, lens.encode(x_raw).values, rtol=1e-4, atol=1e-4)
+    # stage 01's metrics and stage 02's residuals of it are SAELens's SAE's, in the store's normalised units
+    residual = (x_raw - lens.reconstruct_raw(x_raw)).double()
+    fvu = float(residual.pow(2).sum() / (x_raw.double() - x_raw.double().mean(0)).pow(2).sum())
+    assert evaluate_sae(sae, store, "val")["fvu"] == pytest.approx(fvu, rel=1e-4)
+    data = build_residual_data(sae, store, tmp_path / "residuals")
+    assert "differs from the store's" not in capsys.readouterr().out
+    target = torch.from_numpy(np.array(data.target))
+    torch.testing.assert_close(target, (residual * store.scale).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_replaced_published_sae_makes_later_stages_start_again(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    values = _minilm_run(tmp_path)
+    source = tmp_path / "published"
+    shutil.copytree(SAELENS_MINILM, source)
+    _install(tmp_path, values, source)
+    run = Run(tmp_path, "02_nfm", values)
+    run.begin_nfm_stage()
+    NFM(NFMConfig(64, 384, k_embed=8), seed=0).save(run.nfm_model_dir(0))
+    assert run.nfm(0).cfg.k_embed == 8
+    _install(tmp_path, values, source)  # the same files again: nothing downstream changes
+    assert Run(tmp_path, "02_nfm", values).nfm(0).cfg.k_embed == 8
+    weights = load_file(str(source / "sae_weights.safetensors"))
+    save_file(weights | {"W_dec": weights["W_dec"] * 1.5}, str(source / "sae_weights.safetensors"))
+    capsys.readouterr()
+    _install(tmp_path, values, source)  # new weights at the same path
+    assert "its inputs changed (pretrained)" in capsys.readouterr().out
+    with pytest.raises(StaleArtifactError, match="earlier primary_sae"):
+        Run(tmp_path, "02_nfm", values).nfm(0)
+    Run(tmp_path, "01_primary_sae", values).begin_primary_sae()  # back to training: the installed SAE goes
+    assert "its inputs changed (pretrained, sae_" in capsys.readouterr().out
+    assert not (tmp_path / "primary_sae" / "sae").exists()
+
+
+def test_a_published_sae_that_does_not_fit_the_run_is_refused_clearly(tmp_path):
+    import shutil
+
+    values = _minilm_run(tmp_path / "layer2", layer=2)
+    with pytest.raises(ValueError, match=r"reads hidden_states\[3\], not hidden_states\[2\].*stage 00's layer"):
+        _install(tmp_path / "layer2", values, SAELENS_MINILM)
+    values = _minilm_run(tmp_path / "narrow", d=16)
+    with pytest.raises(ValueError, match="reads 384-wide activations, but this run's store holds 16-wide ones"):
+        _install(tmp_path / "narrow", values, SAELENS_MINILM)
+    # a causal LM's last layer is its final norm's output, which block n-1's hook_resid_post is not
+    values = _minilm_run(tmp_path / "gpt2", model="gpt2", model_type="gpt2", hook="transformer.ln_f")
+    last_block = tmp_path / "last_block"
+    shutil.copytree(SAELENS_MINILM, last_block)
+    cfg = json.loads((last_block / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.2.hook_resid_post"
+    (last_block / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="final norm applied"):
+        _install(tmp_path / "gpt2", values, last_block)
+    with pytest.raises(FileNotFoundError, match="no directory"):
+        _install(tmp_path / "gpt2", values, tmp_path / "missing")
+    assert not (tmp_path / "layer2" / "primary_sae" / "sae").exists()
+
+
+def test_a_published_sae_of_another_model_warns(tmp_path):
+    values = _minilm_run(tmp_path, model="EleutherAI/pythia-70m")
+    with pytest.warns(UserWarning, match="trained on model 'sentence-transformers/all-MiniLM-L6-v2'"):
+        _install(tmp_path, values, SAELENS_MINILM)
+    assert Run(tmp_path, "02_nfm", values).primary_sae().cfg.n_latents == 64
+    # activations from a file record no layer (nor a model): only the width can be checked, and it is said
+    file_run = tmp_path / "from_file"
+    values = _minilm_run(file_run, layer=-1, model="activations:acts.npz", model_type="", hook="")
+    with pytest.warns(UserWarning, match="no layer recorded") as warned:
+        _install(file_run, values, SAELENS_MINILM)
+    assert not [w for w in warned if "trained on model" in str(w.message)]
+
+
+def test_a_saelens_release_is_fetched_with_sae_lens_or_refused_clearly(tmp_path, monkeypatch):
+    import shutil
+    import sys
+    import types
+
+    values = _minilm_run(tmp_path)
+    monkeypatch.setitem(sys.modules, "sae_lens", None)  # not installed
+    with pytest.raises(ImportError, match="needs the sae_lens package"):
+        _install(tmp_path, values, "saelens:minilm-res/blocks.3.hook_resid_pre")
+    asked = []
+
+    class SAE:  # sae_lens's interface: from_pretrained(release, sae_id), then save_model(path)
+        @staticmethod
+        def from_pretrained(release, sae_id, device="cpu"):
+            asked.append((release, sae_id))
+            return SAE()
+
+        def save_model(self, path):
+            shutil.copytree(SAELENS_MINILM, path, dirs_exist_ok=True)
+
+    monkeypatch.setitem(sys.modules, "sae_lens", types.SimpleNamespace(SAE=SAE))
+    primary = _install(tmp_path, values, "saelens:minilm-res/layer_3/width_64")
+    assert asked == [("minilm-res", "layer_3/width_64")]
+    assert primary.source["source"] == "saelens:minilm-res/layer_3/width_64"
+    with pytest.raises(ValueError, match="saelens:RELEASE/SAE_ID"):
+        _install(tmp_path, values, "saelens:no-sae-id")

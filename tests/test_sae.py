@@ -1,6 +1,7 @@
 """TopK SAE: gradients, planted-direction recovery, AuxK, exact resume, interop, clear errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,15 @@ import torch
 from featint_utils import sae as sae_module
 from featint_utils.activations import StoreError, store_from_arrays
 from featint_utils.metrics import evaluate_sae
-from featint_utils.sae import SAEConfig, TopKSAE, from_saelens, to_saelens
+from featint_utils.sae import (
+    SAEConfig,
+    TopKSAE,
+    from_saelens,
+    hf_hook_conventions,
+    layer_to_saelens_hook,
+    saelens_hook_to_layer,
+    to_saelens,
+)
 from featint_utils.sae_training import CheckpointError, SAETrainer, TrainConfig, lr_at
 
 D_IN, N_TRUE, K_TRUE = 32, 48, 3
@@ -183,8 +192,145 @@ def test_saelens_layout_round_trip(tmp_path):
     torch.testing.assert_close(saelens_out, sae.reconstruct_raw(x_raw), rtol=1e-4, atol=1e-4)
     back = from_saelens(tmp_path)
     torch.testing.assert_close(back.reconstruct_raw(x_raw), sae.reconstruct_raw(x_raw), rtol=1e-4, atol=1e-4)
-    assert back.cfg.hook == "encoder.layer.2"
+    assert back.cfg.hook == "encoder.layer.2" and back.cfg.layer == 3
+    # hidden_states[3] of a BERT encoder in SAELens's (TransformerLens's) name; ours stays in metadata.featint
+    assert cfg["metadata"]["hook_name"] == cfg["hook_name"] == "blocks.2.hook_normalized_resid_post"  # see to_saelens
+    assert cfg["metadata"]["featint"]["hf_module"] == "encoder.layer.2"
+    del cfg["metadata"]["featint"]  # as a SAELens-made SAE would be: the layer comes from the hook name alone
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert from_saelens(tmp_path, post_norm=True).cfg.layer == 3
+    with pytest.raises(ValueError, match=r"reads hidden_states\[3\], not hidden_states\[4\]"):
+        from_saelens(tmp_path, layer=4)
     cfg["architecture"] = "standard"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not TopK"):
         from_saelens(tmp_path)
+
+
+# -- SAELens hook names and SAELens-written SAEs ------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize(
+    ("hook", "post_norm", "layer"),
+    [
+        ("blocks.0.hook_resid_pre", False, 0),
+        ("blocks.4.hook_resid_pre", False, 4),
+        ("blocks.4.hook_resid_post", False, 5),  # block 4's output = block 5's input
+        ("blocks.4.hook_resid_pre", True, 4),
+        ("blocks.4.hook_normalized_resid_post", True, 5),
+    ],
+)
+def test_saelens_hook_names_translate_to_hidden_states_indices_and_back(hook, post_norm, layer):
+    assert saelens_hook_to_layer(hook, post_norm) == layer
+    back = layer_to_saelens_hook(layer, post_norm)
+    assert saelens_hook_to_layer(back, post_norm) == layer
+    assert back == hook or hook.endswith("hook_resid_pre")  # a block's input is written as the previous output
+
+
+def test_layer_to_saelens_hook_names():
+    assert layer_to_saelens_hook(0) == "blocks.0.hook_resid_pre"
+    assert layer_to_saelens_hook(5) == "blocks.4.hook_resid_post"
+    assert layer_to_saelens_hook(5, post_norm=True) == "blocks.4.hook_normalized_resid_post"
+    with pytest.raises(ValueError, match=r"hidden_states\[12\] is the causal LM's final-norm output"):
+        layer_to_saelens_hook(12, final_norm=True)
+    with pytest.raises(ValueError, match="hidden_states index >= 0"):
+        layer_to_saelens_hook(-1)
+
+
+@pytest.mark.parametrize(
+    ("module", "layer", "hook"),
+    [
+        ("transformer.drop", 0, "blocks.0.hook_resid_pre"),
+        ("transformer.h.2", 3, "blocks.2.hook_resid_post"),
+        ("model.layers.0", 1, "blocks.0.hook_resid_post"),
+        ("encoder.layer.5", 6, "blocks.5.hook_normalized_resid_post"),  # BERT's last layer is a block output
+    ],
+)
+def test_to_saelens_writes_the_saelens_name_of_the_sae_s_layer(tmp_path, module, layer, hook):
+    to_saelens(TopKSAE(SAEConfig(8, 16, 2, layer=layer, hook=module)), tmp_path)
+    metadata = json.loads((tmp_path / "cfg.json").read_text())["metadata"]
+    assert metadata["hook_name"] == hook and metadata["featint"]["hf_module"] == module
+
+
+def test_to_saelens_refuses_a_causal_lm_s_final_norm_output(tmp_path):
+    with pytest.raises(ValueError, match="final-norm output: no SAELens residual hook reads it"):
+        to_saelens(TopKSAE(SAEConfig(8, 16, 2, layer=2, hook="transformer.ln_f")), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "blocks.3.hook_attn_out",
+        "blocks.3.hook_mlp_out",
+        "blocks.3.hook_resid_mid",
+        "blocks.3.attn.hook_z",
+        "blocks.3.hook_resid_post.extra",
+        "hook_embed",
+        "",
+    ],
+)
+def test_hooks_off_the_residual_stream_are_refused_naming_the_supported_ones(hook):
+    with pytest.raises(ValueError, match=r"not on the residual stream; supported: blocks\.\{i\}\.hook_resid_pre"):
+        saelens_hook_to_layer(hook)
+
+
+def test_hooks_that_are_no_hidden_state_are_refused():
+    # a post-norm encoder's hook_resid_post comes before the block's LayerNorm
+    with pytest.raises(ValueError, match=r"before the block's LayerNorm.*blocks\.2\.hook_normalized_resid_post"):
+        saelens_hook_to_layer("blocks.2.hook_resid_post", post_norm=True)
+    # a 12-block causal LM's hidden_states[12] has the final norm applied; block 11's resid_post does not
+    with pytest.raises(ValueError, match="final norm applied"):
+        saelens_hook_to_layer("blocks.11.hook_resid_post", n_layers=12)
+    assert saelens_hook_to_layer("blocks.10.hook_resid_post", n_layers=12) == 11
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "bert"])
+def test_the_hook_conventions_of_every_layer_of_every_supported_architecture(arch):
+    """Read from the module names our pipeline records: the last layer of a causal LM is its final norm."""
+    from transformers import BertConfig, BertModel
+
+    from featint_utils import models
+    from tests.conftest import tiny_causal
+
+    if arch == "bert":
+        model = BertModel(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64))
+    else:
+        model = tiny_causal(arch, n_layers=2)
+    for layer in range(3):
+        hook = models.hook_name(model, layer)
+        expected = (arch == "bert", arch != "bert" and layer == 2)
+        assert hf_hook_conventions(hook) == expected, hook
+        assert hf_hook_conventions(hook, model.config.model_type) == expected, hook
+
+
+@pytest.mark.parametrize(("fixture", "layer"), [("saelens_minilm_l3", 3), ("saelens_folds", 2)])
+def test_an_sae_written_by_saelens_encodes_and_decodes_as_saelens_did(fixture, layer):
+    """The fixtures hold SAELens's own outputs (benchmarks/saelens_fixture.py); saelens_folds has decoder rows of
+    norms 0.2-3 with rescale_acts_by_decoder_norm on and apply_b_dec_to_input off."""
+    from safetensors.torch import load_file
+
+    expected = load_file(str(FIXTURES / fixture / "saelens_outputs.safetensors"))
+    sae = from_saelens(FIXTURES / fixture)
+    assert sae.cfg.layer == layer and sae.cfg.input_scale == 1.0
+    values, indices = sae.encode(expected["x"])
+    codes = torch.zeros_like(expected["feature_acts"]).scatter(1, indices, values)
+    assert (codes > 0).sum(1).tolist() == (expected["feature_acts"] > 0).sum(1).tolist()
+    torch.testing.assert_close(codes, expected["feature_acts"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae.reconstruct_raw(expected["x"]), expected["reconstruction"], rtol=1e-4, atol=1e-4)
+    # at another input scale (what a run installs): the same codes and raw reconstructions
+    scaled = sae.with_input_scale(0.3)
+    torch.testing.assert_close(scaled.encode(expected["x"] * 0.3).values, values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scaled.reconstruct_raw(expected["x"]), expected["reconstruction"], rtol=1e-4, atol=1e-4)
+
+
+def test_saelens_sae_hooks_are_checked_on_load():
+    with pytest.raises(ValueError, match=r"reads hidden_states\[3\], not hidden_states\[2\]"):
+        from_saelens(FIXTURES / "saelens_minilm_l3", layer=2)
+    with pytest.raises(ValueError, match="before the block's LayerNorm"):
+        from_saelens(FIXTURES / "saelens_folds", post_norm=True)  # its hook is blocks.1.hook_resid_post
+    with pytest.raises(ValueError, match="final norm applied"):
+        from_saelens(FIXTURES / "saelens_folds", n_layers=2)
+    with pytest.raises(FileNotFoundError, match="no SAELens SAE"):
+        from_saelens(FIXTURES)
