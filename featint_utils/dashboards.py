@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import html
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from . import identification, models
 from . import secondary as secondary_stage
 from .activations import ActivationStore, is_activation_corpus
 from .decomposition import Clamp, Decomposition
+from .feature_labels import token_summary
 from .features import pick_features
 from .progress import progress
 from .run import Run, StaleArtifactError
@@ -418,9 +418,9 @@ class _TokenText:
 
 
 def label(stats: FeatureStats, token_text: _TokenText, n: int = 3) -> str:
-    """The feature's most common firing tokens among its top examples (ties: the stronger example first)."""
-    counts = Counter(token_text(e.token_id).strip() or token_text(e.token_id) for e in stats.top)
-    return " · ".join(token for token, _ in counts.most_common(n))
+    """The feature's strongest distinct firing tokens, as the figures name features
+    (:func:`featint_utils.feature_labels.token_summary`)."""
+    return token_summary([token_text(e.token_id) for e in stats.top], n)
 
 
 def _page(feature: int) -> str:

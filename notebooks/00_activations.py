@@ -67,7 +67,7 @@ print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 
 # %%
 norms = activations.token_norms(store, "train")
-source = corpus if from_file else f"{loaded.name} · hidden_states[{layer}]"
+source = corpus if from_file else f"{plots.model_title(loaded.name)} · hidden_states[{layer}]"
 fig = plots.activation_norms(norms, title=f"{source} · train split")
 plots.save(fig, run.root, "00_activation_norms")
 

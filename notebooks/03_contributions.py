@@ -46,7 +46,8 @@ device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import absorption, contributions, distributed, interaction, plots
+from featint_utils import absorption, contributions, distributed, feature_labels, interaction, plots
+from featint_utils.activations import is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.run import Run
 
@@ -178,7 +179,12 @@ print(
 nfm = run.nfm(nfm_seed)
 attribution = contributions.variance_attribution(nfm, sets["test"])
 attribution.to_csv(run.attribution_path(nfm_seed), index=False)  # 06 clamps a linear-path feature from it
-fig = plots.top_feature_bars(attribution, n_top_features)
+labels = None  # features named by their top held-out tokens, unless the activations came from a file
+if not is_activation_corpus(store.manifest["corpus"]):
+    named = {int(f) for top in contributions.top_features(attribution, n_top_features).values() for f in top}
+    tokenizer = feature_labels.load_tokenizer(store.manifest["model"])
+    labels = feature_labels.labels_for(run.decomposition().primary_code, store, named, tokenizer)
+fig = plots.top_feature_bars(attribution, n_top_features, labels)
 plots.save(fig, run.root, "03_top_features")
 overlap = contributions.top_feature_overlap(attribution, n_top_features)
 if overlap is None:
@@ -198,7 +204,7 @@ else:
 # %%
 top = contributions.top_features(attribution, n_top_features).get("interaction")
 if top is not None:
-    fig = plots.interaction_matrix(contributions.interaction_strength(nfm, top))
+    fig = plots.interaction_matrix(contributions.interaction_strength(nfm, top), labels)
     plots.save(fig, run.root, "03_interaction_matrix")
 
 # %%

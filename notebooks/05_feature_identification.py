@@ -33,12 +33,25 @@ device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 model_dtype: str = "float32"  # language model weights: float32, bfloat16 or float16 (not the store's dtype)
 
 # %%
-import pandas as pd
-from IPython.display import display
+import os
 
-from featint_utils import identification, manipulation, models, plots, secondary, stages, widgets
+import pandas as pd
+from IPython.display import Markdown, display
+
+from featint_utils import (
+    dashboards,
+    feature_labels,
+    identification,
+    manipulation,
+    models,
+    plots,
+    secondary,
+    stages,
+    widgets,
+)
 from featint_utils.activations import require_model
 from featint_utils.corpus import load_stimuli
+from featint_utils.dashboards import FAMILIES
 from featint_utils.io import update_metrics
 from featint_utils.progress import headless
 from featint_utils.run import Run
@@ -122,8 +135,11 @@ run.begin_identification(nfm_seed)
 for family, table in effects.items():  # notebook 06 clamps the strongest secondary interaction features
     table.to_csv(run.effects_path(nfm_seed, family), index=False)
 display(counts)
-for family, table in effects.items():
-    fig = plots.effect_volcano(table, "interaction", fdr_q, title=f"{family} features: formality × emotion interaction")
+for family, table in effects.items():  # the 6 strongest features named by their top held-out tokens
+    named = identification.rank(table, "interaction", 6, fdr_q)["feature"]
+    labels = feature_labels.labels_for(encoders[family][0], store, named, loaded.tokenizer)
+    title = f"{family} features: formality × emotion interaction"
+    fig = plots.effect_volcano(table, "interaction", fdr_q, title=title, labels=labels)
     plots.save(fig, run.root, f"05_{family}_interaction_volcano")
 
 # %% [markdown]
@@ -221,6 +237,18 @@ if headless():
     widgets.show_static(families["secondary"], list(shown))
 else:
     display(widgets.browser(families, suggested))
+
+# %% [markdown]
+# ## Feature dashboards
+# One static page per identified feature, primary and secondary, that opens from disk with no network: its
+# top and quantile-sampled activating tokens in context on the held-out documents, an activation histogram,
+# its decoder neighbours and, for causal LMs, the output tokens it boosts and suppresses.
+
+# %%
+# primary first: the secondary pages link the primary features that drive them
+pages = {family: dashboards.build_dashboards(run, family, nfm_seed=nfm_seed, loaded=loaded) for family in FAMILIES}
+links = [f"[{family} features]({os.path.relpath(index, run.root / 'reports')})" for family, index in pages.items()]
+display(Markdown("Dashboards: " + " · ".join(links)))
 
 # %%
 run.close()

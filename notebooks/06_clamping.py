@@ -46,7 +46,7 @@ model_dtype: str = "float32"  # language model weights: float32, bfloat16 or flo
 # %%
 from IPython.display import display
 
-from featint_utils import clamping, features, identification, plots, stages
+from featint_utils import clamping, feature_labels, features, identification, plots, stages
 from featint_utils.activations import require_model
 from featint_utils.corpus import load_prompt_frames, load_stimuli, load_wordlists
 from featint_utils.io import update_metrics
@@ -118,14 +118,19 @@ else:
 clean, changes = clamping.run_clamps(readout, plan)
 tidy = clamping.tidy_changes(plan, changes)
 tidy.to_csv(run.clamping_table(nfm_seed, "changes"), index=False)
-fig = plots.dose_response(tidy, readout_name)
+labels = {  # clamped features named by their top held-out tokens
+    "secondary": feature_labels.labels_for(decomposition.secondary_code, store, chosen, loaded.tokenizer),
+    "primary": feature_labels.labels_for(decomposition.primary_code, store, [linear_feature], loaded.tokenizer),
+}
+fig = plots.dose_response(tidy, readout_name, labels)
 plots.save(fig, run.root, "06_dose_response")
 
 # %% [markdown]
 # ## Non-additive effects
 # Each row is one clamp condition; the interaction contrast is the change's difference of differences per
-# unit, averaged over units. Red: Holm-corrected sign-flip p < the level. For each secondary condition,
-# `vs_control_p` tests whether its contrast exceeds that of the random edit of the same size, unit by unit.
+# unit, averaged over units. Colour: what was clamped (secondary feature, random control, linear path);
+# filled: Holm-corrected sign-flip p < the level. For each secondary condition, `vs_control_p` tests whether
+# its contrast exceeds that of the random edit of the same size, unit by unit.
 
 # %%
 references = {
@@ -136,10 +141,10 @@ references = {
 table = clamping.clamp_statistics(changes, n_permutations, n_boot, clamp_seed, references)
 table.to_csv(run.clamping_table(nfm_seed, "statistics"), index=False)
 display(table.style.format(precision=4).hide(axis="index"))
-fig = plots.effect_forest(table)
+fig = plots.effect_forest(table, labels, alpha=fdr_q)
 plots.save(fig, run.root, "06_interaction_effects")
 strongest_level = max(levels, key=abs)
-fig = plots.interaction_2x2(tidy, strongest_level, readout_name)
+fig = plots.interaction_2x2(tidy, strongest_level, readout_name, labels)
 plots.save(fig, run.root, "06_interaction_2x2")
 
 # %% [markdown]
