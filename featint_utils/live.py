@@ -15,7 +15,11 @@ import sys
 import threading
 import time
 
-_INNER_BAR = re.compile(r"^(?P<desc>.*?):\s*\d+%\|[^|]*\|\s*(?P<count>\S+/\S+)(?:.*?(?P<unit>[A-Za-z]+)/s)?")
+# tqdm's "desc:  50%|#####     | 2/4 [00:10<00:10, 3.20size/s]" (or "31.2s/size" when an item takes over a second)
+_INNER_BAR = re.compile(
+    r"^(?P<desc>.*?):\s*\d+%\|[^|]*\|\s*(?P<count>\S+/\S+)"
+    r"(?:.*?[\d.?]+(?:s/(?P<slow_unit>[A-Za-z_]+)|(?P<unit>[A-Za-z_]+)/s))?"
+)
 
 
 def clock(seconds: float) -> str:
@@ -36,7 +40,8 @@ def inner_status(text: str) -> str | None:
     match = _INNER_BAR.match(latest)
     if match is None:
         return latest[:70]
-    unit = f" {match['unit']}" if match["unit"] else ""
+    unit = match["unit"] or match["slow_unit"]
+    unit = f" {unit}" if unit else ""
     return f"{match['desc'].strip()} {match['count']}{unit}"[:70]
 
 

@@ -43,6 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "profiles"
 NOTEBOOKS_DIR = ROOT / "notebooks"
 RECORDED_PACKAGES = ("torch", "transformers", "numpy", "pandas", "statsmodels", "papermill", "safetensors")
+# The kernel's own log (not the notebook's output) at error level: ipykernel warns on every start that its
+# loopback TCP sockets are unencrypted, noise in the terminal of every stage
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -248,6 +251,7 @@ def _run_locked(
                         progress_bar=False,
                         log_output=False,
                         stderr_file=live,
+                        extra_arguments=QUIET_KERNEL,
                     )
         except papermill.PapermillExecutionError as err:
             failure = f"notebook {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}"

@@ -377,6 +377,7 @@ def render_comparison(sweep_dir: Path) -> Path:
             kernel_name="python3",
             cwd=str(runner.ROOT),
             progress_bar=False,
+            extra_arguments=runner.QUIET_KERNEL,
             log_output=False,
         )
     except papermill.PapermillExecutionError as err:

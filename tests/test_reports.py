@@ -18,6 +18,9 @@ def test_the_inner_bar_is_read_from_the_newest_tqdm_state_in_a_chunk():
         "fit, lr 0.003:  30%|###       | 12/40 [00:05<00:11, 2.40epoch/s, best=11]\n"
     )
     assert live.inner_status(chunk) == "fit, lr 0.003 12/40 epoch"
+    slow = "planted interactions:  50%|#####     | 2/4 [01:02<01:02, 31.2s/size]"
+    assert live.inner_status(slow) == "planted interactions 2/4 size"
+    assert live.inner_status("train SAE:   0%|          | 0/244 [00:00<?, ?step/s]") == "train SAE 0/244 step"
     assert live.inner_status("resuming after epoch 3\n") == "resuming after epoch 3"
     assert live.inner_status("\n\r") is None
 

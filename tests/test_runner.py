@@ -127,6 +127,7 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tmp_path, capfd):
         assert f'href="{nb.stem}.html"' in index
         assert f"[{i}/7] {nb.stem}  done in" in terminal  # the runner's one-line summary of each stage
     assert "held-out FVU" in index and "interaction share over linear" in index
+    assert "WARNING" not in terminal  # e.g. ipykernel's notice about its loopback sockets, on every stage
     record = json.loads((run_dir / "run.json").read_text())
     assert all(stage["status"] == "ok" for stage in record["stages"].values()) and len(record["stages"]) == 7
     assert record["attempts"][-1]["status"] == "ok"
