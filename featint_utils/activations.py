@@ -629,7 +629,7 @@ class ActivationStore:
         ):
             raise StoreError(f"{manifest_path} is not a {FORMAT} v{VERSION} manifest")
         self.d_model: int = self.manifest["d_model"]
-        self._maps: dict[str, list[np.ndarray]] = {}
+        self._maps: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
         for split in SPLITS:
             for shard in self.manifest["splits"][split]["shards"]:
@@ -799,11 +799,18 @@ class ActivationStore:
 
     def gather(self, split: str, rows: np.ndarray) -> np.ndarray:
         """Activations of the given split rows (any order), float32, read from the memory maps."""
+        return self._gather(split, rows, 0, np.empty((len(rows), self.d_model), np.float32))
+
+    def gather_meta(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """Provenance (text index, position, token id) of the given split rows (any order), as :meth:`tokens`
+        gives it for every row, read from the memory maps."""
+        return self._gather(split, rows, 1, np.empty((len(rows), 3), np.int64))
+
+    def _gather(self, split: str, rows: np.ndarray, part: int, out: np.ndarray) -> np.ndarray:
         if split not in self._maps:
-            self._maps[split] = [acts for acts, _ in self.shards(split)]
-        maps = self._maps[split]
+            self._maps[split] = self.shards(split)
+        maps = [shard[part] for shard in self._maps[split]]
         starts = np.cumsum([0] + [len(a) for a in maps])
-        out = np.empty((len(rows), self.d_model), np.float32)
         owner = np.searchsorted(starts, rows, side="right") - 1
         for s in np.unique(owner):
             mask = owner == s

@@ -264,18 +264,6 @@ def _quantile_bins(rows, values, exclude: set[int], n_bins: int, n_per_bin: int,
     return bins
 
 
-def _meta_rows(store: ActivationStore, split: str, rows: np.ndarray) -> np.ndarray:
-    """[n, 3] text index, position, token id of the given split rows, read from the memory-mapped shards."""
-    maps = [meta for _, meta in store.shards(split)]
-    starts = np.cumsum([0] + [len(m) for m in maps])
-    owner = np.searchsorted(starts, rows, side="right") - 1
-    out = np.empty((len(rows), 3), np.int64)
-    for s in np.unique(owner):
-        mask = owner == s
-        out[mask] = maps[s][rows[mask] - starts[s]]
-    return out
-
-
 def _encode_rows(encode, store: ActivationStore, split: str, rows: np.ndarray, batch_size: int):
     """(values, indices) of the given split rows, encoded in batches."""
     parts = [
@@ -297,7 +285,7 @@ def _add_contexts(stats: list[FeatureStats], encode, store: ActivationStore, spl
     candidates = np.unique(
         np.concatenate([np.arange(max(0, e.row - before), min(n_tokens, e.row + after + 1)) for _, e in shown])
     )
-    meta = _meta_rows(store, split, candidates)
+    meta = store.gather_meta(split, candidates)
     windows = []
     for _, example in shown:
         lo, hi = np.searchsorted(candidates, [example.row - before, example.row + after + 1])

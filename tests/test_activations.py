@@ -6,7 +6,7 @@ from featint_utils import activations, models
 from featint_utils.activations import ActivationStore, StoreError
 from featint_utils.corpus import Text, split_by_group
 
-from .conftest import CORPUS_SENTENCES
+from .conftest import CORPUS_SENTENCES, random_store
 
 TEXTS = [
     "Short.",
@@ -172,3 +172,19 @@ def test_same_request_reuses_the_store_and_a_new_one_rebuilds_it(embedded, tmp_p
     changed = _split(TEXTS[:-1] + ["changed"])
     other_texts = activations.extract(embedded, changed, 3, tmp_path / "acts", context_tokens=16)
     assert other_texts.manifest["created"] != other_layer.manifest["created"]
+
+
+def test_gathered_rows_in_any_order_are_those_of_a_full_read_across_shards(tmp_path):
+    """Rows picked across shard boundaries, unsorted and repeated, read from the memory maps: the activations and
+    the provenance equal what a full read of the split gives at those rows."""
+    one_shard = random_store(tmp_path / "store", 3_000, 10, d=16)
+    store = activations.store_from_arrays(
+        tmp_path / "sharded",
+        {"train": one_shard.load("train"), "val": one_shard.load("val")},
+        meta={"train": one_shard.tokens("train").to_numpy(), "val": one_shard.tokens("val").to_numpy()},
+        shard_mb=0.05,
+    )
+    assert len(store.shards("train")) > 2
+    rows = np.random.default_rng(0).integers(0, 3_000, 500)
+    np.testing.assert_array_equal(store.gather("train", rows), store.load("train")[rows])
+    np.testing.assert_array_equal(store.gather_meta("train", rows), store.tokens("train").to_numpy()[rows])
