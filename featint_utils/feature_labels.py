@@ -7,7 +7,6 @@ in «»), and :func:`labels_for` runs that search first. Nothing here imports to
 
 from __future__ import annotations
 
-import os
 import re
 
 import pandas as pd
@@ -66,16 +65,6 @@ def top_tokens(examples: pd.DataFrame) -> dict[int, list[str]]:
 def labels_from_examples(examples: pd.DataFrame, n: int = 3) -> dict[int, str]:
     """:func:`feature_label` of every feature in a :func:`~featint_utils.features.top_activations` table."""
     return {feature: feature_label(feature, tokens, n) for feature, tokens in top_tokens(examples).items()}
-
-
-def load_tokenizer(model: str):
-    """The tokenizer alone of a model as the stages name it (``"embedded"``, a local directory or a hub name):
-    naming features needs no weights."""
-    from transformers import AutoTokenizer
-
-    from .models import EMBEDDED, embedded_model_dir
-
-    return AutoTokenizer.from_pretrained(str(embedded_model_dir()) if model == EMBEDDED else os.path.expanduser(model))
 
 
 def labels_for(

@@ -121,6 +121,25 @@ def _hub_model_error(name: str, err: BaseException) -> OSError:
     )
 
 
+def model_source(name: str) -> str:
+    """Where ``name`` is read from: the bundled MiniLM's directory for ``"embedded"``, a checked local model
+    directory, or the hub name itself."""
+    if name == EMBEDDED:
+        return str(embedded_model_dir())
+    if not _looks_like_path(name):
+        return name
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model path {str(path)!r} does not exist or is not a directory; pass 'embedded' "
+            "(the bundled MiniLM), an existing model directory, or a Hugging Face hub name. Profiles read "
+            "the model from FEATINT_MODEL: `export FEATINT_MODEL=/path/to/model-dir`"
+        )
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not a transformers model directory")
+    return str(path)
+
+
 def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=torch.float32) -> LoadedModel:
     """Load ``"embedded"``, a local model directory, or a Hugging Face hub name.
 
@@ -131,22 +150,7 @@ def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=t
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in a saved notebook
-    if name == EMBEDDED:
-        source = str(embedded_model_dir())
-    elif _looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"model path {str(path)!r} does not exist or is not a directory; pass 'embedded' "
-                "(the bundled MiniLM), an existing model directory, or a Hugging Face hub name. Profiles read "
-                "the model from FEATINT_MODEL: `export FEATINT_MODEL=/path/to/model-dir`"
-            )
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not a transformers model directory")
-        source = str(path)
-    else:
-        source = name
-    from_hub = name != EMBEDDED and not _looks_like_path(name)
+    source = model_source(name)
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -154,10 +158,23 @@ def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=t
         loader = AutoModelForCausalLM if is_causal else AutoModel
         model = loader.from_pretrained(source, dtype=dtype)  # weights may be fetched here, after the config
     except OSError as err:
-        if from_hub:
+        if source == name:  # a hub name
             raise _hub_model_error(name, err) from err
         raise
     return LoadedModel(model.to(device).eval(), tokenizer, name, source, is_causal)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer alone of ``name`` (as :func:`load_model` reads it): naming features needs no weights."""
+    from transformers import AutoTokenizer
+
+    source = model_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        if source == name:
+            raise _hub_model_error(name, err) from err
+        raise
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module | None:

@@ -46,7 +46,7 @@ device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import absorption, contributions, distributed, feature_labels, interaction, plots
+from featint_utils import absorption, contributions, distributed, feature_labels, interaction, models, plots
 from featint_utils.activations import is_activation_corpus
 from featint_utils.io import update_metrics
 from featint_utils.run import Run
@@ -182,7 +182,7 @@ attribution.to_csv(run.attribution_path(nfm_seed), index=False)  # 06 clamps a l
 labels = None  # features named by their top held-out tokens, unless the activations came from a file
 if not is_activation_corpus(store.manifest["corpus"]):
     named = {int(f) for top in contributions.top_features(attribution, n_top_features).values() for f in top}
-    tokenizer = feature_labels.load_tokenizer(store.manifest["model"])
+    tokenizer = models.load_tokenizer(store.manifest["model"])
     labels = feature_labels.labels_for(run.decomposition().primary_code, store, named, tokenizer)
 fig = plots.top_feature_bars(attribution, n_top_features, labels)
 plots.save(fig, run.root, "03_top_features")

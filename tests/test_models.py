@@ -177,3 +177,10 @@ def test_other_hub_model_failures_say_what_failed_and_name_featint_model():
     wrapped = OSError("couldn't connect")
     wrapped.__cause__ = ConnectionError("no route")
     assert models.hub_unreachable(wrapped)
+
+
+def test_a_tokenizer_loads_alone_from_the_same_names_as_a_model(tmp_path):
+    tokenizer = models.load_tokenizer("embedded")
+    assert tokenizer("however")["input_ids"] == models.load_model("embedded").tokenizer("however")["input_ids"]
+    with pytest.raises(FileNotFoundError, match="FEATINT_MODEL"):
+        models.load_tokenizer(str(tmp_path / "missing"))

@@ -484,11 +484,6 @@ def test_labels_for_asks_top_activations_for_raw_rows(monkeypatch):
     assert feature_labels.labels_for(None, None, [], None) == {}
 
 
-def test_the_embedded_tokenizer_loads_without_the_model():
-    tokenizer = feature_labels.load_tokenizer("embedded")
-    assert tokenizer("however")["input_ids"]
-
-
 def test_figures_name_features_by_their_labels():
     attribution = figure_calls_attribution()
     top_linear = int(attribution.nlargest(1, "linear_share")["feature"].iloc[0])
