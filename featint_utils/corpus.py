@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+from .io import REPOSITORY, from_repository
+
 DATA_DIR = REPOSITORY / "data"
 STIMULI_CSV = DATA_DIR / "stimuli" / "stimuli.csv"
 WORDLISTS_DIR = DATA_DIR / "wordlists"
@@ -147,13 +148,9 @@ def load_text_file(path: str | Path) -> list[Text]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        where = (
-            ""
-            if path.is_absolute()
-            else f" (relative to the working directory {str(Path.cwd())!r} or the repository {str(REPOSITORY)!r})"
-        )
         raise FileNotFoundError(
-            f"corpus file {str(path)!r} does not exist{where}. Profiles read the corpus path from FEATINT_CORPUS "
+            f"corpus file {str(path)!r} does not exist (a relative path is read from the repository). Profiles "
+            "read the corpus path from FEATINT_CORPUS "
             "(minilm-wikitext: FEATINT_WIKITEXT); point it at an existing .txt/.jsonl/.parquet file, e.g. "
             "`export FEATINT_WIKITEXT=/path/to/wikitext-2/valid.txt` or `export FEATINT_CORPUS=/path/to/corpus.txt`"
         )
@@ -248,10 +245,7 @@ def load_corpus(spec: str, max_documents: int | None = None) -> list[Text]:
         return stimulus_texts(load_stimuli())
     if spec.startswith("hf:"):
         return load_hf_dataset(spec[3:], max_documents)
-    path = Path(spec).expanduser()
-    if not path.is_absolute() and not path.exists() and (REPOSITORY / path).exists():
-        path = REPOSITORY / path
-    return load_text_file(path)
+    return load_text_file(from_repository(spec))
 
 
 # ---------------------------------------------------------------------------------------------------

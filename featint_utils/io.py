@@ -11,6 +11,14 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def from_repository(path: str | os.PathLike) -> Path:
+    """A path as parameters mean it: absolute as given, relative from the repository, whatever the working
+    directory (the runner's kernels start in the repository, JupyterLab's in ``notebooks/``)."""
+    return (REPOSITORY / Path(path).expanduser()).resolve()
+
 
 def _umask() -> int:
     mask = os.umask(0)

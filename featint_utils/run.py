@@ -34,13 +34,13 @@ import torch
 from . import params as parameters
 from .activations import ActivationStore
 from .decomposition import Decomposition
-from .io import read_json, state_digest, write_json
+from .io import REPOSITORY, from_repository, read_json, state_digest, write_json
 from .models import resolve_device
 from .nfm import NFM
 from .residuals import CodeData, load_sets, open_residual_data
 from .sae import TopKSAE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPOSITORY
 RUNS_DIR = ROOT / "runs"
 LINEAGE = "lineage.json"
 LOCK = ".lock"
@@ -146,7 +146,7 @@ class Run:
     """One run directory: its layout, the stage's validated parameters, and its artifacts with their lineage."""
 
     def __init__(self, root: str | Path, stage: str | None = None, values: dict | None = None):
-        self.root = (ROOT / root).resolve()  # relative: from the repository (a notebook's cwd is notebooks/)
+        self.root = from_repository(root)
         self.stage = stage
         self.params: dict[str, Any] = values or {}
         self._lock: RunLock | None = None

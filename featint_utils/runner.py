@@ -34,12 +34,12 @@ from pathlib import Path
 
 from . import params, reports
 from .activations import git_commit
-from .io import read_json, write_json
+from .io import REPOSITORY, read_json, write_json
 from .live import StageProgress
 from .run import LOCK_ENV, RUNS_DIR, RunLock, RunLockedError
 from .stages import SCALED
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPOSITORY
 PROFILES_DIR = ROOT / "profiles"
 NOTEBOOKS_DIR = ROOT / "notebooks"
 RECORDED_PACKAGES = ("torch", "transformers", "numpy", "pandas", "statsmodels", "papermill", "safetensors")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import atomic_path, write_json
+from .io import atomic_path, from_repository, write_json
 
 WEIGHTS_FILE = "sae.safetensors"
 ENCODER_INIT_SCALE = 0.5
@@ -502,14 +502,13 @@ def fetch_saelens_release(source: str, directory: str | Path) -> Path:
     return Path(directory)
 
 
-def locate_pretrained(source: str, root: Path, scratch: Path) -> tuple[Path, str]:
+def locate_pretrained(source: str, scratch: Path) -> tuple[Path, str]:
     """The SAELens directory that ``primary_sae=source`` names and the source to record for it: a directory
-    (relative: to ``root``) as its absolute path, or ``saelens:RELEASE/SAE_ID`` as given, downloaded into
-    ``scratch``."""
+    (relative: from the repository) as its absolute path, or ``saelens:RELEASE/SAE_ID`` as given, downloaded
+    into ``scratch``."""
     if source.startswith(SAELENS_RELEASE):
         return fetch_saelens_release(source, scratch), source
-    path = Path(source).expanduser()
-    path = (path if path.is_absolute() else root / path).resolve()
+    path = from_repository(source)
     if not path.is_dir():
         raise FileNotFoundError(
             f"primary_sae={source!r}: no directory {str(path)!r}; give a directory holding a SAELens SAE (cfg.json "

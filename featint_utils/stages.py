@@ -24,7 +24,7 @@ from .nfm import NFMConfig
 from .nfm_training import FitConfig
 from .params import numbers, seeds
 from .residuals import CodeData, build_residual_data, open_residual_data, save_sets, split_fit_tune_test
-from .run import ROOT, Run
+from .run import Run
 from .sae import TopKSAE, locate_pretrained, pretrained_primary
 from .sae_training import SAETrainer, TrainConfig
 
@@ -107,7 +107,7 @@ def train_primary_sae(run: Run, dist: Dist | None = None) -> PrimarySAE:
     if p["primary_sae"]:
         if dist.is_main:
             with tempfile.TemporaryDirectory() as scratch:
-                directory, source = locate_pretrained(p["primary_sae"], ROOT, Path(scratch))
+                directory, source = locate_pretrained(p["primary_sae"], Path(scratch))
                 sae, provenance = pretrained_primary(directory, source, store)
                 sae.save(run.begin_primary_sae(provenance) / "sae")
             print(

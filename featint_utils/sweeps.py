@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from . import params, runner
-from .io import read_json, write_json
+from .io import from_repository, read_json, write_json
 from .reports import render_report
 from .run import RUNS_DIR, RunLock, RunLockedError, fingerprint
 
@@ -335,7 +335,7 @@ class Sweep(NamedTuple):
 
 def open_sweep(sweep_dir: str | Path) -> Sweep:
     """The sweep at ``sweep_dir`` (relative: from the repository, wherever the caller runs)."""
-    root = (runner.ROOT / sweep_dir).resolve()
+    root = from_repository(sweep_dir)
     if not (root / "sweep.json").exists():
         raise SweepError(f"no sweep at {root}: run `python -m featint_utils sweep --profile P --grid k=a,b` first")
     d = read_json(root / "sweep.json")
