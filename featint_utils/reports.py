@@ -106,9 +106,10 @@ def notebook_title(nb) -> str:
     return ""
 
 
-def changed_parameters(stage: str, values: dict) -> dict:
-    """The stage's parameters whose value differs from the shared default (``run_dir`` excluded)."""
-    declared = params.PARAMETERS.get(stage, {})
+def changed_parameters(stage: str | None, values: dict) -> dict:
+    """The parameters of ``stage`` (None: of every stage) whose value differs from the shared default
+    (``run_dir`` excluded)."""
+    declared = params.PARAMETERS.get(stage, {}) if stage else params.all_parameters()
     return {k: v for k, v in values.items() if k in declared and v != declared[k].default}
 
 
@@ -215,7 +216,7 @@ def write_index(root: Path) -> Path:
             f"<tr><td>{link}</td><td class='{status}'>{status}</td>"
             f"<td>{format_seconds((done or {}).get('seconds'))}</td><td>{numbers}</td></tr>"
         )
-    changed = {k: v for k, v in last.get("parameters", {}).items() if v != params.all_parameters()[k].default}
+    changed = changed_parameters(None, last.get("parameters", {}))
     settings = ", ".join(f"<code>{html.escape(f'{k}={v!r}')}</code>" for k, v in sorted(changed.items()))
     commit = (last.get("git_commit") or "unknown")[:12]
     when = last.get("finished") or last.get("started") or datetime.now().isoformat(timespec="seconds")
