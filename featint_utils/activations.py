@@ -32,7 +32,7 @@ import torch
 from .corpus import Split, Text
 from .distributed import SINGLE, Dist
 from .io import read_json, replace_dir, write_json
-from .models import LoadedModel, forward_to_layer, hook_module, hook_name
+from .models import LoadedModel, forward_to_layer, hook_module, hook_name, model_fingerprint
 from .progress import progress
 
 FORMAT = "featint-activations"
@@ -173,7 +173,7 @@ def extract(
     model, tokenizer = loaded.model, loaded.tokenizer
     hook_module(model, layer)  # validates the layer before any work
     request = {
-        "model_source": loaded.source,
+        "model": model_fingerprint(loaded.source),  # by content: the same model at another path is the same
         "layer": layer,
         "context_tokens": context_tokens,
         "dtype": dtype,
@@ -182,7 +182,9 @@ def extract(
             "\x00".join(f"{t.text_id}\x01{t.text}" for name in SPLITS for t in getattr(split, name)).encode()
         ).hexdigest(),
     }
-    existing = reusable_store(store_dir, request) if reuse and dist.is_main else None
+    # stores made before Dec 2026 named the model by its path (still accepted where the model has not moved)
+    older = {k: v for k, v in request.items() if k != "model"} | {"model_source": loaded.source}
+    existing = reusable_store(store_dir, request, (older,)) if reuse and dist.is_main else None
     if dist.broadcast_object(existing is not None):
         if dist.is_main:
             print(
@@ -479,7 +481,7 @@ def derived_store(store: ActivationStore, transform, store_dir: str | Path, requ
         writers,
         store.manifest["dtype"],
         n_texts,
-        {**keep, "derived_from": str(store.path), "request": request},
+        {**keep, "derived_from": store.fingerprint, "request": request},  # by content: the run may move
     )
 
 
@@ -587,14 +589,15 @@ def _pad(split: str, batch: list[_Chunk], prefix, suffix, excluded: np.ndarray, 
 # Reading
 
 
-def reusable_store(store_dir: str | Path, request) -> ActivationStore | None:
-    """The finished store at ``store_dir`` if it was made for ``request`` and every file still matches its
-    checksum; None (and the reason, when there was a store) if it must be built again."""
+def reusable_store(store_dir: str | Path, request, older: tuple = ()) -> ActivationStore | None:
+    """The finished store at ``store_dir`` if it was made for ``request`` (or one of the ``older`` forms that an
+    earlier version recorded for the same inputs) and every file still matches its checksum; None (and the
+    reason, when there was a store) if it must be built again."""
     if not (Path(store_dir) / "manifest.json").exists():
         return None
     try:
         existing = ActivationStore(store_dir)
-        if existing.manifest.get("request") != request:
+        if existing.manifest.get("request") not in (request, *older):
             print(f"rebuilding the store at {store_dir}: it was made for other inputs or settings")
             return None
         existing.verify()
@@ -697,6 +700,14 @@ class ActivationStore:
             "model": self.manifest.get("model"),
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    def extracted_by(self, loaded: LoadedModel) -> bool:
+        """Whether these activations came from ``loaded``: the same model by content wherever it lies now (a
+        store of an older version: from the same path)."""
+        request = self.manifest.get("request", {})
+        if "model" in request:
+            return request["model"] == model_fingerprint(loaded.source)
+        return self.manifest.get("model_source") == loaded.source
 
     # -- facts --------------------------------------------------------------------------------------
     @property

@@ -63,7 +63,7 @@ def splice_metrics(
     ablation), and KL(clean || spliced) per predicted token.
     """
     manifest = store.manifest
-    if manifest["model_source"] != loaded.source or manifest["layer"] < 0:
+    if not store.extracted_by(loaded) or manifest["layer"] < 0:
         raise ValueError(f"the store was extracted from {manifest['model_source']!r}, not {loaded.source!r}")
     layer = manifest["layer"]
     texts = store.texts()

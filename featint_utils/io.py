@@ -122,9 +122,13 @@ def save_checkpoint(directory: Path, tensors: dict, state: dict) -> None:
     replace_dir(tmp, directory)
 
 
-def load_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dict] | None:
+def load_checkpoint(
+    directory: Path, fingerprint: str, same_settings: dict[str, str] | None = None
+) -> tuple[dict, dict] | None:
     """(state, tensors) of the checkpoint in ``directory``; None if there is none; :class:`CheckpointError` if
-    it is unreadable or was made with settings whose fingerprint differs."""
+    it is unreadable or was made with settings whose fingerprint differs. ``same_settings`` maps fingerprints
+    that an earlier version computed for these same settings to what made them differ; such a checkpoint is
+    accepted, and the log says why."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -135,7 +139,10 @@ def load_checkpoint(directory: Path, fingerprint: str) -> tuple[dict, dict] | No
         tensors = load_file(str(directory / "state.safetensors"))
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint in {directory} is unreadable ({err}); delete it to start over") from err
-    if state.get("fingerprint") != fingerprint:
+    recorded = state.get("fingerprint")
+    if recorded != fingerprint and recorded in (same_settings or {}):
+        print(f"checkpoint in {directory}: {same_settings[recorded]}; accepted as the same settings")
+    elif recorded != fingerprint:
         raise CheckpointError(
             f"checkpoint in {directory} was made with other settings (model shape, data or "
             "training settings); delete it or choose another output directory"

@@ -6,6 +6,7 @@ than the one the SAE was trained on (the original study's off-by-one).
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,22 @@ def model_source(name: str) -> str:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{str(path)!r} has no config.json: it is not a transformers model directory")
     return str(path)
+
+
+def model_fingerprint(source: str) -> str:
+    """What identifies a model wherever it lies: for a local directory (the embedded MiniLM's included) a hash
+    of the names and bytes of its top-level files (config, weights, tokenizer), so that the same model at
+    another path (another machine, another virtual environment) is the same model; a hub name as it is."""
+    path = Path(source)
+    if not path.is_dir():
+        return source
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:32]}"
 
 
 def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=torch.float32) -> LoadedModel:

@@ -187,8 +187,11 @@ def split_fit_tune_test(
     return {"fit": fit, "tune": tune, "test": test}
 
 
-def _fingerprint(sae: TopKSAE, store: ActivationStore) -> str:
-    key = f"{state_digest(sae)}|{sae.cfg.k}|{sae.cfg.input_scale}|{store.fingerprint}|{store.path.resolve()}"
+def _fingerprint(sae: TopKSAE, store: ActivationStore, store_path: Path | None = None) -> str:
+    """What the cache is made of: the SAE's weights and the store's content; with ``store_path``, as caches
+    made before Dec 2026 hashed it (with the store's path, which a moved run directory changes)."""
+    key = f"{state_digest(sae)}|{sae.cfg.k}|{sae.cfg.input_scale}|{store.fingerprint}"
+    key += f"|{store_path}" if store_path is not None else ""
     key += "|groups"  # caches from before the split unit was the store's group are rebuilt
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -211,7 +214,8 @@ def build_residual_data(
     cache_dir = Path(cache_dir)
     fingerprint = _fingerprint(sae, store)
     manifest_path = cache_dir / "manifest.json"
-    if reuse and manifest_path.exists() and read_json(manifest_path).get("fingerprint") == fingerprint:
+    same = {fingerprint, _fingerprint(sae, store, store.path.resolve())}  # the second: a cache of an older version
+    if reuse and manifest_path.exists() and read_json(manifest_path).get("fingerprint") in same:
         return open_residual_data(cache_dir)
     partial = cache_dir.with_name(cache_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -286,7 +286,7 @@ def _run_locked(
         record["stages"][stage] = {
             "status": "ok",
             "seconds": seconds,
-            "parameters": stage_params,
+            "parameters": recorded_parameters(stage_params),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json(root / "run.json", record)
@@ -311,6 +311,12 @@ def _run_locked(
     if render:
         reports.write_index(root)
     shutil.rmtree(root / "attempts", ignore_errors=True)
+
+
+def recorded_parameters(stage_params: dict) -> dict:
+    """A stage's parameters as ``run.json`` keeps them: without ``run_dir``, which is where the record itself
+    lies, so that a run directory moved or copied elsewhere still says what each stage was run with."""
+    return {k: v for k, v in stage_params.items() if k != "run_dir"}
 
 
 def torchrun_command(stage: str, nproc: int, where: list[str], profile: str, sets: dict) -> list[str]:

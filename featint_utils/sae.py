@@ -568,7 +568,6 @@ def pretrained_primary(directory: str | Path, source: str, store) -> tuple[TopKS
     installed.cfg.extra |= {
         "pretrained": provenance,
         "saelens_model_name": recorded,
-        "store": str(store.path),
         "store_fingerprint": store.fingerprint,
     }
     return installed, provenance

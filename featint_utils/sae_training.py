@@ -35,7 +35,7 @@ import torch
 
 from .activations import ActivationStore, git_commit, prefetch
 from .distributed import SINGLE, Dist
-from .io import CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .io import CheckpointError, load_checkpoint, optimizer_tensors, read_json, restore_optimizer, save_checkpoint
 from .metrics import VarianceAccumulator
 from .progress import progress
 from .sae import SAEConfig, TopKSAE
@@ -188,7 +188,8 @@ class SAETrainer:
             model=manifest["model"],
             layer=manifest["layer"],
             hook=manifest["hook"],
-            extra={"store": str(store.path), "store_fingerprint": store.fingerprint, "train": asdict(train)},
+            # the store by its content, not its path: a run directory moved or copied is the same run
+            extra={"store_fingerprint": store.fingerprint, "train": asdict(train)},
         )
         self.k_aux = min(train.k_aux or store.d_model // 2, n_latents)
         self.bf16 = train.use_bf16(dist.device)
@@ -216,9 +217,27 @@ class SAETrainer:
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoint"
 
-    def _fingerprint(self) -> str:
-        settings = {"sae": asdict(self.sae_cfg), "k_aux": self.k_aux}
+    def _fingerprint(self, store_path: str | None = None) -> str:
+        """A hash of the settings; with ``store_path``, as checkpoints written before Dec 2026 hashed them (the
+        settings then held the store's absolute path beside its content fingerprint)."""
+        sae = asdict(self.sae_cfg)
+        if store_path is not None:
+            sae["extra"] = {"store": store_path} | sae["extra"]
+        settings = {"sae": sae, "k_aux": self.k_aux}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _older_fingerprints(self) -> dict[str, str]:
+        """Fingerprints of these settings as older checkpoints recorded them, with the store's path where it
+        is now or where the finished SAE's ``cfg.json`` says it was (a run that has since moved)."""
+        paths = {str(self.store.path)}
+        try:
+            paths.add(read_json(self.out_dir / "sae" / "cfg.json")["extra"]["store"])
+        except (OSError, ValueError, KeyError):
+            pass
+        return {
+            self._fingerprint(path): f"made before checkpoints ignored the store's path (it recorded {path})"
+            for path in paths
+        }
 
     def save_checkpoint(self, optimizer: bool = True) -> None:
         """Weights, counters, data position and history; Adam's moments too unless ``optimizer`` is False (a
@@ -240,7 +259,7 @@ class SAETrainer:
 
     def load_checkpoint(self) -> bool:
         """Restore from ``checkpoint/`` if present; True if restored."""
-        found = load_checkpoint(self.checkpoint_dir, self._fingerprint())
+        found = load_checkpoint(self.checkpoint_dir, self._fingerprint(), self._older_fingerprints())
         if found is None:
             return False
         state, tensors = found

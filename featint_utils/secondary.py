@@ -67,7 +67,7 @@ def build_embedding_store(
         "hook": HOOK,
         "request": request,
         "corpus": store.manifest.get("corpus", ""),
-        "primary_store": str(store.path),
+        "primary_store": store.fingerprint,  # by content: the run directory may move
     }
     texts = store.texts().to_dict("records")  # the primary store's texts: top-activation tables work unchanged
     return store_from_arrays(

@@ -145,8 +145,9 @@ def _finished(run_dir: Path, resolved: dict, stages: list[str]) -> bool:
         return False
     done = record.get("stages", {})
     for stage in stages:
-        expected = {k: resolved[k] for k in params.PARAMETERS[stage]} | {"run_dir": str(run_dir)}
-        if done.get(stage, {}).get("status") != "ok" or done[stage].get("parameters") != expected:
+        expected = {k: resolved[k] for k in params.PARAMETERS[stage]}
+        recorded = runner.recorded_parameters(done.get(stage, {}).get("parameters") or {})  # older: with run_dir
+        if done.get(stage, {}).get("status") != "ok" or recorded != expected:
             return False
     return bool(record.get("attempts")) and record["attempts"][-1].get("status") == "ok"
 

@@ -174,6 +174,34 @@ def test_same_request_reuses_the_store_and_a_new_one_rebuilds_it(embedded, tmp_p
     assert other_texts.manifest["created"] != other_layer.manifest["created"]
 
 
+def test_a_model_at_another_path_is_the_same_model_and_its_store_is_reused(tmp_path):
+    """A run opened on another machine finds its model elsewhere (another virtual environment, another disk): the
+    store names the model by content, so it is reused there, and the splice accepts that model; a model whose
+    weights differ is another model."""
+    import shutil
+
+    from .conftest import _tiny_tokenizer, tiny_causal
+
+    here, there, other = tmp_path / "here", tmp_path / "there", tmp_path / "other"
+    tiny_causal("gpt2", vocab_size=len(_tiny_tokenizer(bos=False))).save_pretrained(here)
+    _tiny_tokenizer(bos=False).save_pretrained(here)
+    shutil.copytree(here, there)
+    split = _split(CORPUS_SENTENCES)
+    first = activations.extract(models.load_model(str(here)), split, 1, tmp_path / "acts", context_tokens=8)
+    moved = models.load_model(str(there))
+    again = activations.extract(moved, split, 1, tmp_path / "acts", context_tokens=8)
+    assert again.manifest["created"] == first.manifest["created"] and again.extracted_by(moved)
+    shutil.copytree(here, other)
+    changed = models.load_model(str(other))
+    with torch.no_grad():
+        changed.model.transformer.h[0].mlp.c_fc.weight.add_(1e-3)
+    changed.model.save_pretrained(other)
+    changed = models.load_model(str(other))
+    assert not first.extracted_by(changed)
+    rebuilt = activations.extract(changed, split, 1, tmp_path / "acts", context_tokens=8)
+    assert rebuilt.manifest["created"] != first.manifest["created"]
+
+
 def test_gathered_rows_in_any_order_are_those_of_a_full_read_across_shards(tmp_path):
     """Rows picked across shard boundaries, unsorted and repeated, read from the memory maps: the activations and
     the provenance equal what a full read of the split gives at those rows."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featint_utils import sae as sae_module
-from featint_utils.activations import StoreError, store_from_arrays
+from featint_utils.activations import ActivationStore, StoreError, store_from_arrays
 from featint_utils.metrics import evaluate_sae
 from featint_utils.sae import (
     SAEConfig,
@@ -164,6 +164,47 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(planted_store, tmp_pa
         SAETrainer(planted_store, 64, K_TRUE, config, tmp_path).train()
     SAETrainer(planted_store, 64, K_TRUE, config, tmp_path).train(resume=False)  # starting over is allowed
     assert (tmp_path / "sae" / "cfg.json").exists()
+
+
+def test_a_checkpoint_is_the_same_wherever_its_store_is_and_an_older_one_with_the_path_is_accepted(
+    directions, tmp_path, capsys
+):
+    """The store enters the settings by its content: a run whose directory moved resumes its checkpoint. Older
+    checkpoints hashed the store's absolute path too; one that differs only by that path is accepted, and says so."""
+    first = tmp_path / "first"
+    store = store_from_arrays(
+        first / "store", {"train": planted(4096, 0, directions), "val": planted(512, 1, directions)}
+    )
+    config = small_config(train_tokens=8 * 512, checkpoint_every=4)
+    SAETrainer(store, 64, K_TRUE, config, first / "sae_run").train(stop_after=4)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    first.rename(moved)
+    again = SAETrainer(ActivationStore(moved / "store"), 64, K_TRUE, config, moved / "sae_run")
+    assert again.load_checkpoint() and again.step == 4
+    assert "store" not in again.sae_cfg.extra  # no machine path in what the SAE records of its data
+    # as a version before Dec 2026 left a finished run: the fingerprint hashed the store's absolute path, and the
+    # SAE's cfg.json kept it
+    older = str(moved / "store")
+    legacy = again._fingerprint(store_path=older)
+    again.train()
+    state_path, cfg_path = moved / "sae_run" / "checkpoint" / "state.json", moved / "sae_run" / "sae" / "cfg.json"
+    state, cfg = json.loads(state_path.read_text()), json.loads(cfg_path.read_text())
+    state["fingerprint"] = legacy
+    cfg["extra"]["store"] = older
+    state_path.write_text(json.dumps(state))
+    cfg_path.write_text(json.dumps(cfg))
+    moved.rename(tmp_path / "last")
+    capsys.readouterr()
+    resumed = SAETrainer(
+        ActivationStore(tmp_path / "last" / "store"), 64, K_TRUE, config, tmp_path / "last" / "sae_run"
+    )
+    assert resumed.load_checkpoint() and resumed.step == 8
+    assert f"it recorded {older}" in capsys.readouterr().out
+    state["fingerprint"] = resumed._fingerprint(store_path=older + "-not-this-one")  # another path: other settings
+    (tmp_path / "last" / "sae_run" / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="other settings"):
+        resumed.load_checkpoint()
 
 
 def test_saelens_layout_round_trip(tmp_path):
