@@ -535,7 +535,8 @@ def prefetch(items, depth: int = 4, pin: bool = False):
     """Yield ``items`` while a background thread makes the next ``depth`` of them (tokenising and padding,
     or gathering store rows from the memory maps, release the GIL for most of their time), so the model
     is rarely kept waiting. ``pin`` puts tensors in pinned memory: their copy to a GPU is then asynchronous
-    (``.to(device, non_blocking=True)``). Stopping early (``break``, an error) stops the thread too."""
+    (``.to(device, non_blocking=True)``). Stopping early (``break``, an error, closing the generator) stops the
+    thread too, and waits for it to leave the item it is making."""
     queue: Queue = Queue(maxsize=depth)
     done, stop = object(), Event()
 
@@ -557,7 +558,8 @@ def prefetch(items, depth: int = 4, pin: bool = False):
             put(err)
         put(done)
 
-    Thread(target=produce, daemon=True).start()
+    worker = Thread(target=produce, daemon=True)
+    worker.start()
     try:
         while (item := queue.get()) is not done:
             if isinstance(item, BaseException):
@@ -565,6 +567,10 @@ def prefetch(items, depth: int = 4, pin: bool = False):
             yield item
     finally:
         stop.set()
+        # A daemon thread still inside numpy or torch (without the GIL) when the interpreter exits is ended there,
+        # and a C++ frame that cannot unwind aborts the process ("terminate called without an active exception",
+        # SIGABRT: a rank of a two-rank SAE training at exit, under load). Once stopped it ends within one item.
+        worker.join()
 
 
 def _pad(split: str, batch: list[_Chunk], prefix, suffix, excluded: np.ndarray, texts_done: int) -> PaddedBatch:

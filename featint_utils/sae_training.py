@@ -290,10 +290,13 @@ class SAETrainer:
             if cfg.prefetch_batches:
                 stream = prefetch(stream, cfg.prefetch_batches, pin=device.type == "cuda")
             empty = True
-            for x in stream:
-                empty = False
-                self.batch_in_epoch += 1
-                yield x.to(device, non_blocking=True)
+            try:
+                for x in stream:
+                    empty = False
+                    self.batch_in_epoch += 1
+                    yield x.to(device, non_blocking=True)
+            finally:
+                stream.close()  # with prefetching, its thread ends with it
             if empty and self.batch_in_epoch == 0:
                 raise ValueError(f"the training split has fewer than batch_size={cfg.batch_size} tokens")
             self.epoch += 1
@@ -372,25 +375,28 @@ class SAETrainer:
         curves = ScalarLog(self.out_dir, active=self.dist.is_main)  # x axis: training tokens
         started, tokens_at_start, done = time.perf_counter(), self.step * cfg.batch_size, 0
         batches = self._batches()
-        while self.step < total and (stop_after is None or done < stop_after):
-            stats = self.train_step(next(batches))
-            done += 1
-            stats.update(step=self.step, tokens=self.step * cfg.batch_size)
-            if self.step % eval_every == 0 or self.step == total:
-                stats["val_fvu"] = self.quick_eval()
-            self.history.append(stats)
-            curves.add(stats["tokens"], {f"sae/{k}": v for k, v in stats.items() if k not in ("step", "tokens")})
-            if self.step % checkpoint_every == 0 and self.step < total:
-                self.save_checkpoint()
-            rate = (self.step * cfg.batch_size - tokens_at_start) / (time.perf_counter() - started)  # global
-            bar.update(1)
-            bar.set_postfix(
-                tok_s=f"{rate:.0f}",
-                fvu=f"{stats['fvu']:.3f}",
-                l0=f"{stats['l0']:.1f}",
-                dead=f"{100 * stats['dead_fraction']:.1f}%",
-                refresh=False,
-            )
+        try:
+            while self.step < total and (stop_after is None or done < stop_after):
+                stats = self.train_step(next(batches))
+                done += 1
+                stats.update(step=self.step, tokens=self.step * cfg.batch_size)
+                if self.step % eval_every == 0 or self.step == total:
+                    stats["val_fvu"] = self.quick_eval()
+                self.history.append(stats)
+                curves.add(stats["tokens"], {f"sae/{k}": v for k, v in stats.items() if k not in ("step", "tokens")})
+                if self.step % checkpoint_every == 0 and self.step < total:
+                    self.save_checkpoint()
+                rate = (self.step * cfg.batch_size - tokens_at_start) / (time.perf_counter() - started)  # global
+                bar.update(1)
+                bar.set_postfix(
+                    tok_s=f"{rate:.0f}",
+                    fvu=f"{stats['fvu']:.3f}",
+                    l0=f"{stats['l0']:.1f}",
+                    dead=f"{100 * stats['dead_fraction']:.1f}%",
+                    refresh=False,
+                )
+        finally:
+            batches.close()  # its prefetching thread ends here, not at the interpreter's exit (see prefetch)
         bar.close()
         curves.close()
         if self.step >= total:

@@ -1,11 +1,37 @@
-"""Shared fixtures: the real embedded MiniLM and tiny random causal LMs saved as local model directories."""
+"""Shared fixtures: the real embedded MiniLM, tiny random causal LMs saved as local model directories, and one
+tiny run of every stage; and how the suite is spread over the CPU's cores (pytest-xdist, one thread each)."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
 
-from featint_utils import models
+# One compute thread per test process (xdist worker, notebook kernel, torchrun rank; the children inherit it),
+# set before torch is imported: the tests' tensors are small, so a second thread buys little (the planted
+# estimator fixture: 128 s at one thread, 117 s at two), while two workers of two threads each on two cores
+# spin against each other (the whole suite 18 min 46 s, against 15 min 0 s in one process).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from featint_utils import models  # noqa: E402
+
+# The test files that take longest (each runs whole in one worker), in the order the workers start them: first,
+# so that no worker is left alone with a long one at the end.
+LONGEST_FIRST = ("test_pipeline.py", "test_sweeps.py", "test_distributed.py", "test_interaction.py", "test_runner.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, its own order
+
 
 CORPUS_SENTENCES = [
     "the cat sat on the mat and looked out of the window",
@@ -112,3 +138,73 @@ def random_store(path, n_train: int, n_val: int, d: int = 16, tokens_per_text: i
         s: np.c_[np.arange(n) // tokens_per_text, np.arange(n) % tokens_per_text, np.zeros(n)] for s, n in sizes.items()
     }
     return store_from_arrays(path, {s: rng.normal(size=(n, d)) for s, n in sizes.items()}, meta=meta)
+
+
+# Every stage of the embedded profile at sizes that keep each notebook to seconds.
+TINY_RUN = {
+    "max_groups": "12",
+    "batch_size": "16",
+    "val_fraction": "0.25",
+    "n_boot": "50",
+    "probe_folds": "3",
+    "sae_latents": "256",
+    "sae_train_tokens": "4096",
+    "sae_batch_size": "256",
+    "splice_texts": "8",
+    "nfm_batch_size": "64",
+    "nfm_k_embed": "16",
+    "nfm_max_epochs": "3",
+    "nfm_lr_grid": "3e-3",
+    "pair_ridge_pairs": "64",
+    "power_shares": "0.01,0.05",
+    "power_pairs": "4",
+    "conjunction_candidates": "4",
+    "absorption_pairs": "4",
+    "nfm_seeds": "0,1",
+    "n_top_features": "5",
+    "secondary_latents": "64",
+    "secondary_k": "4",
+    "secondary_train_tokens": "2048",
+    "secondary_batch_size": "256",
+    "n_panels": "1",
+    "clamp_features": "1",
+    "clamp_levels": "-1,1",
+    "max_items": "12",
+    "n_permutations": "199",
+}
+
+
+class TinyRun(NamedTuple):
+    """A finished run of every stage and what the runner printed to the terminal while making it."""
+
+    root: Path
+    terminal: str
+
+
+@contextlib.contextmanager
+def stderr_into(path: Path):
+    """``sys.stderr`` and file descriptor 2 (which child processes, kernels among them, inherit) into ``path``:
+    what a terminal would have shown on its error stream."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(f):
+                yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """The real pipeline once, through papermill, reports rendered: the smoke, stale-artifact and relocation
+    tests each read it, and any test that changes a run changes a copy of it."""
+    from featint_utils import runner
+
+    where = tmp_path_factory.mktemp("tiny_run")
+    with stderr_into(where / "terminal.txt"):
+        root = runner.run("embedded", overrides=TINY_RUN, runs_dir=where)
+    return TinyRun(root, (where / "terminal.txt").read_text())

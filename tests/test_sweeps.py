@@ -3,6 +3,8 @@ comparison table with a row per point and its report; a rerun does no work; a sw
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,10 +69,20 @@ def test_zip_pairs_values_and_refuses_lists_of_different_lengths(tmp_path):
         sweeps.run_sweep("embedded", ["sae_k=16,32"], overrides={"sae_k": "8"}, sweep_dir=tmp_path / "s")
 
 
-def test_a_tiny_sweep_shares_its_store_compares_its_points_and_a_rerun_does_no_work(tmp_path, capsys):
-    where = tmp_path / "sweep"
-    only = ["00", "01", "02", "03"]
-    sweeps.run_sweep("embedded", ["sae_k=4,8"], overrides=TINY, only=only, sweep_dir=where, reports=False)
+SWEPT = (["sae_k=4,8"], ["00", "01", "02", "03"])  # the tiny sweep's grid and stages
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory) -> Path:
+    """Two points over one shared store, stages 00-03, both points at once (two job slots)."""
+    where = tmp_path_factory.mktemp("sweeps") / "sweep"
+    grid, only = SWEPT
+    sweeps.run_sweep("embedded", grid, overrides=TINY, only=only, sweep_dir=where, reports=False, jobs=2)
+    return where
+
+
+def test_a_tiny_sweep_shares_its_store_compares_its_points_and_runs_them_at_once(tiny_sweep):
+    where = tiny_sweep
     points = [where / "points" / name for name in ("sae_k4", "sae_k8")]
     assert len(list((where / "stores").iterdir())) == 1  # sae_k does not shape the store: extracted once
     stores = [ActivationStore(p / "activations") for p in points]
@@ -88,26 +100,37 @@ def test_a_tiny_sweep_shares_its_store_compares_its_points_and_a_rerun_does_no_w
     assert table["sae_fvu"].iloc[1] < table["sae_fvu"].iloc[0]  # twice the active latents reconstruct better
     assert (where / "comparison.html").stat().st_size > 10_000
     assert (where / "figures" / "sweep_comparison.png").exists()
+    spans = [json.loads((p / "run.json").read_text())["attempts"][-1] for p in points]
+    assert spans[0]["started"] < spans[1]["finished"] and spans[1]["started"] < spans[0]["finished"]  # overlapped
 
+
+def _rerun_does_no_work(where: Path, capsys) -> None:
+    points = sorted((where / "points").iterdir())
     attempts = [len(json.loads((p / "run.json").read_text())["attempts"]) for p in points]
     report_time = os.stat(where / "comparison.ipynb").st_mtime_ns
     capsys.readouterr()
-    sweeps.run_sweep("embedded", ["sae_k=4,8"], overrides=TINY, only=only, sweep_dir=where, reports=False)
-    assert capsys.readouterr().out.count("finished before, skipped") == 2
+    grid, only = SWEPT
+    sweeps.run_sweep("embedded", grid, overrides=TINY, only=only, sweep_dir=where, reports=False)
+    assert capsys.readouterr().out.count("finished before, skipped") == len(points) == 2
     assert [len(json.loads((p / "run.json").read_text())["attempts"]) for p in points] == attempts
     assert os.stat(where / "comparison.ipynb").st_mtime_ns == report_time
 
 
-def test_a_swept_layer_extracts_one_store_per_layer_and_jobs_run_points_at_once(tmp_path):
-    where = tmp_path / "sweep"
-    sweeps.run_sweep("embedded", ["layer=2,3"], overrides=TINY, only=["00"], sweep_dir=where, reports=False, jobs=2)
-    stores = [ActivationStore(where / "points" / f"layer{n}" / "activations") for n in (2, 3)]
-    assert len(list((where / "stores").iterdir())) == 2
-    assert [s.manifest["layer"] for s in stores] == [2, 3] and stores[0].fingerprint != stores[1].fingerprint
-    table = sweeps.comparison_table(where)
-    assert list(table["layer"]) == [2, 3] and table["sae_fvu"].isna().all()  # no SAE in this sweep
-    spans = [json.loads((where / "points" / f"layer{n}" / "run.json").read_text())["attempts"][-1] for n in (2, 3)]
-    assert spans[0]["started"] < spans[1]["finished"] and spans[1]["started"] < spans[0]["finished"]  # overlapped
+def test_a_rerun_of_a_finished_sweep_does_no_work(tiny_sweep, capsys):
+    _rerun_does_no_work(tiny_sweep, capsys)
+
+
+def test_a_sweep_moved_as_a_whole_keeps_its_shared_store_and_every_point(tiny_sweep, tmp_path, capsys):
+    moved = tmp_path / "elsewhere" / "sweep"
+    shutil.copytree(tiny_sweep, tmp_path / "staged", symlinks=True)  # a sweep made here, then moved (mv)
+    moved.parent.mkdir()
+    (tmp_path / "staged").rename(moved)
+    for point in (moved / "points").iterdir():  # the links are relative: they find the store in its new place
+        store = ActivationStore(point / "activations")
+        store.verify(cached=False)
+        assert store.path.resolve().parent.parent == moved / "stores"
+    _rerun_does_no_work(moved, capsys)
+    assert pd.read_csv(moved / "comparison.csv").equals(pd.read_csv(tiny_sweep / "comparison.csv"))
 
 
 def test_a_failed_point_does_not_stop_the_others_and_the_sweep_names_it(tmp_path, monkeypatch):
@@ -120,7 +143,8 @@ def test_a_failed_point_does_not_stop_the_others_and_the_sweep_names_it(tmp_path
     monkeypatch.setattr(sweeps, "_run_point", point)
     where = tmp_path / "sweep"
     with pytest.raises(sweeps.SweepError, match=r"1 of 3 points failed: sae_k4; .*sweep.log"):
-        sweeps.run_sweep("embedded", ["sae_k=4,8,16"], overrides=TINY, only=["00"], sweep_dir=where, reports=False)
+        # stage 01 alone: no shared store to extract first, only the points (stood in for) and the comparison
+        sweeps.run_sweep("embedded", ["sae_k=4,8,16"], overrides=TINY, only=["01"], sweep_dir=where, reports=False)
     assert ran == ["sae_k4", "sae_k8", "sae_k16"]  # the points after the failed one still ran
     assert len(pd.read_csv(where / "comparison.csv")) == 3 and (where / "comparison.html").exists()
 
