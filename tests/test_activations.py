@@ -216,3 +216,22 @@ def test_gathered_rows_in_any_order_are_those_of_a_full_read_across_shards(tmp_p
     rows = np.random.default_rng(0).integers(0, 3_000, 500)
     np.testing.assert_array_equal(store.gather("train", rows), store.load("train")[rows])
     np.testing.assert_array_equal(store.gather_meta("train", rows), store.tokens("train").to_numpy()[rows])
+
+
+def test_a_closed_prefetch_leaves_no_thread_behind():
+    """Closing the generator (a trainer that has its steps) ends the producer before it returns: a daemon thread
+    left inside numpy or torch when the interpreter exits can abort the process."""
+    import itertools
+    import threading
+    import time
+
+    def slow():
+        for i in itertools.count():
+            time.sleep(0.02)  # the producer is inside an item when the consumer stops
+            yield i
+
+    before = set(threading.enumerate())
+    stream = activations.prefetch(slow(), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert [t for t in threading.enumerate() if t not in before] == []
