@@ -35,9 +35,11 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 def ranks_said(done: subprocess.CompletedProcess) -> str:
     """What the ranks printed, without progress bars and warnings, so a failure shows the rank's own error
-    (a traceback or gloo's message) and not only torchrun's summary."""
+    (a traceback or gloo's message) and where it had got to (its last lines of output), not only torchrun's
+    summary."""
     noise = ("it/s", "epoch/s", "step/s", "text/s", "Warning", "self.objective")
-    return "\n".join(line for line in done.stderr.splitlines() if not any(n in line for n in noise))[-8000:]
+    errors = "\n".join(line for line in done.stderr.splitlines() if not any(n in line for n in noise))[-8000:]
+    return f"{errors}\n-- the ranks' last output --\n" + "\n".join(done.stdout.splitlines()[-20:])
 
 
 @pytest.fixture(scope="module")
