@@ -403,15 +403,18 @@ def store_from_npz(
         raise ValueError(f"'doc' in {path} must be an integer array of length {len(acts)}, got {doc.dtype} {doc.shape}")
     if not np.isfinite(acts).all():
         raise StoreError(f"'acts' in {path} holds NaN or Inf values: refusing to build a store from it")
-    request = {
-        "corpus": corpus,
+    request = {  # the file by its content: moved elsewhere (another corpus path) it is the same file
         "sha256": _sha256(path),
         "val_fraction": val_fraction,
         "seed": seed,
         "max_groups": max_groups,
         "dtype": dtype,
     }
-    existing = reusable_store(store_dir, request) if reuse else None
+    try:  # a store made before Dec 2026 also recorded the path it read the file from
+        older = ({**request, "corpus": read_json(Path(store_dir) / "manifest.json")["request"]["corpus"]},)
+    except (OSError, ValueError, KeyError, TypeError):
+        older = ()
+    existing = reusable_store(store_dir, request, older) if reuse else None
     if existing is not None:
         print(f"reusing the activation store at {store_dir} (same file and split; checksums verified)")
         return existing

@@ -2,6 +2,7 @@
 (the ``activations:PATH.npz`` corpus), on planted activations whose interaction is known."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -107,6 +108,16 @@ def test_activation_files_are_split_by_document_and_bad_files_are_clear_errors(t
         store_from_npz(f"activations:{tmp_path / 'ok.npz'}", tmp_path / "store", 0.3, seed=1).manifest["created"]
         == store.manifest["created"]
     )  # the same file and split: reused
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "ok.npz").rename(tmp_path / "moved" / "ok.npz")
+    moved = store_from_npz(f"activations:{tmp_path / 'moved' / 'ok.npz'}", tmp_path / "store", 0.3, seed=1)
+    assert moved.manifest["created"] == store.manifest["created"] and moved.fingerprint == store.fingerprint
+    (tmp_path / "moved" / "ok.npz").rename(tmp_path / "ok.npz")  # the same file at another path: the same store
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    manifest["request"]["corpus"] = "activations:/where/it/was/ok.npz"  # as a store of an older version says
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
+    older = store_from_npz(f"activations:{tmp_path / 'ok.npz'}", tmp_path / "store", 0.3, seed=1)
+    assert older.manifest["created"] == store.manifest["created"]
     bad = {
         "missing_doc.npz": {"acts": acts},
         "ints.npz": {"acts": acts.astype(int), "doc": doc},
