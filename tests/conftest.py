@@ -22,7 +22,14 @@ from featint_utils import models  # noqa: E402
 
 # The test files that take longest (each runs whole in one worker), in the order the workers start them: first,
 # so that no worker is left alone with a long one at the end.
-LONGEST_FIRST = ("test_pipeline.py", "test_sweeps.py", "test_distributed.py", "test_interaction.py", "test_runner.py")
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_distributed.py",
+    "test_sweeps.py",
+    "test_interaction.py",
+    "test_runner.py",
+    "test_absorption.py",
+)
 
 
 def pytest_collection_modifyitems(items):
