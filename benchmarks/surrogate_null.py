@@ -54,16 +54,17 @@ def shares(store, name: str, cfg: TrainConfig, n_latents: int, k: int, work: Pat
 
 def matched_noise(reconstruct, train: np.ndarray, fraction: float, seed: int):
     """Gaussian noise with ``fraction`` times the covariance of ``train - reconstruct(train)``."""
-    error = train - reconstruct(torch.from_numpy(train)).numpy()
+    with torch.no_grad():
+        error = train - reconstruct(torch.from_numpy(train)).numpy()
     chol = np.linalg.cholesky(np.cov(error.astype(np.float64), rowvar=False) + 1e-12 * np.eye(train.shape[1]))
     factor = torch.from_numpy(np.sqrt(fraction) * chol).float()
     generator = torch.Generator().manual_seed(seed)
     return lambda n: torch.randn(n, factor.shape[0], generator=generator) @ factor.T
 
 
-@torch.no_grad()
 def surrogate(kind: str, store, sae, cfg: TrainConfig, work: Path):
-    """The transform of raw activations that makes ``kind``'s surrogate (see the module docstring)."""
+    """The transform of raw activations that makes ``kind``'s surrogate (see the module docstring); it may train
+    a generator SAE, so it runs with gradients (the caller detaches what the transform returns)."""
     train = store.load("train")
     if kind.startswith("gauss"):
         reconstruct, fraction = sae.reconstruct_raw, float(kind[5:] or 1)
