@@ -47,8 +47,11 @@ class StimulusError(ValueError):
     """The stimulus file breaks the set's rules; the message names the rows."""
 
 
-def load_stimuli(path: str | Path = STIMULI_CSV) -> pd.DataFrame:
-    """The register x affect stimulus set, validated: one row per variant, four variants per item."""
+def load_stimuli(path: str | Path = STIMULI_CSV, max_items: int = 0) -> pd.DataFrame:
+    """The register x affect stimulus set, validated: one row per variant, four variants per item; with
+    ``max_items``, only the first that many items (by item id), all four variants of each."""
+    if max_items < 0:
+        raise ValueError(f"max_items must be 0 (all items) or more, got {max_items}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"stimulus file {str(path)!r} does not exist")
@@ -86,6 +89,8 @@ def load_stimuli(path: str | Path = STIMULI_CSV) -> pd.DataFrame:
     dup_text = df["text"].duplicated(keep=False)
     if dup_text.any():
         raise StimulusError(f"{path.name}: duplicate texts on line(s) {rows(dup_text)}")
+    if max_items:
+        df = df[df["item_id"].isin(sorted(df["item_id"].unique())[:max_items])].reset_index(drop=True)
     return df
 
 

@@ -85,6 +85,8 @@ N_TOP_FEATURES = Parameter("n_top_features", int, 20, "features shown and compar
 N_BOOT = Parameter("n_boot", int, 2000, "bootstrap resamples for every interval", "positive")
 FDR_Q = Parameter("fdr_q", float, 0.05, "false-discovery (05) or family-wise (06) level", "fraction")
 
+MAX_ITEMS = Parameter("max_items", int, 0, "stimulus items measured (0: all)", "non_negative")
+
 _P = Parameter
 PARAMETERS: dict[str, dict[str, Parameter]] = {
     "00_activations": {
@@ -298,6 +300,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             N_TOP_FEATURES,
             _P("n_panels", int, 4, "secondary features shown in full in a headless run", "non_negative"),
             _P("replication_seed", int, 0, "seeds the split of the items for the replication check", "non_negative"),
+            MAX_ITEMS,
             DEVICE,
             MODEL_DTYPE,
         ]
@@ -314,7 +317,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "added multiples of each feature's largest observed activation",
                 "nonzero_list",
             ),
-            _P("max_items", int, 0, "stimulus items measured (0: all)", "non_negative"),
+            MAX_ITEMS,
             _P("n_permutations", int, 10_000, "sign-flip permutations per test", "positive"),
             N_BOOT,
             FDR_Q,

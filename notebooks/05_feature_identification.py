@@ -29,6 +29,7 @@ fdr_q: float = 0.05  # false-discovery (05) or family-wise (06) level
 n_top_features: int = 20  # features shown and compared per part
 n_panels: int = 4  # secondary features shown in full in a headless run
 replication_seed: int = 0  # seeds the split of the items for the replication check
+max_items: int = 0  # stimulus items measured (0: all)
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 model_dtype: str = "float32"  # language model weights: float32, bfloat16 or float16 (not the store's dtype)
 
@@ -70,7 +71,7 @@ run = Run.open(run_dir, "05_feature_identification", globals())
 # %%
 store = run.store()
 require_model(store, "05")  # a run on activations from a file stops here
-stimuli = load_stimuli()
+stimuli = load_stimuli(max_items=max_items)
 scored = manipulation.score_texts(stimuli)
 print(f"{stimuli.item_id.nunique()} items × 4 variants, {stimuli.topic.nunique()} topics")
 effects = manipulation.effect_table(scored, n_boot=n_boot)

@@ -103,9 +103,7 @@ if loaded.is_causal_lm:
             loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, clamp_seed
         )
 else:
-    stimuli = load_stimuli()
-    if max_items:
-        stimuli = stimuli[stimuli["item_id"].isin(sorted(stimuli["item_id"].unique())[:max_items])]
+    stimuli = load_stimuli(max_items=max_items)
     texts = stimuli["text"].tolist()
     centroids = clamping.leave_item_out_centroids(clamping.pooled_embeddings(loaded, store.layer, texts), stimuli)
     readout_name = "cosine to the condition centroid"

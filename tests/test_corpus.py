@@ -120,6 +120,16 @@ def test_stimulus_validation_names_the_problem(tmp_path):
         corpus.load_stimuli(_write_stimuli(tmp_path, dup))
 
 
+def test_max_items_keeps_the_first_items_whole(tmp_path):
+    path = _write_stimuli(tmp_path, _item("w3") + _item("w1") + _item("w2"))
+    first = corpus.load_stimuli(path, max_items=2)
+    assert sorted(first["item_id"].unique()) == ["w1", "w2"] and len(first) == 8  # all four variants of each
+    assert list(first.index) == list(range(8))
+    assert len(corpus.load_stimuli(path, max_items=0)) == len(corpus.load_stimuli(path, max_items=5)) == 12
+    with pytest.raises(ValueError, match="max_items must be 0"):
+        corpus.load_stimuli(path, max_items=-1)
+
+
 def test_stimulus_texts_group_the_four_variants_of_an_item(tmp_path):
     texts = corpus.stimulus_texts(corpus.load_stimuli(_write_stimuli(tmp_path, _item("w1") + _item("w2"))))
     assert [t.group for t in texts] == ["w1"] * 4 + ["w2"] * 4

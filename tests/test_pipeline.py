@@ -134,26 +134,24 @@ def _json_naming(run_dir: Path, where: Path) -> list[str]:
 
 
 def test_a_run_directory_copied_or_moved_elsewhere_is_the_same_run(tiny_run, tmp_path):
-    """``cp -r`` (new mtimes) to another parent, and a move (``mv``): each stage run again there trains nothing,
-    refuses nothing, and gives the same metrics; nothing that identifies an artifact names a machine path."""
+    """``cp -r`` (new mtimes) to another parent, then a move (``mv``) of the copy to a third: every stage that
+    trains (SAE, NFM ladder, absorption's SAEs, secondary SAE) run again there trains nothing, refuses nothing,
+    and gives the same metrics; nothing that identifies an artifact names a machine path (the original's, the
+    copy's or the final one)."""
     original = tiny_run.root
     copied = tmp_path / "elsewhere" / "copied"
     copied.parent.mkdir()
     subprocess.run(["cp", "-r", str(original), str(copied)], check=True)
-    staged = tmp_path / "staged"  # a run made here, then moved: its files keep their mtimes, its path changes
-    shutil.copytree(original, staged, symlinks=True)
     moved = tmp_path / "scratch" / "moved"
     moved.parent.mkdir()
-    staged.rename(moved)
+    copied.rename(moved)
     before, metrics = _trained(original), json.loads((original / "metrics.json").read_text())
     assert {"primary_sae/checkpoint/state.json", "nfm/nfm/seed0/model/nfm.safetensors"} <= set(before)
-    # the copy: every stage that trains (SAE, NFM ladder, absorption's SAEs, secondary SAE); the move: 00-02
-    for run_dir, stages in ((copied, ["00", "01", "02", "03", "04"]), (moved, ["00", "01", "02"])):
-        runner.run("embedded", only=stages, overrides=TINY_RUN, run_dir=run_dir, reports=False)
-        assert _trained(run_dir) == before, f"{run_dir.name}: a trainer ran a step"
-        executed = {nb: (run_dir / "notebooks" / f"{nb}.ipynb").read_text() for nb in ("01_primary_sae", "02_nfm")}
-        assert "resuming from step 16 of 16" in executed["01_primary_sae"]
-        assert "nfm (seed 0)" not in executed["02_nfm"]  # the finished ladder was read back
-        assert json.loads((run_dir / "metrics.json").read_text()) == metrics
-        for where in (original, run_dir):
-            assert not _json_naming(run_dir, where), (where, _json_naming(run_dir, where))
+    runner.run("embedded", only=["00", "01", "02", "03", "04"], overrides=TINY_RUN, run_dir=moved, reports=False)
+    assert _trained(moved) == before, "a trainer ran a step"
+    executed = {nb: (moved / "notebooks" / f"{nb}.ipynb").read_text() for nb in ("01_primary_sae", "02_nfm")}
+    assert "resuming from step 16 of 16" in executed["01_primary_sae"]
+    assert "nfm (seed 0)" not in executed["02_nfm"]  # the finished ladder was read back
+    assert json.loads((moved / "metrics.json").read_text()) == metrics
+    for where in (original, copied, moved):
+        assert not _json_naming(moved, where), (where, _json_naming(moved, where))
