@@ -83,7 +83,9 @@ N_SHOW_FEATURES = Parameter("n_show_features", int, 6, "features whose top activ
 NFM_SEED = Parameter("nfm_seed", int, 0, "the NFM (one of 02's nfm_seeds) that 03-06 take apart", "non_negative")
 N_TOP_FEATURES = Parameter("n_top_features", int, 20, "features shown and compared per part", "positive")
 N_BOOT = Parameter("n_boot", int, 2000, "bootstrap resamples for every interval", "positive")
-FDR_Q = Parameter("fdr_q", float, 0.05, "false-discovery (05) or family-wise (06) level", "fraction")
+FDR_Q = Parameter(
+    "fdr_q", float, 0.05, "false-discovery (03's conjunction latents, 05) or family-wise (06) level", "fraction"
+)
 
 MAX_ITEMS = Parameter("max_items", int, 0, "stimulus items measured (0: all)", "non_negative")
 
@@ -262,6 +264,14 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "per latent, the most correlated latents whose pairs are searched",
                 "positive",
             ),
+            _P(
+                "conjunction_min_increment",
+                float,
+                0.01,
+                "least pre-activation variance share a conjunction's pair product adds",
+                "fraction",
+            ),
+            FDR_Q,
             DEVICE,
         ]
     },

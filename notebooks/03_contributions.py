@@ -40,6 +40,8 @@ absorption_pairs: int = 16  # latent pairs in the injected interaction
 absorption_train_tokens: int = 0  # the retrained SAE's budget (0: the primary SAE's own; then it is the reference)
 absorption_seed: int = 0  # seeds the injected interaction and the retrained SAE
 conjunction_candidates: int = 10  # per latent, the most correlated latents whose pairs are searched
+conjunction_min_increment: float = 0.01  # least pre-activation variance share a conjunction's pair product adds
+fdr_q: float = 0.05  # false-discovery (03's conjunction latents, 05) or family-wise (06) level
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 
 # %%
@@ -152,22 +154,33 @@ injected = absorption.injected_conjunctions(absorption_dir, candidates=conjuncti
 display(pd.Series(injected, name="injected directions").to_frame())
 
 # %% [markdown]
-# **Conjunction latents.** Latents whose activation (on held-out documents) is predicted far better by the
-# product of two other latents' presences (the input's projections on their decoder directions: the SAE keeps
-# the latents that a conjunction has absorbed quiet) than by the two linearly, with a decoder direction mostly
-# outside the span of theirs: latents that stand for "a and b together". Pairs are chosen on half the
-# held-out documents and scored on the other half.
+# **Conjunction latents.** Latents that stand for "a and b together": the input's projection on two other
+# latents' decoder directions (their *presences*: the SAE keeps the latents that a conjunction has absorbed
+# quiet) predicts the latent's encoder pre-activation through their **product**, beyond any additive function
+# of the two (a jump, a slope and hinges for each). The pre-activation, not the code: it is linear in the input,
+# so a product dependence means the input holds a direction that comes with a and b together, whereas the
+# code's top-k threshold makes it depend on pairs with no such direction. Each latent's pair is chosen on half
+# the held-out documents and tested on the other half, against surrogates that keep its additive dependence on
+# both presences and its co-firing with them and have no product structure; a conjunction latent's product adds
+# at least `conjunction_min_increment` of its pre-activation variance (Benjamini-Hochberg at `fdr_q` across the
+# latents), with a decoder direction mostly outside the pair's span. The same test on one surrogate per latent
+# is the count on data with nothing to find.
 
 # %%
-conjunctions = absorption.conjunction_latents(store, sae, "val", candidates=conjunction_candidates)
+conjunctions = absorption.conjunction_latents(
+    store, sae, "val", candidates=conjunction_candidates, fdr=fdr_q, min_increment=conjunction_min_increment
+)
 display(
     conjunctions.head(15)
-    .style.format("{:.3f}", subset=["r2_product", "r2_single", "r2_additive", "gain", "outside_span"])
+    .style.format("{:.3f}", subset=["r2_product", "r2_additive", "gain", "increment", "z", "outside_span"])
+    .format("{:.2g}", subset=["q_value"])
     .hide(axis="index")
 )
 print(
     f"{int(conjunctions['conjunction'].sum())} of {len(conjunctions)} firing latents are conjunction latents "
-    "(R² of the product ≥ 0.3 and ≥ 0.2 above the additive fit; ≥ half the decoder outside the pair's span)"
+    f"(q < {fdr_q}, product ≥ {conjunction_min_increment:g} of the pre-activation variance, ≥ half the decoder "
+    f"outside the pair's span); on surrogates with no product structure the same test flags "
+    f"{int(conjunctions['null_conjunction'].sum())}"
 )
 
 # %% [markdown]
@@ -215,6 +228,7 @@ headline = interaction.headline(results) | {
     "absorption_directions_as_conjunction": injected["as_conjunction_latent"],
     "conjunction_latents": int(conjunctions["conjunction"].sum()),
     "conjunction_latents_fraction": float(conjunctions["conjunction"].mean()),
+    "conjunction_latents_null": int(conjunctions["null_conjunction"].sum()),
     "top_n": n_top_features,
     "top_overlap": overlap and overlap["shared"],
     "top_overlap_chance": overlap and overlap["chance_shared"],
