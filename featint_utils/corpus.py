@@ -50,8 +50,6 @@ class StimulusError(ValueError):
 def load_stimuli(path: str | Path = STIMULI_CSV, max_items: int = 0) -> pd.DataFrame:
     """The register x affect stimulus set, validated: one row per variant, four variants per item; with
     ``max_items``, only the first that many items (by item id), all four variants of each."""
-    if max_items < 0:
-        raise ValueError(f"max_items must be 0 (all items) or more, got {max_items}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"stimulus file {str(path)!r} does not exist")
@@ -89,9 +87,17 @@ def load_stimuli(path: str | Path = STIMULI_CSV, max_items: int = 0) -> pd.DataF
     dup_text = df["text"].duplicated(keep=False)
     if dup_text.any():
         raise StimulusError(f"{path.name}: duplicate texts on line(s) {rows(dup_text)}")
-    if max_items:
-        df = df[df["item_id"].isin(sorted(df["item_id"].unique())[:max_items])].reset_index(drop=True)
-    return df
+    return first_items(df, max_items)
+
+
+def first_items(stimuli: pd.DataFrame, max_items: int = 0) -> pd.DataFrame:
+    """The first ``max_items`` items of a stimulus set (by item id), all four variants of each (0: all)."""
+    if max_items < 0:
+        raise ValueError(f"max_items must be 0 (all items) or more, got {max_items}")
+    if not max_items:
+        return stimuli
+    kept = stimuli["item_id"].isin(sorted(stimuli["item_id"].unique())[:max_items])
+    return stimuli[kept].reset_index(drop=True)
 
 
 def stimulus_texts(df: pd.DataFrame) -> list[Text]:
@@ -241,8 +247,9 @@ def _first_documents(lines, name: str, n: int, check_every: int = 2_000) -> list
     return _documents_from_lines(read, name)[:n]
 
 
-def load_corpus(spec: str, max_documents: int | None = None) -> list[Text]:
-    """Texts named by a spec: ``"stimuli"`` (the project's set), a file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
+def load_corpus(spec: str, max_documents: int | None = None, stimuli: pd.DataFrame | None = None) -> list[Text]:
+    """Texts named by a spec: ``"stimuli"`` (``stimuli``, the model's own set, or else the project's), a file
+    path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
 
     ``max_documents`` streams a Hub dataset and stops after that many documents; local files are read whole (the
     split then keeps a seeded random subset). A relative path is from the repository (as the runner's kernels
@@ -251,7 +258,7 @@ def load_corpus(spec: str, max_documents: int | None = None) -> list[Text]:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("corpus spec is empty: use 'stimuli', a .txt/.jsonl/.parquet path, or 'hf:NAME'")
     if spec == "stimuli":
-        return stimulus_texts(load_stimuli())
+        return stimulus_texts(load_stimuli() if stimuli is None else stimuli)
     if spec.startswith("hf:"):
         return load_hf_dataset(spec[3:], max_documents)
     return load_text_file(from_repository(spec))

@@ -11,8 +11,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
+
+from . import planted_model
 
 EMBEDDED = "embedded"
 
@@ -39,6 +42,7 @@ ARCHITECTURES = {
     "phi3": ("layers", "embed_tokens", "norm"),
     "opt": ("decoder.layers", None, ("decoder.project_out", "decoder.final_layer_norm")),
     "bert": ("encoder.layer", "embeddings", None),
+    "featint_planted": ("layers", "embeddings", None),  # featint_utils.planted_model
 }
 
 
@@ -56,6 +60,9 @@ class LoadedModel:
     """Where the weights were read from (the resolved directory or hub name)."""
     is_causal_lm: bool
     """True for next-token models (GPT-2, Pythia, Llama); False for encoders (BERT/MiniLM)."""
+    stimuli: pd.DataFrame | None = None
+    """The model's own 2x2 stimulus set (a planted model's, which switches its planted factors); None: the
+    project's set applies."""
 
     @property
     def n_layers(self) -> int:
@@ -127,6 +134,8 @@ def model_source(name: str) -> str:
     directory, or the hub name itself."""
     if name == EMBEDDED:
         return str(embedded_model_dir())
+    if name.startswith(planted_model.PREFIX):
+        return planted_model.PlantedSpec.parse(name).name
     if not _looks_like_path(name):
         return name
     path = Path(name).expanduser()
@@ -158,7 +167,8 @@ def model_fingerprint(source: str) -> str:
 
 
 def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=torch.float32) -> LoadedModel:
-    """Load ``"embedded"``, a local model directory, or a Hugging Face hub name.
+    """Load ``"embedded"``, a local model directory, a Hugging Face hub name, or a planted model
+    (``planted:seed=3,integration=0.2``, built in-process: :mod:`featint_utils.planted_model`).
 
     Causal LMs get their LM head (for next-token readouts); encoders are loaded bare (``AutoModel``). A hub
     name that cannot be loaded (no network) is an OSError that says how to use a local copy (``FEATINT_MODEL``).
@@ -166,6 +176,8 @@ def load_model(name: str = EMBEDDED, device: str | torch.device = "cpu", dtype=t
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if name.startswith(planted_model.PREFIX):
+        return planted_model.load(name, device, dtype)
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in a saved notebook
     source = model_source(name)
     try:
@@ -185,6 +197,8 @@ def load_tokenizer(name: str):
     """The tokenizer alone of ``name`` (as :func:`load_model` reads it): naming features needs no weights."""
     from transformers import AutoTokenizer
 
+    if name.startswith(planted_model.PREFIX):
+        return planted_model.tokenizer_for(planted_model.PlantedSpec.parse(name))
     source = model_source(name)
     try:
         return AutoTokenizer.from_pretrained(source)

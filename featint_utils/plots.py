@@ -471,6 +471,12 @@ REGISTER_ORDER = ["formal", "casual"]
 
 
 @_themed
+def _error_bars(point, low, high) -> list:
+    """Error-bar lengths below and above ``point``; a percentile interval need not contain its point estimate
+    (a skewed bootstrap), and a bar cannot be negative, so the side it misses is drawn as zero."""
+    return [np.clip(point - low, 0, None), np.clip(high - point, 0, None)]
+
+
 def manipulation_checks(scored: pd.DataFrame, effects: pd.DataFrame, probes: pd.DataFrame) -> plt.Figure:
     """Condition means of the two text scores (2x2 interaction plots, 95% CI over items), the probe accuracies
     against chance, and Cohen's d with CIs: each factor on its own score and the cross effects, each on its own
@@ -519,7 +525,7 @@ def manipulation_checks(scored: pd.DataFrame, effects: pd.DataFrame, probes: pd.
     ):
         ax = axes[key]
         y = np.arange(len(rows))
-        xerr = [rows["cohens_d"] - rows["ci_low"], rows["ci_high"] - rows["cohens_d"]]
+        xerr = _error_bars(rows["cohens_d"], rows["ci_low"], rows["ci_high"])
         ax.errorbar(rows["cohens_d"], y, xerr=xerr, fmt="o", capsize=4, color="#333333")
         ax.set_yticks(y, [f"{r.factor.split(' ')[0]} → {r.score.replace('_score', '')}" for r in rows.itertuples()])
         if key == "cross":
@@ -792,7 +798,7 @@ def effect_forest(
             continue
         color = style.KIND_COLORS[kind]
         t = table[rows]
-        xerr = [t["interaction_contrast"] - t["ci_low"], t["ci_high"] - t["interaction_contrast"]]
+        xerr = _error_bars(t["interaction_contrast"], t["ci_low"], t["ci_high"])
         ax.errorbar(t["interaction_contrast"], y[rows], xerr=xerr, fmt="none", ecolor=color, alpha=0.7, capsize=2)
         filled = rows & significant
         ax.scatter(table.loc[filled, "interaction_contrast"], y[filled], color=color, s=22, zorder=3)

@@ -18,7 +18,7 @@ import torch
 
 from . import activations, distributed, interaction, models
 from .activations import ActivationStore
-from .corpus import Split, load_corpus, split_by_group
+from .corpus import Split, first_items, load_corpus, load_stimuli, split_by_group
 from .distributed import Dist
 from .nfm import NFMConfig
 from .nfm_training import FitConfig
@@ -35,6 +35,12 @@ def load_language_model(run: Run, name: str, device: torch.device | str | None =
     """The language model ``name`` on ``device`` (default: the run's), its weights in ``model_dtype``."""
     device = device or models.resolve_device(run.params["device"])
     return models.load_model(name, device=device, dtype=MODEL_DTYPES[run.params["model_dtype"]])
+
+
+def stimuli(loaded: models.LoadedModel, max_items: int = 0) -> pd.DataFrame:
+    """The stimulus set stages 05 and 06 measure: the model's own (a planted model's) or the project's, its
+    first ``max_items`` items (0: all)."""
+    return load_stimuli(max_items=max_items) if loaded.stimuli is None else first_items(loaded.stimuli, max_items)
 
 
 class Built(NamedTuple):
@@ -59,7 +65,9 @@ def build_store(run: Run, dist: Dist | None = None) -> Built:
         dist.barrier()
         return Built(store or ActivationStore(run.store_dir), None, None)
     loaded = load_language_model(run, p["model"], dist.device)
-    texts = load_corpus(p["corpus"], max_documents=max_groups if p["corpus"].startswith("hf:") else None)
+    texts = load_corpus(
+        p["corpus"], max_documents=max_groups if p["corpus"].startswith("hf:") else None, stimuli=loaded.stimuli
+    )
     split = split_by_group(texts, p["val_fraction"], p["split_seed"], max_groups=max_groups)
     if dist.is_main:
         print(

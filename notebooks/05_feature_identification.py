@@ -51,7 +51,6 @@ from featint_utils import (
     widgets,
 )
 from featint_utils.activations import require_model
-from featint_utils.corpus import load_stimuli
 from featint_utils.dashboards import FAMILIES
 from featint_utils.io import update_metrics
 from featint_utils.progress import headless
@@ -71,7 +70,8 @@ run = Run.open(run_dir, "05_feature_identification", globals())
 # %%
 store = run.store()
 require_model(store, "05")  # a run on activations from a file stops here
-stimuli = load_stimuli(max_items=max_items)
+loaded = stages.load_language_model(run, store.manifest["model"])
+stimuli = stages.stimuli(loaded, max_items)  # the project's set, or a planted model's own
 scored = manipulation.score_texts(stimuli)
 print(f"{stimuli.item_id.nunique()} items × 4 variants, {stimuli.topic.nunique()} topics")
 effects = manipulation.effect_table(scored, n_boot=n_boot)
@@ -83,7 +83,6 @@ display(effects.round(3))
 # each factor.
 
 # %%
-loaded = stages.load_language_model(run, store.manifest["model"])
 embeddings = models.sentence_embeddings(loaded, stimuli["text"].tolist())
 probes = manipulation.probe_table(embeddings.numpy(), stimuli, n_splits=probe_folds)
 display(probes.round(3))

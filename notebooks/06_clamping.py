@@ -48,7 +48,7 @@ from IPython.display import display
 
 from featint_utils import clamping, feature_labels, features, identification, plots, stages
 from featint_utils.activations import require_model
-from featint_utils.corpus import load_prompt_frames, load_stimuli, load_wordlists
+from featint_utils.corpus import load_prompt_frames, load_wordlists
 from featint_utils.io import update_metrics
 from featint_utils.params import numbers
 from featint_utils.run import Run
@@ -103,7 +103,7 @@ if loaded.is_causal_lm:
             loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, clamp_seed
         )
 else:
-    stimuli = load_stimuli(max_items=max_items)
+    stimuli = stages.stimuli(loaded, max_items)
     texts = stimuli["text"].tolist()
     centroids = clamping.leave_item_out_centroids(clamping.pooled_embeddings(loaded, store.layer, texts), stimuli)
     readout_name = "cosine to the condition centroid"
