@@ -138,6 +138,8 @@ def absorption_by_size(work: Path, shares=(0.0, 0.01, 0.03, 0.1)) -> list[dict]:
         )
         row |= {
             "conjunction_latents": len(flagged),
+            "conjunction_latents_on_surrogates": int(table["null_conjunction"].sum()),
+            "firing_latents": len(table),
             "planted_directions_with_a_conjunction_latent": int((cosine.abs() >= 0.5).any(0).sum())
             if len(flagged)
             else 0,

@@ -75,6 +75,12 @@ def test_two_ranks_with_half_batches_train_the_sae_of_one_process_with_the_whole
     history = pd.read_csv(two_ranks / "history.csv")
     assert history["aux_loss"].gt(0).sum() >= 8, "AuxK must be active for most of the steps compared"
     assert len(history) == CONFIG["train_tokens"] // CONFIG["batch_size"]
+    # Two ranks add their half-batch gradients where one process sums the whole batch: float32 sums of 512 rows in
+    # another order, relative difference up to ~512 * eps32 = 3e-5 of a gradient. Adam's step lr * m / sqrt(v) is
+    # invariant to the gradient's scale, so a relative change d moves a step by about lr * d: 12 steps of lr 3e-3
+    # move a weight by ~1e-6 at most. atol 1e-5 is ten times that and a hundred times below where one rank's
+    # half batch alone ends (next test). A top-k choice flipped by such a difference would break any tolerance;
+    # the data and seeds are fixed, and none is within reach of it here.
     for name, value in single.sae.state_dict().items():
         torch.testing.assert_close(weights(two_ranks)[name], value, atol=1e-5, rtol=0, msg=name)
     # the global batch's numbers, as one process saw them
@@ -239,6 +245,8 @@ def test_two_ranks_with_half_batches_fit_the_nfm_of_one_process_with_the_whole_b
     assert single.improved and single.best_epoch >= 3  # the planted pairs are being learnt, epoch after epoch
     assert max(float((model.state_dict()[k] - start[k]).abs().max()) for k in start if start[k].numel()) > 1e-2
     two = nfm_weights(nfm_two_ranks)
+    # as for the SAE above: half-batch gradient sums in another order (512 rows: ~3e-5 relative), each of Adam's
+    # steps moving by lr * that; 5 epochs of ~9 steps at lr 3e-3 move a weight by ~4e-6 at most
     for name, value in model.state_dict().items():
         torch.testing.assert_close(two[name], value, atol=1e-5, rtol=1e-5, msg=name)
     ranks = pd.read_csv(nfm_two_ranks / "history.csv")
