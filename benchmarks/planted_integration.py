@@ -4,7 +4,8 @@ Every planted model of the grid (integration sizes x seeds; size 0 is the same m
 run through the whole pipeline, unchanged, by the runner (profile ``planted``, sized down by ``FAST``), and
 ``planted_truth.score_run`` reads each run against the truth. Per integration size, over the seeds:
 
-* **05** ``secondary_any`` / ``primary_any``: runs in which some feature is flagged interaction-selective (BH,
+* **05** ``secondary_any`` / ``primary_any`` / ``primary_pre_any`` (the primary features' pre-activations, linear
+  in the layer): runs in which some feature is flagged interaction-selective (BH,
   q < 0.05); with no integration every flag is false, so on size 0 this is the family-wise false-discovery rate
   that BH's FDR bounds under a complete null; ``aligned_flagged``: the secondary latent nearest the NFM's image
   of the 2x2 is flagged (power where there is an integration);
@@ -66,6 +67,8 @@ def summarise(rows: list[dict]) -> dict:
             "models": len(runs),
             "secondary_any": float(np.mean([r["secondary.flagged"] > 0 for r in runs])),
             "primary_any": float(np.mean([r["primary.flagged"] > 0 for r in runs])),
+            "primary_pre_any": float(np.mean([r["primary_pre.flagged"] > 0 for r in runs])),
+            "primary_pre_flagged_median": float(np.median([r["primary_pre.flagged"] for r in runs])),
             "secondary_flagged_median": float(np.median([r["secondary.flagged"] for r in runs])),
             "primary_flagged_median": float(np.median([r["primary.flagged"] for r in runs])),
             "aligned_flagged": float(np.mean([r["secondary.aligned_flagged"] for r in runs])),

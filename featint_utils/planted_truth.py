@@ -11,7 +11,8 @@ on the model's own stimulus set (what 05 and 06 measure):
 * **04**: the NFM's *image* of the 2x2, its hidden vector's interaction contrast over the four conditions
   (token means, FE - FN - CE + CN), and the secondary latent whose decoder direction is nearest it (cosine;
   its rank among the secondary latents by 05's interaction effect size);
-* **05**: whether that latent is flagged interaction-selective, and how many of each family are;
+* **05**: whether that latent is flagged interaction-selective, and how many of each family are (for the
+  pre-activations, also how many of those flagged have an encoder direction at |cos| >= 0.3 to ``u_AB``);
 * **06**: the contrast of its clamp at every level (when it was clamped), beside the oracle: the contrast of
   the same readout when the planted integration itself is removed (:func:`featint_utils.planted_model.oracle_contrast`).
 """
@@ -99,7 +100,7 @@ def score_run(run_dir: str | Path, nfm_seed: int = 0, fdr_q: float = 0.05) -> di
     out["secondary.aligned_latent"] = aligned
     out["secondary.aligned_cosine"] = float(sec_cosine[aligned])
 
-    effects = {family: run.feature_effects(nfm_seed, family) for family in ("primary", "secondary")}
+    effects = {family: run.feature_effects(nfm_seed, family) for family in ("primary", "primary_pre", "secondary")}
     for family, table in effects.items():
         out[f"{family}.flagged"] = int((table["interaction_q"] < fdr_q).sum())
     ranked = effects["secondary"].sort_values("interaction_eta2", ascending=False)["feature"].tolist()
@@ -108,6 +109,11 @@ def score_run(run_dir: str | Path, nfm_seed: int = 0, fdr_q: float = 0.05) -> di
     out["secondary.aligned_q"] = float(row["interaction_q"])
     out["secondary.aligned_flagged"] = bool(row["interaction_q"] < fdr_q)
     out["secondary.aligned_effect"] = float(row["interaction_effect"])
+    # the primary features whose encoder direction reads the integration: the layer's own non-additive part
+    reads = _cosines(primary.W_enc.detach(), torch.from_numpy(truth.integration_direction)).abs()
+    pre = effects["primary_pre"].set_index("feature")
+    flagged_pre = pre.index[pre["interaction_q"] < fdr_q].to_numpy()
+    out["primary_pre.flagged_reading_integration"] = int((reads[torch.from_numpy(flagged_pre)] >= 0.3).sum())
 
     statistics = pd.read_csv(run.clamping_table(nfm_seed, "statistics"))
     clamped = statistics[statistics["condition"].str.startswith("secondary ")]

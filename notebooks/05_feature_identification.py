@@ -96,11 +96,19 @@ plots.save(fig, run.root, "05_manipulation_checks")
 # Each stimulus text goes through the model; each of its real tokens (no padding, no special tokens) is
 # encoded by the primary SAE and, through the NFM, by the secondary SAE; a feature's value for the text is
 # its **mean** over the text's tokens (the max is kept too).
+#
+# A third family, `primary_pre`, reads the layer itself along each primary feature's **encoder direction**
+# (its pre-activation, before ReLU and top-k). It is linear in the activation, so the SAE's own thresholding
+# cannot make it non-additive: a code can be non-additive in the two factors only because the top-k lets
+# features crowd each other out where both factors add theirs (on a planted model with no integration at
+# all, 252 of 512 primary codes were interaction-selective), whereas the pre-activation's text mean is
+# non-additive only where the layer's activations are.
 
 # %%
 decomposition = run.decomposition(nfm_seed)  # primary SAE -> NFM -> secondary SAE, as 04 left them
 encoders = {
     "primary": (decomposition.primary_code, decomposition.primary.cfg.n_latents),
+    "primary_pre": (decomposition.primary_pre_activation, decomposition.primary.cfg.n_latents),
     "secondary": (decomposition.secondary_code, decomposition.secondary.cfg.n_latents),
 }
 per_text = identification.text_activations(loaded, store.layer, stimuli["text"].tolist(), encoders)
@@ -137,7 +145,8 @@ for family, table in effects.items():  # notebook 06 clamps the strongest second
 display(counts)
 for family, table in effects.items():  # the 6 strongest features named by their top held-out tokens
     named = identification.rank(table, "interaction", 6, fdr_q)["feature"]
-    labels = feature_labels.labels_for(encoders[family][0], store, named, loaded.tokenizer)
+    code = encoders["primary" if family == "primary_pre" else family][0]  # a feature is named by its code
+    labels = feature_labels.labels_for(code, store, named, loaded.tokenizer)
     title = f"{family} features: formality × emotion interaction"
     fig = plots.effect_volcano(table, "interaction", fdr_q, title=title, labels=labels)
     plots.save(fig, run.root, f"05_{family}_interaction_volcano")

@@ -89,3 +89,33 @@ def test_the_oracle_contrast_is_zero_for_the_model_itself_and_negative_without_i
     # the formal-emotional text moves away from its own centroid, which holds the integration direction
     assert len(removed) == 12 and (removed < 0).all()
     assert np.abs(planted_model.oracle_contrast(dataclasses.replace(spec, integration=0.0), stimuli, 0.0)).max() == 0
+
+
+@pytest.mark.parametrize("integration", [0.0, 0.5])
+def test_pre_activations_are_non_additive_exactly_where_the_layer_is(integration):
+    """Stage 05's primary_pre family reads the layer along each encoder direction: on the planted model, its
+    per-text mean's interaction contrast (FE - FN - CE + CN) is s * integration * a * b * (W_enc u) for every
+    item and feature (s the SAE's input scale), so exactly 0 with no integration, whatever the SAE."""
+    from featint_utils import identification
+    from featint_utils.decomposition import Decomposition
+    from featint_utils.sae import SAEConfig, TopKSAE
+
+    spec = dataclasses.replace(PlantedSpec.parse(NAME), integration=integration)
+    loaded = models.load_model(spec.name)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, input_scale=0.7), seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    code = Decomposition(sae).primary_pre_activation
+    stimuli = loaded.stimuli
+    per_text = identification.text_activations(loaded, 1, stimuli["text"].tolist(), {"pre": (code, 32)})
+    cells, items = identification.cells(per_text["pre"]["mean"], stimuli)
+    contrast = np.einsum("c,icf->if", [1, -1, -1, 1], cells)  # CONDITIONS order: FE, FN, CE, CN
+    truth = planted_model.truth(spec)
+    fe = stimuli[stimuli["condition"] == "formal_emotional"].set_index("item_id").loc[items, "text"]
+    a_b = np.array([np.prod([truth.intensity[w] for w in text.split() if w in truth.intensity]) for text in fe])
+    reads = sae.W_enc.detach().double().numpy() @ truth.integration_direction  # [32]
+    expected = 0.7 * integration * a_b[:, None] * reads[None, :]
+    # float32 token means of pre-activations of size ~10: rounding of order 1e-6 each
+    np.testing.assert_allclose(contrast, expected, atol=1e-4, rtol=0)
+    assert (np.abs(expected).max() > 0.1) == (integration > 0)  # the non-null case has something to find
