@@ -233,11 +233,6 @@ def _code_data(store: ActivationStore, sae: TopKSAE, split: str, presence_k: int
     )
 
 
-def _pre_activation(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
-    """Every latent's encoder pre-activation ``W_enc (x - b_dec) + b_enc`` (before ReLU and top-k), float64."""
-    return ((x - sae.b_dec) @ sae.W_enc.t() + sae.b_enc).detach().double()
-
-
 def conjunction_latents(
     store: ActivationStore,
     sae: TopKSAE,
@@ -251,19 +246,20 @@ def conjunction_latents(
     seed: int = 0,
 ) -> pd.DataFrame:
     """For every latent ``c`` that fires: of the pairs among the ``candidates`` latents whose presence correlates
-    most with ``f_c``, the one whose presence product ``g_a g_b`` best predicts ``f_c`` beyond ``g_a`` and ``g_b``
-    linearly; with the R-squared of the product alone, of the better single presence, of both together
-    (linear), the product's gain over that, its p-value under the additive null (:func:`_additive_null`) and
-    BH q-value across the latents, and the share of ``c``'s unit decoder direction outside the span of ``a``'s
-    and ``b``'s (see the module docstring). ``conjunction`` marks ``q < fdr`` and ``outside_span >=
-    min_outside`` (a conjunction stands for a direction of its own). Best gain first.
+    most with its pre-activation ``y_c``, the one whose presence product ``g_a g_b`` best predicts ``y_c`` beyond
+    ``g_a`` and ``g_b`` linearly; with the R-squared of the product alone, of the better single presence, of both
+    together (linear), the product's gain over that, the R-squared the product adds beyond any additive function
+    of the two presences (``increment``), its test of ``increment > min_increment`` against surrogates with no
+    product structure (``z``, ``p_value``, BH ``q_value`` across the latents; :func:`_product_test`), and the
+    share of ``c``'s unit decoder direction outside the span of ``a``'s and ``b``'s (see the module docstring).
+    ``conjunction`` marks ``q_value < fdr`` and ``outside_span >= min_outside`` (a conjunction stands for a
+    direction of its own). Most significant first.
 
     Choosing among thousands of latents and pairs on the same tokens that score the choice finds
     "conjunctions" in noise, so the split's documents (up to ``max_tokens`` tokens) are halved: candidates and
-    each latent's pair are chosen on one half, and every reported number is measured on the other.
-    ``null_gain`` is one draw of the gain under the null for every latent (its surrogate activation), and
-    ``null_conjunction`` what the same test and threshold flag on those draws: the count of this procedure on
-    data with nothing to find."""
+    each latent's pair are chosen on one half, and every reported number is measured on the other. The
+    ``null_`` columns score one more surrogate per latent the same way: ``null_conjunction`` is what this
+    procedure flags on data with nothing to find."""
     n, k = sae.cfg.n_latents, sae.cfg.k
     if not 2 <= candidates < n:
         raise ValueError(f"candidates must be in [2, {n}), got {candidates}")
@@ -308,7 +304,7 @@ def conjunction_latents(
         table[f"{prefix}p_value"] = scipy.stats.norm.sf(table[f"{prefix}z"].fillna(-np.inf).to_numpy())
         table[f"{prefix}q_value"] = benjamini_hochberg(table[f"{prefix}p_value"].to_numpy())
         table[f"{prefix}conjunction"] = (table[f"{prefix}q_value"] < fdr) & (table["outside_span"] >= min_outside)
-    return table.sort_values("gain", ascending=False).reset_index(drop=True)
+    return table.sort_values("z", ascending=False, na_position="last").reset_index(drop=True)
 
 
 def _product_test(
@@ -340,7 +336,7 @@ def _product_test(
     rng = np.random.default_rng(seed + 92_821)
     out = {key: np.full(n, np.nan) for key in ("increment", "z", "null_z")}
     for c in latents:
-        y = x @ encoder[c] + bias[c]
+        y = x @ encoder[c] + bias[c]  # TopKSAE.pre_activation of this latent, in float64
         ga, gb = (g[:, j].toarray().ravel() for j in (a[c], b[c]))
         present = np.flatnonzero((ga > 0) | (gb > 0))  # the presences and their product are zero elsewhere
         if not len(present):
@@ -402,7 +398,7 @@ def _moments(data, sae: TopKSAE) -> dict:
     cross = np.zeros((n, n))
     for batch in data.batches(8192):
         f, g = _split_sparse(batch, n, k)
-        y = _pre_activation(sae, batch.inputs).numpy()
+        y = sae.pre_activation(batch.inputs).double().numpy()
         cross += (g.T @ y).T
         y_sum += y.sum(0)
         y_sq += (y * y).sum(0)
@@ -429,7 +425,7 @@ def _pair_scores(data, sae: TopKSAE, moments: dict, pair_a: np.ndarray, pair_b: 
     chunk = max(1, 2**22 // (batch_size * pair_a.shape[1]))
     for batch in data.batches(batch_size):
         g = torch.from_numpy(_split_sparse(batch, n, k)[1].toarray())
-        y = _pre_activation(sae, batch.inputs)
+        y = sae.pre_activation(batch.inputs).double()
         for start in range(0, n, chunk):
             latents = slice(start, start + chunk)
             products = (g[:, pair_a[latents]] * g[:, pair_b[latents]]).double()  # [B, C, M]

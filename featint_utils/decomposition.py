@@ -98,10 +98,8 @@ class Decomposition:
         """Every primary latent's encoder pre-activation ``W_enc (x - b_dec) + b_enc`` for raw activations, as a
         dense code (values [tokens, n], indices ``0..n-1`` in every row): the layer read along each feature's
         encoder direction, linear in the activation (no ReLU, no top-k)."""
-        sae = self.primary
-        x = x_raw.to(self.device).float() * sae.cfg.input_scale
-        values = (x - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
-        indices = torch.arange(sae.cfg.n_latents, device=values.device).expand_as(values)
+        values = self.primary.pre_activation(x_raw.to(self.device).float() * self.primary.cfg.input_scale)
+        indices = torch.arange(self.primary.cfg.n_latents, device=values.device).expand_as(values)
         return values.to(x_raw.device), indices.to(x_raw.device)
 
     @torch.no_grad()

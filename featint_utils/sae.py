@@ -164,6 +164,12 @@ class TopKSAE(nn.Module):
         return _TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead, k_aux, bf16)
 
     @torch.no_grad()
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Every latent's encoder pre-activation ``W_enc (x - b_dec) + b_enc`` for normalised ``x`` (before ReLU and
+        top-k, float32): what the encoder reads of the input, linear in it."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
+
+    @torch.no_grad()
     def presence(self, x: torch.Tensor, k: int) -> TopKCode:
         """The ``k`` largest positive projections of ``x - b_dec`` on the unit decoder directions (``k`` may exceed
         the SAE's own): how much of each latent's direction the input holds, whatever the encoder does with it.
