@@ -36,6 +36,7 @@ HEADLINES = {
         ("contributions", "interaction_share.over_linear.ci_high", "CI high", ".4f"),
         ("contributions", "detection_limit", "detection limit", ".4f"),
         ("contributions", "absorbed_fraction", "absorbed fraction", ".2f"),
+        ("contributions", "conjunction_latents", "conjunction latents", "d"),
     ],
     "04_secondary_sae": [
         ("secondary_sae", "fvu", "held-out FVU", ".3f"),
@@ -43,6 +44,7 @@ HEADLINES = {
     ],
     "05_feature_identification": [
         ("identification", "primary.interaction_selective", "interaction-selective primary", "d"),
+        ("identification", "primary_pre.interaction_selective", "its pre-activations", "d"),
         ("identification", "secondary.interaction_selective", "interaction-selective secondary", "d"),
         ("identification", "secondary.interaction_replicated", "replicated (secondary)", "d"),
     ],
