@@ -8,13 +8,18 @@ run through the whole pipeline, unchanged, by the runner (profile ``planted``, s
   in the layer): runs in which some feature is flagged interaction-selective (BH,
   q < 0.05); with no integration every flag is false, so on size 0 this is the family-wise false-discovery rate
   that BH's FDR bounds under a complete null; ``aligned_flagged``: the secondary latent nearest the NFM's image
-  of the 2x2 is flagged (power where there is an integration);
+  of the 2x2 is flagged, and ``primary_pre_reading_any``: a flagged pre-activation's encoder direction reads
+  ``u_AB`` (|cos| >= 0.3) (power where there is an integration);
 * **06** ``clamp_beats_random``: runs in which some secondary clamp is more non-additive than its size-matched
   random edit (Holm); on size 0, the same false-positive rate;
 * **01-02** how much of the integration the SAE absorbs and how much of what it leaves the NFM predicts.
 
-Writes ``benchmarks/results/planted_integration.json`` (every run's scores and the summary). About 4 minutes a
-model on 2 cores with ``FAST``: ``python benchmarks/planted_integration.py --sizes 0,0.1,0.2,0.4 --seeds 0-4``.
+``--noise`` gives every text its own context (``planted_model``): with none, an item's 2x2 contrast of anything
+linear in the layer is exact, so only the noisy series measures how power falls with the planted size.
+
+Writes ``benchmarks/results/planted_integration.json`` (every run's scores and the summary per noise and
+size); rows already there are skipped. About 70 s a model on one thread with ``FAST``:
+``python benchmarks/planted_integration.py --sizes 0,0.02,0.05,0.1 --seeds 0-4 --noise 1``.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from featint_utils import planted_truth, runner
+from featint_utils import planted_truth, plots, runner
 
 RESULTS = Path(__file__).parent / "results" / "planted_integration.json"
+FIGURE_DIR = Path(__file__).parent.parent  # the README's figures/
 
 FAST = {  # the planted profile at a size that keeps a model to minutes; what each stage tests is unchanged
     "sae_train_tokens": "400000",
@@ -51,15 +58,28 @@ def seeds_of(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def run_model(size: float, seed: int, n_items: int, work: Path) -> dict:
-    model = f"planted:seed={seed},integration={size:g},n_items={n_items}"
+def run_model(size: float, seed: int, n_items: int, noise: float, work: Path) -> dict:
+    model = f"planted:seed={seed},integration={size:g},n_items={n_items},noise={noise:g}"
     started = time.time()
-    root = runner.run("planted", overrides=FAST | {"model": model}, run_dir=work / f"g{size:g}_s{seed}", reports=False)
+    run_dir = work / f"n{noise:g}_g{size:g}_s{seed}"
+    root = runner.run("planted", overrides=FAST | {"model": model}, run_dir=run_dir, reports=False)
     scores = planted_truth.score_run(root)
-    return scores | {"size": size, "seed": seed, "seconds": round(time.time() - started, 1)}
+    return scores | {"size": size, "seed": seed, "noise": noise, "seconds": round(time.time() - started, 1)}
+
+
+def noise_of(row: dict) -> float:
+    return row.get("noise", 0.0)  # rows from before the context noise existed had none
 
 
 def summarise(rows: list[dict]) -> dict:
+    """Per context noise (``noise=...``) and integration size, over the seeds (module docstring)."""
+    return {
+        f"noise={noise:g}": summarise_sizes([r for r in rows if noise_of(r) == noise])
+        for noise in sorted({noise_of(r) for r in rows})
+    }
+
+
+def summarise_sizes(rows: list[dict]) -> dict:
     out = {}
     for size in sorted({r["size"] for r in rows}):
         runs = [r for r in rows if r["size"] == size]
@@ -69,6 +89,7 @@ def summarise(rows: list[dict]) -> dict:
             "primary_any": float(np.mean([r["primary.flagged"] > 0 for r in runs])),
             "primary_pre_any": float(np.mean([r["primary_pre.flagged"] > 0 for r in runs])),
             "primary_pre_flagged_median": float(np.median([r["primary_pre.flagged"] for r in runs])),
+            "primary_pre_reading_any": float(np.mean([r["primary_pre.flagged_reading_integration"] > 0 for r in runs])),
             "secondary_flagged_median": float(np.median([r["secondary.flagged"] for r in runs])),
             "primary_flagged_median": float(np.median([r["primary.flagged"] for r in runs])),
             "aligned_flagged": float(np.mean([r["secondary.aligned_flagged"] for r in runs])),
@@ -83,27 +104,93 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def table(rows: list[dict]) -> str:
+    """The README's table: per noise and size, in how many models each family flags something (median count)."""
+
+    def share(runs, flagged) -> str:
+        return f"{sum(bool(flagged(r)) for r in runs)}/{len(runs)}"
+
+    def median(runs, key) -> str:
+        return f"{np.median([r[key] for r in runs]):.0f}"
+
+    lines = [
+        "| noise | integration | models | pre-activations: models with a flag (median flagged) / with one reading "
+        "u_AB | primary codes | secondary | secondary latent nearest the NFM's image flagged | 06: a secondary "
+        "clamp beats its random edit | absorbed by the SAE | oracle contrast (integration removed) |",
+        "|---" * 10 + "|",
+    ]
+    for noise in sorted({noise_of(r) for r in rows}):
+        for size in sorted({r["size"] for r in rows if noise_of(r) == noise}):
+            runs = [r for r in rows if noise_of(r) == noise and r["size"] == size]
+            truth = size > 0
+            cells = [
+                f"{noise:g}",
+                f"{size:g}",
+                str(len(runs)),
+                f"{share(runs, lambda r: r['primary_pre.flagged'])} ({median(runs, 'primary_pre.flagged')}) / "
+                + (share(runs, lambda r: r["primary_pre.flagged_reading_integration"]) if truth else "-"),
+                f"{share(runs, lambda r: r['primary.flagged'])} ({median(runs, 'primary.flagged')})",
+                f"{share(runs, lambda r: r['secondary.flagged'])} ({median(runs, 'secondary.flagged')})",
+                share(runs, lambda r: r["secondary.aligned_flagged"]),
+                share(runs, lambda r: r.get("clamp.beats_random", 0)),
+                f"{np.median([r['absorbed'] for r in runs]):.2f}" if truth else "-",
+                f"{np.mean([r['oracle.removed'] for r in runs]):+.4f}" if truth else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TESTS = {  # what counts as a flag of each test, per run
+    "05 pre-activations (primary_pre)": lambda r: r["primary_pre.flagged"] > 0,
+    "05 primary codes": lambda r: r["primary.flagged"] > 0,
+    "05 secondary features": lambda r: r["secondary.flagged"] > 0,
+    "05 secondary latent nearest the NFM's image": lambda r: r["secondary.aligned_flagged"],
+    "06 a secondary clamp beats its random edit": lambda r: r.get("clamp.beats_random", 0) > 0,
+}
+
+
+def flag_rates(rows: list[dict]) -> pd.DataFrame:
+    """Per noise, size and test: the share of models in which the test flags something."""
+    out = []
+    for (noise, size), runs in pd.DataFrame(rows).assign(noise=[noise_of(r) for r in rows]).groupby(["noise", "size"]):
+        records = runs.to_dict("records")
+        for test, flagged in TESTS.items():
+            share = float(np.mean([bool(flagged(r)) for r in records]))
+            out.append({"noise": noise, "size": size, "test": test, "share": share, "models": len(records)})
+    return pd.DataFrame(out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0,0.1,0.2,0.4", help="integration sizes (0: none)")
     parser.add_argument("--seeds", default="0-4", help="model seeds: a list (0,1,2) or a range (0-4)")
     parser.add_argument("--items", type=int, default=300, help="stimulus items per model (four texts each)")
+    parser.add_argument("--noise", type=float, default=0.0, help="each text's own context (planted_model)")
     parser.add_argument("--work", default="", help="where the runs go (default: a temporary directory)")
+    parser.add_argument(
+        "--table", action="store_true", help="print the results' table (markdown), draw its figure, and stop"
+    )
     args = parser.parse_args()
+    if args.table:
+        rows = json.loads(RESULTS.read_text())["runs"]
+        print(table(rows))
+        print(plots.save(plots.flag_rates(flag_rates(rows)), FIGURE_DIR, "planted_integration")[0])
+        return
     sizes, seeds = [float(v) for v in args.sizes.split(",")], seeds_of(args.seeds)
     rows = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
-    done = {(r["size"], r["seed"], r.get("items")) for r in rows}
+    done = {(r["size"], r["seed"], r.get("items"), noise_of(r)) for r in rows}
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
         for size in sizes:
             for seed in seeds:
-                if (size, seed, args.items) in done:
+                if (size, seed, args.items, args.noise) in done:
                     continue
-                row = run_model(size, seed, args.items, work) | {"items": args.items}
+                row = run_model(size, seed, args.items, args.noise, work) | {"items": args.items}
                 rows.append(row)
                 RESULTS.write_text(json.dumps({"runs": rows, "summary": summarise(rows)}, indent=1))
                 print(
-                    f"integration {size:g} seed {seed}: secondary flagged {row['secondary.flagged']}, "
+                    f"noise {args.noise:g} integration {size:g} seed {seed}: primary_pre flagged "
+                    f"{row['primary_pre.flagged']}, secondary flagged {row['secondary.flagged']}, "
                     f"aligned flagged {row['secondary.aligned_flagged']}, clamps beating random "
                     f"{row.get('clamp.beats_random')}, {row['seconds']:.0f} s",
                     flush=True,

@@ -5,7 +5,7 @@ switches them, so that stages 00-06 can be checked against the truth.
 a two-block encoder behind the same interface as a loaded Hugging Face encoder (layer mapping, hooks,
 splice, readouts) with a word-level tokenizer. Each text's layer-1 activation at every real token is
 
-    x_t = e(w_t) + a(T) d_A + b(T) d_B + integration * a(T) b(T) u_AB
+    x_t = e(w_t) + a(T) d_A + b(T) d_B + integration * a(T) b(T) u_AB + noise * c(T)
 
 * ``e(w)``: the word's embedding, a sum of two of ``n_token_features`` random unit directions (values in
   [0.5, 1.5]): the features an SAE learns, in superposition (256 directions in 64 dimensions);
@@ -13,7 +13,11 @@ splice, readouts) with a word-level tokenizer. Each text's layer-1 activation at
   marker); ``b(T)``, its *emotion*, likewise for an emotional marker. Each marker word has its own intensity in
   [1, 2], so ``a b`` varies from text to text and no single latent can stand for the three terms at once;
 * ``u_AB``: the **integration direction**, present only where both factors are, with size ``a b`` (a
-  multiplicative, strictly pairwise term). ``integration=0`` is the same model without it.
+  multiplicative, strictly pairwise term). ``integration=0`` is the same model without it;
+* ``c(T)``: the text's own *context*, a Gaussian vector (``E||c||^2 = 1``) drawn from the text's words, so
+  that a text always gets the same one and the four variants of an item get independent ones. It is what
+  makes an item's 2x2 contrast noisy, as the rest of a real sentence does; with ``noise=0`` every feature
+  that reads the layer linearly has an exact, noiseless contrast, and any test of it has full power.
 
 Block 2 passes ``x`` on unchanged, so the encoder readout (the mean-pooled output's cosine to the condition
 centroids) reads ``u_AB`` directly: changing the integration changes the readout non-additively in the two
@@ -28,6 +32,7 @@ and which emotion marker (emotional or neutral) they carry. It is also the corpu
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +66,8 @@ class PlantedSpec:
     """Stimulus items (four variants each)."""
     words: int = 8
     """Filler words per text (each text also has its two markers)."""
+    noise: float = 0.0
+    """Size of each text's own context ``c(T)`` (root mean square norm; 0: none)."""
 
     @classmethod
     def parse(cls, name: str) -> PlantedSpec:
@@ -79,8 +86,10 @@ class PlantedSpec:
             except ValueError as err:
                 raise ValueError(f"{name!r}: {key}={value!r} is not a number") from err
         spec = cls(**values)
-        if spec.integration < 0 or spec.words < 1 or spec.n_items < 4 or spec.n_markers < 1:
-            raise ValueError(f"{name!r}: needs integration >= 0, words >= 1, n_items >= 4 and n_markers >= 1")
+        if spec.integration < 0 or spec.noise < 0 or spec.words < 1 or spec.n_items < 4 or spec.n_markers < 1:
+            raise ValueError(
+                f"{name!r}: needs integration >= 0, noise >= 0, words >= 1, n_items >= 4 and n_markers >= 1"
+            )
         return spec
 
     @property
@@ -215,10 +224,21 @@ class PlantedConfig:
         self.vocab_size = vocab_size
 
 
-class ContextBlock(nn.Module):
-    """Block 1: adds the text's formality, emotion and their integration at every token (module docstring)."""
+def text_context(input_ids: torch.Tensor, attention_mask: torch.Tensor, d: int, seed: int) -> torch.Tensor:
+    """[batch, d] each text's context ``c(T)``: standard normal / sqrt(d), drawn from the text's real token ids
+    (padding does not change it) and ``seed``, on the host, so the same text gets the same vector anywhere."""
+    out = torch.empty(len(input_ids), d)
+    for row, (ids, mask) in enumerate(zip(input_ids.cpu(), attention_mask.cpu())):
+        key = zlib.crc32(ids[mask.bool()].numpy().astype(np.int64).tobytes())
+        out[row] = torch.randn(d, generator=torch.Generator().manual_seed(key * 1_000_003 + seed)) / d**0.5
+    return out
 
-    def __init__(self, vocab: _Vocabulary, integration: float):
+
+class ContextBlock(nn.Module):
+    """Block 1: adds the text's formality, emotion, their integration and the text's own context at every
+    token (module docstring)."""
+
+    def __init__(self, vocab: _Vocabulary, integration: float, noise: float = 0.0, seed: int = 0):
         super().__init__()
         self.register_buffer("a", torch.tensor(vocab.a, dtype=torch.float32))
         self.register_buffer("b", torch.tensor(vocab.b, dtype=torch.float32))
@@ -226,6 +246,7 @@ class ContextBlock(nn.Module):
         self.register_buffer("emotion", torch.tensor(vocab.emotion, dtype=torch.float32))
         self.register_buffer("direction", torch.tensor(vocab.integration_direction, dtype=torch.float32))
         self.integration = integration
+        self.noise, self.seed = noise, seed
         self.input_ids: torch.Tensor | None = None  # set by the model before each forward
         self.attention_mask: torch.Tensor | None = None
 
@@ -234,6 +255,9 @@ class ContextBlock(nn.Module):
         a = (self.a.to(hidden.dtype)[self.input_ids] * mask).amax(1)[:, None, None]  # [batch, 1, 1]
         b = (self.b.to(hidden.dtype)[self.input_ids] * mask).amax(1)[:, None, None]
         added = a * self.formality + b * self.emotion + self.integration * a * b * self.direction
+        if self.noise > 0:
+            context = text_context(self.input_ids, self.attention_mask, hidden.shape[-1], self.seed)
+            added = added + self.noise * context.to(hidden.device, hidden.dtype)[:, None, :]
         return hidden + added.to(hidden.dtype)
 
 
@@ -254,7 +278,7 @@ class PlantedModel(nn.Module):
         self.embeddings = nn.Embedding(len(vocab.words), spec.d)
         with torch.no_grad():
             self.embeddings.weight.copy_(torch.from_numpy(vocab.embedding))
-        self.layers = nn.ModuleList([ContextBlock(vocab, spec.integration), PassBlock()])
+        self.layers = nn.ModuleList([ContextBlock(vocab, spec.integration, spec.noise, spec.seed), PassBlock()])
 
     @property
     def base_model(self) -> nn.Module:

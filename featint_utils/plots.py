@@ -869,3 +869,37 @@ def sweep_comparison(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
     axes[1].set_ylim(0, 1.05)
     fig.tight_layout()
     return fig
+
+
+@_themed
+def flag_rates(rates: pd.DataFrame) -> plt.Figure:
+    """How often each test flags something, against the planted integration's size, one panel per noise level
+    (``rates``: noise, size, test, share of models, models). At size 0 every flag is false: the dotted line is
+    the 5% a calibrated test may reach there; above 0, the share is the test's power."""
+    panels = sorted(rates["noise"].unique())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True, squeeze=False)
+    for ax, noise in zip(axes[0], panels):
+        tests = list(rates[rates["noise"] == noise].groupby("test", sort=False))
+        step = 0.012 * float(rates["size"].max() or 1)  # side by side, so that lines at the same share stay visible
+        for i, (test, rows) in enumerate(tests):
+            rows = rows.sort_values("size")
+            ax.plot(
+                rows["size"] + (i - (len(tests) - 1) / 2) * step,
+                rows["share"],
+                marker="osD^v"[i % 5],
+                color=style.PALETTE[i % len(style.PALETTE)],
+                ms=6,
+                label=test,
+            )
+        ax.axhline(0.05, color="k", lw=0.8, ls=":", label="5%: at most this with nothing planted")
+        models = int(rates.loc[rates["noise"] == noise, "models"].min())
+        ax.set(
+            xlabel="planted integration g (size a*b*g along u_AB)",
+            title=f"per-text context noise {noise:g} ({models} models a size)",
+            ylim=(-0.03, 1.05),
+        )
+    axes[0][0].set_ylabel("share of planted models with a flag")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig

@@ -152,6 +152,17 @@ for family, table in effects.items():  # the 6 strongest features named by their
     plots.save(fig, run.root, f"05_{family}_interaction_volcano")
 
 # %% [markdown]
+# **What a flag can mean.** BH bounds the share of false flags among features whose null is true. For a
+# pre-activation the null is "the layer is additive in the two factors along this direction"; for a code it is
+# "this code is additive", which a TopK code or a code of the NFM's pairwise products is not, even where the
+# layer is. `benchmarks/planted_integration.py` ran this notebook on planted models with the same features
+# and no integration at all (10 models, with and without per-text noise): the pre-activations flagged nothing
+# in any of them, while the primary codes flagged 195-300 features and the secondary family 4-93 in every
+# one (the README's "The second half on planted truth"). So only a `primary_pre` flag is evidence that the
+# layer itself is non-additive along that direction; a primary or secondary flag says that the feature's code
+# is, which the SAE's top-k and the NFM's products make on their own.
+
+# %% [markdown]
 # The strongest features per effect (q < the level), with their condition means.
 
 # %%

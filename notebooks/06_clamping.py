@@ -147,6 +147,11 @@ plots.save(fig, run.root, "06_interaction_2x2")
 
 # %% [markdown]
 # ## What was and was not shown
+# "Larger than its size-matched random control" is not a null for the interaction path: on planted models
+# with no integration at all (`benchmarks/planted_integration.py`), a secondary clamp beat its random edit in
+# every model, because a secondary feature's size differs between the four conditions (its code is
+# non-additive whatever the layer does, notebook 05) and a random edit's does not. These contrasts say how the
+# readout responds to editing the NFM's path, not that the layer integrates the two factors.
 
 # %%
 print(clamping.summary(table, plan, fdr_q))

@@ -119,3 +119,29 @@ def test_pre_activations_are_non_additive_exactly_where_the_layer_is(integration
     # float32 token means of pre-activations of size ~10: rounding of order 1e-6 each
     np.testing.assert_allclose(contrast, expected, atol=1e-4, rtol=0)
     assert (np.abs(expected).max() > 0.1) == (integration > 0)  # the non-null case has something to find
+
+
+def test_each_text_has_its_own_context_whatever_its_batch_and_the_variants_of_an_item_differ():
+    spec = dataclasses.replace(PlantedSpec.parse(NAME), noise=0.5)
+    assert PlantedSpec.parse(spec.name).noise == 0.5
+    with pytest.raises(ValueError, match="noise >= 0"):
+        PlantedSpec.parse("planted:noise=-1")
+    tokenizer = planted_model.tokenizer_for(spec)
+    texts = planted_model.stimuli_for(spec)["text"].tolist()[:8]  # two items, four variants each
+
+    def layer(model_spec, batch):
+        inputs = tokenizer(batch, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            hidden = planted_model.PlantedModel(model_spec)(**inputs, output_hidden_states=True).hidden_states[1]
+        return [h[m.bool()] for h, m in zip(hidden, inputs["attention_mask"])]
+
+    noisy, clean = layer(spec, texts), layer(dataclasses.replace(spec, noise=0.0), texts)
+    context = torch.stack([(n - c)[0] for n, c in zip(noisy, clean)])  # [8, d]
+    for n, c, ctx in zip(noisy, clean, context):  # the same vector at every token of the text
+        torch.testing.assert_close(n - c, ctx.expand_as(n), atol=1e-6, rtol=0)
+    alone = layer(spec, [texts[5]])[0]  # unpadded, alone: the same as in its padded batch
+    torch.testing.assert_close(alone, noisy[5], atol=0, rtol=0)
+    norms = context.norm(dim=1)
+    assert 0.3 < float(norms.min()) and float(norms.max()) < 0.7  # 0.5 * (chi_64 / 8): 0.5 +- 0.045
+    cosines = torch.nn.functional.normalize(context, dim=1) @ torch.nn.functional.normalize(context, dim=1).T
+    assert float((cosines - torch.eye(8)).abs().max()) < 0.6  # independent draws in 64 dimensions

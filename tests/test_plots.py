@@ -232,7 +232,29 @@ def figure_calls():
         ("effect_forest", lambda: plots.effect_forest(clamp_statistics(tidy))),
         ("interaction_2x2", lambda: plots.interaction_2x2(tidy, -1.0, "cosine to the condition centroid")),
         ("sweep_comparison", lambda: plots.sweep_comparison(sweep, ["layer", "sae_k"])),
+        ("flag_rates", lambda: plots.flag_rates(flag_rates())),
     ]
+
+
+def flag_rates() -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"noise": noise, "size": size, "test": test, "share": share, "models": 5}
+            for noise in (0.0, 1.0)
+            for size in (0.0, 0.05, 0.2)
+            for test, share in (("calibrated", float(size > 0)), ("instrument-made", 1.0))
+        ]
+    )
+
+
+def test_flag_rates_draw_a_panel_per_noise_level_and_a_line_per_test_side_by_side():
+    fig = plots.flag_rates(flag_rates())
+    assert len(fig.axes) == 2
+    lines = {line.get_label(): line for line in fig.axes[1].lines}
+    assert {"calibrated", "instrument-made"} <= set(lines)
+    # two tests at the same share are drawn side by side, not on top of each other
+    assert (lines["calibrated"].get_xdata() < lines["instrument-made"].get_xdata()).all()
+    np.testing.assert_array_equal(lines["calibrated"].get_ydata(), [0.0, 1.0, 1.0])
 
 
 CALLS = figure_calls()
