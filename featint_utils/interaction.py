@@ -39,7 +39,12 @@ adds to its estimate (paired bootstrap over test documents and seeds) has an int
 detection limit is the smallest planted share (the oracle's increment) it detects at that size and every
 larger one.
 
-**Over ranks** (``torchrun``, :mod:`featint_utils.distributed`) every rank walks the same ladder: each
+**Over ranks** (``torchrun``, :mod:`featint_utils.distributed`) the targets after the residual (the null
+controls and the planted sizes) are independent of each other, so when there are at least as many of them as
+ranks they are *dealt*: every rank fits the residual's ladder as one process would (its members are small, and
+a data-parallel step of a small NFM is mostly all-reduce), then fits its share of the other targets whole, on
+the full batch, with no communication; rank 0 gathers their rows and errors and writes the tables in the order
+one process would. With fewer targets than ranks, every rank walks the same ladder instead: each
 gradient-trained model trains data-parallel (:class:`~featint_utils.nfm_training.ResidualTrainer`), the
 closed-form ridges are solved by every rank (the same numbers everywhere, so every nested start agrees), and
 rank 0 writes the models and the tables. A finished :func:`run` leaves ``ladder.done.json``: run again with
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -547,6 +553,22 @@ class Estimator:
             for name, data in self.sets.items()
         }
 
+    def gather(self, dist: Dist, order: list[str]) -> None:
+        """After dealt targets: every rank's rows, test errors and document totals on every rank, the rows in
+        the order one process makes them (the residual's, then ``order``'s targets)."""
+        mine = {"rows": self.rows, "sse": self.sse, "totals": self.totals}
+        parts = dist.all_gather_object(mine)
+        position = {target: i for i, target in enumerate([RESIDUAL, *order])}
+        residual = [row for row in parts[0]["rows"] if row["target"] == RESIDUAL]  # every rank fitted it
+        others = [row for part in parts for row in part["rows"] if row["target"] != RESIDUAL]
+        # a stable sort: each target's rows come from one rank, in the order that rank made them
+        self.rows = residual + sorted(others, key=lambda row: position[row["target"]])
+        for part in parts:
+            self.sse |= {key: value for key, value in part["sse"].items() if key[0] != RESIDUAL}
+            self.totals |= {key: value for key, value in part["totals"].items() if key != RESIDUAL}
+        self.sse = dict(sorted(self.sse.items(), key=lambda item: position[item[0][0]]))
+        self.totals = dict(sorted(self.totals.items(), key=lambda item: position[item[0]]))
+
     # -- results ---------------------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
         """One row per (target, model, seed): held-out residual FVU, gain over predicting zero, fit details."""
@@ -610,6 +632,39 @@ def _run_key(sets: dict[str, CodeData], cfg: EstimatorConfig, power_shares, n_pl
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _later_targets(estimator: Estimator, cfg: EstimatorConfig, power_shares, n_planted: int) -> list:
+    """The targets fitted after the residual, in the order one process fits them, as (name, fit) pairs: ``fit()``
+    fits every model of that target and returns what was planted in it (None for a control). Each needs only
+    the residual's fits, not the others'."""
+    sets, jobs = estimator.sets, []
+
+    def control() -> None:
+        estimator.fit_target(CONTROL, estimator.control_sets(), ("nfm",))
+
+    jobs.append((CONTROL, control))
+    for seed in cfg.seeds:  # the control over the additive fit permutes what that seed's additive model leaves
+
+        def control_additive(seed=seed) -> None:
+            first_order = estimator.first_order[(RESIDUAL, seed)]
+            control = estimator.control_sets(first_order=first_order, seed=seed)
+            estimator.fit_target(f"{CONTROL}_additive_seed{seed}", control, ("additive", "nfm_additive"), seeds=(seed,))
+
+        jobs.append((f"{CONTROL}_additive_seed{seed}", control_additive))
+    for share in power_shares:
+
+        def planted_target(share=share) -> dict:
+            first = estimator.first_order[RESIDUAL]
+            planted = plant_pairs(sets["fit"], share, estimator.design, first.penalty, n_planted, seed=cfg.seeds[0])
+            injected = {name: data.with_target(AddPlanted(data, planted)) for name, data in sets.items()}
+            estimator.fit_target(
+                f"planted_{share:g}", injected, ("pair_ridge", "oracle", "nfm"), oracle_pairs=planted.pairs
+            )
+            return {"share": share, "scale": planted.scale, "pairs": planted.pairs.tolist()}
+
+        jobs.append((f"planted_{share:g}", planted_target))
+    return jobs
+
+
 def run(
     sets: dict[str, CodeData],
     cfg: EstimatorConfig,
@@ -618,11 +673,13 @@ def run(
     n_planted: int = 16,
     resume: bool = True,
     dist: Dist = SINGLE,
+    deal: bool | None = None,
 ) -> Ladder:
     """Everything notebook 02 fits: the ladder on the residual, the null control over the linear and the
     additive fits, and a planted interaction of each of ``power_shares`` (every seed). Saves the tables;
-    over the ranks of ``dist``, each model trains data-parallel (see the module docstring). A run finished
-    before with the same settings and data is read back (``resume``), not refitted."""
+    over the ranks of ``dist``, the targets after the residual are dealt to the ranks, or with fewer of them
+    than ranks each model trains data-parallel (see the module docstring; ``deal`` True or False chooses). A
+    run finished before with the same settings and data is read back (``resume``), not refitted."""
     out_dir, key = Path(out_dir), _run_key(sets, cfg, power_shares, n_planted)
     done = out_dir / DONE
     if resume and done.exists() and read_json(done).get("key") == key:
@@ -631,24 +688,34 @@ def run(
     if dist.is_main:
         done.unlink(missing_ok=True)  # from here until the end, the tables on disk are not this run's
     estimator = Estimator(sets, cfg, out_dir, resume, dist)
+    jobs = _later_targets(estimator, cfg, power_shares, n_planted)
+    dealt = dist.distributed and (len(jobs) >= dist.world_size if deal is None else deal)
+    if dealt and len(jobs) < dist.world_size:
+        raise ValueError(f"{len(jobs)} targets cannot be dealt to {dist.world_size} ranks: every rank needs one")
+    if dealt:  # every rank fits the residual as one process would; only rank 0's files are kept
+        estimator.dist = SINGLE
+        estimator.out_dir = out_dir if dist.is_main else out_dir / "ranks" / f"rank{dist.rank}"
     estimator.fit_target(RESIDUAL, sets, tuple(MODELS.keys() - {"oracle"}))
-    estimator.fit_target(CONTROL, estimator.control_sets(), ("nfm",))
-    for seed in cfg.seeds:  # the control over the additive fit permutes what that seed's additive model leaves
-        name = f"{CONTROL}_additive_seed{seed}"
-        control = estimator.control_sets(first_order=estimator.first_order[(RESIDUAL, seed)], seed=seed)
-        estimator.fit_target(name, control, ("additive", "nfm_additive"), seeds=(seed,))
+    estimator.out_dir = out_dir  # each later target writes under targets/<target>/, one rank each
+    mine = jobs[dist.rank :: dist.world_size] if dealt else jobs
     planted_pairs = {}
-    first = estimator.first_order[RESIDUAL]
-    for share in progress(power_shares, desc="planted interactions", unit="size", disable=not dist.is_main):
-        planted = plant_pairs(sets["fit"], share, estimator.design, first.penalty, n_planted, seed=cfg.seeds[0])
-        injected = {name: data.with_target(AddPlanted(data, planted)) for name, data in sets.items()}
-        target = f"planted_{share:g}"
-        estimator.fit_target(target, injected, ("pair_ridge", "oracle", "nfm"), oracle_pairs=planted.pairs)
-        planted_pairs[target] = {"share": share, "scale": planted.scale, "pairs": planted.pairs.tolist()}
+    for target, fit in progress(
+        mine, desc="controls and planted interactions", unit="target", disable=not dist.is_main
+    ):
+        planted = fit()
+        if planted is not None:
+            planted_pairs[target] = planted
+    if dealt:
+        estimator.gather(dist, [target for target, _ in jobs])
+        planted_pairs = {k: v for part in dist.all_gather_object(planted_pairs) for k, v in part.items()}
+        planted_pairs = {target: planted_pairs[target] for target, _ in jobs if target in planted_pairs}
     if dist.is_main:
         write_json(out_dir / "planted.json", planted_pairs)
         estimator.save()
-        write_json(done, {"key": key})
+        ranks = {target: i % dist.world_size for i, (target, _) in enumerate(jobs)} if dealt else {}
+        write_json(done, {"key": key, "dealt": ranks})  # which rank fitted each later target (none: all did)
+        if dealt:
+            shutil.rmtree(out_dir / "ranks", ignore_errors=True)  # the other ranks' copies of the residual's fits
     dist.barrier()  # the tables are written before any rank reads them
     return Ladder.read(out_dir)
 

@@ -1,8 +1,9 @@
 """One rank of the NFM stage's data-parallel fits, started by the tests with ``torchrun`` (gloo on CPU).
 
-``python -m torch.distributed.run --nproc_per_node 2 tests/dist_nfm_worker.py {nfm,ladder} OUT``: ``nfm``
-trains one nested NFM on a residual with a planted interaction into OUT; ``ladder`` runs the whole estimator
-(:func:`featint_utils.interaction.run`) into OUT. The tests run the same with one process and compare.
+``python -m torch.distributed.run --nproc_per_node 2 tests/dist_nfm_worker.py {nfm,ladder,ladder-ddp} OUT``:
+``nfm`` trains one nested NFM on a residual with a planted interaction into OUT; ``ladder`` runs the whole
+estimator (:func:`featint_utils.interaction.run`) into OUT, its later targets dealt to the ranks, and
+``ladder-ddp`` with every model data-parallel instead. The tests run the same with one process and compare.
 """
 
 import argparse
@@ -42,16 +43,16 @@ def nested_nfm_trainer(out: str, dist=distributed.SINGLE, batch_size: int = FIT.
     return ResidualTrainer(model, sets["fit"], sets["tune"], replace(FIT, batch_size=batch_size), out, dist)
 
 
-def ladder(out: str, dist=distributed.SINGLE) -> interaction.Ladder:
+def ladder(out: str, dist=distributed.SINGLE, deal: bool | None = None) -> interaction.Ladder:
     cfg = interaction.EstimatorConfig(
         NFM_SHAPE, FitConfig(batch_size=512, max_epochs=4), seeds=(0,), lr_grid=(3e-3,), n_pairs=128, n_boot=200
     )
-    return interaction.run(residual_sets(), cfg, out, power_shares=(0.05,), n_planted=4, dist=dist)
+    return interaction.run(residual_sets(), cfg, out, power_shares=(0.05,), n_planted=4, dist=dist, deal=deal)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("nfm", "ladder"))
+    parser.add_argument("what", choices=("nfm", "ladder", "ladder-ddp"))
     parser.add_argument("out")
     args = parser.parse_args()
     dist = distributed.init("cpu")
@@ -60,7 +61,7 @@ def main() -> None:
         if dist.is_main:
             model.save(Path(args.out) / "model")
     else:
-        ladder(args.out, dist)
+        ladder(args.out, dist, deal=args.what == "ladder")
     distributed.shutdown()
 
 
