@@ -188,7 +188,8 @@ def estimator_config(run: Run, sets: dict[str, CodeData], device: torch.device |
 
 def fit_ladder(run: Run, sets: dict[str, CodeData], dist: Dist | None = None) -> interaction.Ladder:
     """Stage 02's fits (:func:`featint_utils.interaction.run`: the ladder, the null control, the planted
-    interactions; each trained model data-parallel over the ranks of ``dist``), or the finished ones."""
+    interactions; over the ranks of ``dist``, the controls and planted sizes dealt to them), or the finished
+    ones."""
     p = run.params
     dist = dist or distributed.init(p["device"])
     return interaction.run(
