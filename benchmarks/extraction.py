@@ -3,7 +3,7 @@ memory for the default corpus vs one ten times larger.
 
     .venv/bin/python benchmarks/extraction.py [--model embedded] [--layer 3] [--repeats 3] [--device cpu|cuda]
 
-Throughput: our `activations.extract` (hook, early stop after the layer, masking, shard writes, checksums)
+Throughput: our `extraction.extract` (hook, early stop after the layer, masking, shard writes, checksums)
 vs `model(**batch)` over exactly the batches extraction runs (same chunking, sorting and padding), timed
 alternately in one process; also vs a bare forward cut at the same layer, the fairest like-for-like.
 Memory: each extraction runs in a fresh subprocess; we report its peak RSS (ru_maxrss) for the default
@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from featint_utils import activations, models  # noqa: E402
-from featint_utils.corpus import Split, Text, load_corpus, load_text_file, split_by_group  # noqa: E402
+from featint_utils.data import extraction, models  # noqa: E402
+from featint_utils.data.corpus import Split, Text, load_corpus, load_text_file, split_by_group  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
@@ -62,7 +62,7 @@ def synchronize(loaded) -> None:
 def bare_forward_seconds(loaded, split: Split, context_tokens: int, batch_size: int, stop_layer: int | None) -> float:
     """The model alone on the same batches, each moved to the model's device as extraction moves them."""
     texts = [(name, t) for name in ("train", "val") for t in getattr(split, name)]
-    batches = list(activations.padded_batches(loaded.tokenizer, texts, context_tokens, batch_size))
+    batches = list(extraction.padded_batches(loaded.tokenizer, texts, context_tokens, batch_size))
     device = next(loaded.model.parameters()).device
     synchronize(loaded)
     started = time.perf_counter()
@@ -84,7 +84,7 @@ def throughput(model: str, layer: int, repeats: int, context_tokens: int, batch_
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):  # alternate, so drift in machine load hits all three alike
             started = time.perf_counter()
-            store = activations.extract(
+            store = extraction.extract(
                 loaded, split, layer, Path(tmp) / "acts", "stimuli", context_tokens, batch_size, reuse=False
             )
             times["extract"].append(time.perf_counter() - started)
@@ -112,7 +112,7 @@ def _peak_rss_child(which: str, model: str, layer: int) -> None:
     loaded = models.load_model(model)
     split = SPLITS[which]()
     with tempfile.TemporaryDirectory() as tmp:
-        store = activations.extract(loaded, split, layer, Path(tmp) / "acts", which)
+        store = extraction.extract(loaded, split, layer, Path(tmp) / "acts", which)
         tokens = store.n_tokens("train") + store.n_tokens("val")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"corpus": which, "tokens": tokens, "peak_rss_mib": peak}))

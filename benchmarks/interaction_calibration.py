@@ -1,6 +1,6 @@
 """Calibration, power and absorption of the interaction estimator on planted data (heavier than the tests).
 
-1. **Null calibration**: ``--nulls`` residuals with no pairwise structure (``featint_utils.planted.codes``);
+1. **Null calibration**: ``--nulls`` residuals with no pairwise structure (``featint_utils.residual.planted.codes``);
    for the nested NFM and the explicit-pairs ridge, the rate at which the 95% interval lies above zero (false
    positives) and the rate at which it covers zero.
 2. **Power and bias**: one residual with planted interactions of several sizes (``interaction.run``), each
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featint_utils import absorption, interaction, planted
-from featint_utils.activations import store_from_npz
-from featint_utils.nfm import NFMConfig
-from featint_utils.nfm_training import FitConfig
-from featint_utils.residuals import build_residual_data, split_fit_tune_test
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils.data.extraction import store_from_npz
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
+from featint_utils.residual import absorption, interaction, interaction_results, planted
+from featint_utils.residual.code_data import build_residual_data, split_fit_tune_test
+from featint_utils.residual.nfm import NFMConfig
+from featint_utils.residual.nfm_training import FitConfig
 
 RESULTS = Path(__file__).parent / "results" / "interaction_calibration.json"
 
@@ -53,7 +53,7 @@ def null_calibration(n_nulls: int, work: Path) -> dict:
         estimator.fit_target(interaction.RESIDUAL, sets, ("pair_ridge", "nfm"))
         estimator.save()
         (work / f"null{replicate}" / "planted.json").write_text("{}")
-        results = interaction.Results(work / f"null{replicate}", n_boot=1000, seed=replicate)
+        results = interaction_results.Results(work / f"null{replicate}", n_boot=1000, seed=replicate)
         rows.append({name: results.share(interaction.RESIDUAL, name) for name in interaction.ESTIMATORS})
     out = {}
     for name in interaction.ESTIMATORS:
@@ -74,7 +74,7 @@ def power_and_bias(work: Path, shares=(0.002, 0.005, 0.01, 0.02, 0.05)) -> list[
     data = planted.codes(60_000, n_latents=64, k=8, d=16, seed=4)
     sets = split_fit_tune_test(data, 0.15, 0.3, seed=4)
     interaction.run(sets, estimator_config(64, 16, seeds=(0, 1)), work / "power", power_shares=shares, n_planted=6)
-    power = interaction.Results(work / "power", n_boot=1000).power()
+    power = interaction_results.Results(work / "power", n_boot=1000).power()
     keep = [
         "nominal_share",
         "oracle",
@@ -126,7 +126,7 @@ def absorption_by_size(work: Path, shares=(0.0, 0.01, 0.03, 0.1)) -> list[dict]:
         estimator.fit_target(interaction.RESIDUAL, sets, ("pair_ridge", "nfm"))
         estimator.save()
         (work / f"est{share}" / "planted.json").write_text("{}")
-        results = interaction.Results(work / f"est{share}", n_boot=1000)
+        results = interaction_results.Results(work / f"est{share}", n_boot=1000)
         for name in interaction.ESTIMATORS:
             stats = results.share(interaction.RESIDUAL, name)
             row |= {f"residual_share.{name}": stats["mean"], f"residual_share.{name}.ci_low": stats["ci_low"]}

@@ -3,7 +3,7 @@ data-parallel (what stage 02 did before members were dealt).
 
     .venv/bin/python benchmarks/ladder.py [--epochs 2]
 
-Every arm times the pipeline's own :func:`featint_utils.interaction.run` (the residual's ladder, the null
+Every arm times the pipeline's own :func:`featint_utils.residual.interaction.run` (the residual's ladder, the null
 controls, four planted sizes: six targets after the residual) on a planted code and residual
 (:data:`SHAPE`; one seed, one learning rate, ``--epochs`` epochs, no early stop), into a fresh directory, each
 arm in its own process:
@@ -39,17 +39,18 @@ RESULTS = Path(__file__).parent / "results" / "ladder.json"
 
 
 SHAPE = {"n_tokens": 60_000, "n_latents": 1024, "k": 32, "d": 128}
-"""The benchmark's planted code and residual (``featint_utils.planted.codes``): a first-order part and noise."""
+"""The benchmark's planted code and residual (``featint_utils.residual.planted.codes``): first-order part, noise."""
 
 
 def fit(out: str, epochs: int, deal: bool | None) -> None:
     """One arm, in this process (and rank): the ladder into ``out``."""
     import torch
 
-    from featint_utils import distributed, interaction, planted
-    from featint_utils.nfm import NFMConfig
-    from featint_utils.nfm_training import FitConfig
-    from featint_utils.residuals import split_fit_tune_test
+    from featint_utils.data import distributed
+    from featint_utils.residual import interaction, planted
+    from featint_utils.residual.code_data import split_fit_tune_test
+    from featint_utils.residual.nfm import NFMConfig
+    from featint_utils.residual.nfm_training import FitConfig
 
     dist = distributed.init("cpu")
     sets = split_fit_tune_test(planted.codes(**SHAPE, seed=0), 0.15, 0.3, seed=0)

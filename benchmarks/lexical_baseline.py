@@ -17,8 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from featint_utils import identification, models, stages
-from featint_utils.run import Run
+from featint_utils.data import models
+from featint_utils.integration import identification
+from featint_utils.workbench import stages
+from featint_utils.workbench.run import Run
 
 RESULTS = Path(__file__).parent / "results" / "lexical_baseline.json"
 

@@ -6,7 +6,7 @@
 The same batches for every implementation: top-k SAE codes (k=32 active of n latents; latent frequencies
 Zipf-like, as in a trained SAE; values exponential) and a d=384 target, batch 4096, K=256, Adam.
 
-* **featint**: :class:`featint_utils.nfm.NFM`, everything from the k active rows (embedding bags).
+* **featint**: :class:`featint_utils.residual.nfm.NFM`, everything from the k active rows (embedding bags).
 * **dense**: the original study's formulation of the same model and parameters: the code as a dense
   [batch, n] matrix, ``linear = F @ W``, pooling ``0.5 * ((F @ V)^2 - F^2 @ V^2)``. Checked to give the
   same output as ours before timing.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from featint_utils.nfm import NFM, NFMConfig  # noqa: E402
+from featint_utils.residual.nfm import NFM, NFMConfig  # noqa: E402
 
 K_ACTIVE, D, K_EMBED, BATCH = 32, 384, 256, 4096
 

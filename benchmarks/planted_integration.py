@@ -1,4 +1,4 @@
-"""Stages 00-06 on planted models (``featint_utils.planted_model``), scored against their truth.
+"""Stages 00-06 on planted models (``featint_utils.data.planted_model``), scored against their truth.
 
 Every planted model of the grid (integration sizes x seeds; size 0 is the same model with nothing to find) is
 run through the whole pipeline, unchanged, by the runner (profile ``planted``, sized down by ``FAST``), and
@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featint_utils import planted_truth, plots, runner
+from featint_utils.plots import comparisons, figure
+from featint_utils.workbench import planted_truth, runner
 
 RESULTS = Path(__file__).parent / "results" / "planted_integration.json"
 FIGURE_DIR = Path(__file__).parent.parent  # the README's figures/
@@ -174,7 +175,7 @@ def main():
     if args.table:
         rows = json.loads(RESULTS.read_text())["runs"]
         print(table(rows))
-        print(plots.save(plots.flag_rates(flag_rates(rows)), FIGURE_DIR, "planted_integration")[0])
+        print(figure.save(comparisons.flag_rates(flag_rates(rows)), FIGURE_DIR, "planted_integration")[0])
         return
     sizes, seeds = [float(v) for v in args.sizes.split(",")], seeds_of(args.seeds)
     rows = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []

@@ -4,7 +4,7 @@
     .venv-bench/bin/python benchmarks/sae_train.py [--widths 4096 16384] [--tokens 500000] [--lrs 3e-3 1e-2]
         [--k 32] [--device cpu|cuda]
 
-featint's numbers come from the pipeline's own code: a real ``featint_utils.sae_training.SAETrainer`` on the
+featint's numbers come from the pipeline's own code: a real ``featint_utils.dictionary.sae_training.SAETrainer`` on the
 benchmark's ActivationStore, with a ``TrainConfig`` holding the shared settings, and only
 ``SAETrainer.train_step(x)`` is timed, with all it does per step (finite check of the batch, dead-latent
 bookkeeping, its statistics); ``train()``'s periodic evaluations and checkpoints are not part of the step
@@ -46,12 +46,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from featint_utils import activations, models  # noqa: E402
-from featint_utils.activations import ActivationStore  # noqa: E402
-from featint_utils.corpus import load_text_file, split_by_group  # noqa: E402
-from featint_utils.distributed import Dist  # noqa: E402
-from featint_utils.metrics import VarianceAccumulator  # noqa: E402
-from featint_utils.sae_training import SAETrainer, TrainConfig, lr_at  # noqa: E402
+from featint_utils.data import activation_store, extraction, models  # noqa: E402
+from featint_utils.data.activation_store import ActivationStore  # noqa: E402
+from featint_utils.data.corpus import load_text_file, split_by_group  # noqa: E402
+from featint_utils.data.distributed import Dist  # noqa: E402
+from featint_utils.dictionary.metrics import VarianceAccumulator  # noqa: E402
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig, lr_at  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 STORE = ROOT / "runs" / "bench" / "minilm-wikitext2-l3"
@@ -69,9 +69,9 @@ def synchronize() -> None:
 def get_store() -> ActivationStore:
     try:
         return ActivationStore(STORE)
-    except activations.StoreError:
+    except activation_store.StoreError:
         split = split_by_group(load_text_file(WIKITEXT), 0.1, seed=0)
-        return activations.extract(models.load_model("embedded"), split, 3, STORE, corpus=str(WIKITEXT))
+        return extraction.extract(models.load_model("embedded"), split, 3, STORE, corpus=str(WIKITEXT))
 
 
 class Featint:

@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from featint_utils import activations, models  # noqa: E402
-from featint_utils.corpus import load_corpus, split_by_group  # noqa: E402
+from featint_utils.data import extraction, models  # noqa: E402
+from featint_utils.data.corpus import load_corpus, split_by_group  # noqa: E402
 
 LAYER, N_LATENTS, K, N_ROWS = 3, 64, 8, 8
 
@@ -48,7 +48,7 @@ def main() -> None:
     loaded = models.load_model("embedded")
     split = split_by_group(load_corpus("stimuli"), 0.5, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = activations.extract(loaded, split, LAYER, Path(tmp) / "store", context_tokens=128)
+        store = extraction.extract(loaded, split, LAYER, Path(tmp) / "store", context_tokens=128)
         train = torch.from_numpy(store.load("train"))
         val = torch.from_numpy(store.load("val"))
 
@@ -141,7 +141,8 @@ Written by the real SAELens {version} on {datetime.now(UTC).date().isoformat()} 
 - `saelens_outputs.safetensors`: `x` ({rows}), and SAELens's `SAE.load_from_disk(...).encode(x)`
   (`feature_acts`) and `.decode(feature_acts)` (`reconstruction`).
 
-{size // 1024} KiB in all. `tests/test_sae.py` checks that `featint_utils.sae.from_saelens` gives these numbers.
+{size // 1024} KiB in all. `tests/test_sae.py` checks that `featint_utils.dictionary.saelens.from_saelens` gives
+these numbers.
 """
     )
     print(f"wrote {out} ({size // 1024} KiB); sae_lens {version}")

@@ -4,7 +4,7 @@
 
 Exports a featint TopK SAE (with a non-trivial input scale and biases), loads it with
 ``sae_lens.SAE.load_from_disk``, and compares SAELens's forward on raw activations with ours; then saves an
-SAE from SAELens itself and imports it with ``featint_utils.sae.from_saelens``.
+SAE from SAELens itself and imports it with ``featint_utils.dictionary.saelens.from_saelens``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from featint_utils.sae import SAEConfig, TopKSAE, from_saelens, to_saelens  # noqa: E402
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE  # noqa: E402
+from featint_utils.dictionary.saelens import from_saelens, to_saelens  # noqa: E402
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from sae_train import get_store  # noqa: E402
 
-from featint_utils import distributed  # noqa: E402
-from featint_utils.sae_training import SAETrainer, TrainConfig  # noqa: E402
+from featint_utils.data import distributed  # noqa: E402
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig  # noqa: E402
 
 BATCH, K, WARMUP = 4096, 32, 5
 RESULTS = ROOT / "benchmarks" / "results"

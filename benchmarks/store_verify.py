@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from featint_utils.activations import VERIFIED, ActivationStore  # noqa: E402
+from featint_utils.data.activation_store import VERIFIED, ActivationStore  # noqa: E402
 
 
 def main() -> None:

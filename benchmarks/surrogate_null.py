@@ -1,6 +1,6 @@
 """Does a first-order surrogate reproduce the interaction share an SAE makes in its own residual? (issue 26)
 
-On the issue's additive generator (``featint_utils.planted.activations`` with no interaction: k-sparse codes
+On the issue's additive generator (``featint_utils.residual.planted.activations`` with no interaction: k-sparse codes
 over 512 unit directions in 64 dimensions plus small noise) an SAE's residual has a pairwise share above zero
 that the layer does not have. A surrogate null would rebuild activations with the run's first-order structure
 and no interaction by construction, put them through the same SAE training and the same estimator, and read
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from interaction_calibration import estimator_config
 
-from featint_utils import absorption, interaction, planted
-from featint_utils.activations import derived_store, store_from_npz
-from featint_utils.metrics import evaluate_sae
-from featint_utils.residuals import build_residual_data, split_fit_tune_test
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils.data.extraction import derived_store, store_from_npz
+from featint_utils.dictionary.metrics import evaluate_sae
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
+from featint_utils.residual import absorption, interaction, interaction_results, planted
+from featint_utils.residual.code_data import build_residual_data, split_fit_tune_test
 
 RESULTS = Path(__file__).parent / "results" / "surrogate_null.json"
 
@@ -47,7 +47,7 @@ def shares(store, name: str, cfg: TrainConfig, n_latents: int, k: int, work: Pat
     estimator.fit_target(interaction.RESIDUAL, sets, ("pair_ridge", "nfm"))
     estimator.save()
     (out / "planted.json").write_text("{}")
-    results = interaction.Results(out, n_boot=1000)
+    results = interaction_results.Results(out, n_boot=1000)
     row = {name: results.share(interaction.RESIDUAL, name) for name in interaction.ESTIMATORS}
     return sae, row | {"sae_val_fvu": evaluate_sae(sae, store, "val")["fvu"]}
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import runner, sweeps
-from .distributed import RankLostError
+from .data.distributed import RankLostError
+from .workbench import runner, sweeps
 
 
 def _where(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ variables at once. With every item in all four cells the design is balanced, so 
 closed-form contrasts; a test checks them against ``statsmodels``' ``anova_lm`` on the same data, and
 :func:`block_anova_statsmodels` runs that reference fit for any single response.
 
-Cells are in :data:`featint_utils.corpus.CONDITIONS` order: formal_emotional, formal_neutral,
+Cells are in :data:`featint_utils.data.corpus.CONDITIONS` order: formal_emotional, formal_neutral,
 casual_emotional, casual_neutral.
 """
 

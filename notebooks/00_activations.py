@@ -39,8 +39,10 @@ model_dtype: str = "float32"  # language model weights: float32, bfloat16 or flo
 # %%
 from IPython.display import display
 
-from featint_utils import activations, plots, stages
-from featint_utils.run import Run
+from featint_utils.data import activation_store
+from featint_utils.plots import figure, training
+from featint_utils.workbench import stages
+from featint_utils.workbench.run import Run
 
 run = Run.open(run_dir, "00_activations", globals())
 
@@ -57,7 +59,7 @@ run = Run.open(run_dir, "00_activations", globals())
 # %%
 store, loaded, split = stages.build_store(run)
 from_file = loaded is None
-display(activations.summary(store))
+display(activation_store.summary(store))
 print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 
 # %% [markdown]
@@ -66,14 +68,14 @@ print(f"normalisation scale (E||x||^2 = d_model on train): {store.scale:.4f}")
 # per-position and per-text views show whether any exist.
 
 # %%
-norms = activations.token_norms(store, "train")
-source = corpus if from_file else f"{plots.model_title(loaded.name)} · hidden_states[{layer}]"
-fig = plots.activation_norms(norms, title=f"{source} · train split")
-plots.save(fig, run.root, "00_activation_norms")
+norms = activation_store.token_norms(store, "train")
+source = corpus if from_file else f"{figure.model_title(loaded.name)} · hidden_states[{layer}]"
+fig = training.activation_norms(norms, title=f"{source} · train split")
+figure.save(fig, run.root, "00_activation_norms")
 
 # %%
 if not from_file:
-    display(activations.norm_outliers(store, loaded.tokenizer, "train", n=10))
+    display(activation_store.norm_outliers(store, loaded.tokenizer, "train", n=10))
 
 # %%
 run.close()

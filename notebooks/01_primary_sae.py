@@ -49,11 +49,14 @@ model_dtype: str = "float32"  # language model weights: float32, bfloat16 or flo
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import features, interventions, plots, stages
-from featint_utils.activations import is_activation_corpus
+from featint_utils.data import interventions
+from featint_utils.data.activation_store import is_activation_corpus
+from featint_utils.dictionary import features
+from featint_utils.dictionary.metrics import evaluate_sae
 from featint_utils.io import update_metrics
-from featint_utils.metrics import evaluate_sae
-from featint_utils.run import Run
+from featint_utils.plots import figure, training
+from featint_utils.workbench import stages
+from featint_utils.workbench.run import Run
 
 run = Run.open(run_dir, "01_primary_sae", globals())
 
@@ -71,8 +74,8 @@ store = run.store()
 primary = stages.train_primary_sae(run)
 sae = primary.sae
 if primary.source is None:
-    fig = plots.training_curves(primary.history, title=f"TopK SAE: {sae.cfg.n_latents} latents, k={sae.cfg.k}")
-    plots.save(fig, run.root, "01_training_curves")
+    fig = training.training_curves(primary.history, title=f"TopK SAE: {sae.cfg.n_latents} latents, k={sae.cfg.k}")
+    figure.save(fig, run.root, "01_training_curves")
 else:
     display(
         Markdown(
@@ -103,8 +106,8 @@ update_metrics(run.root, "primary_sae", {"n_latents": sae.cfg.n_latents, "k": sa
 display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
 
 # %%
-fig = plots.feature_density(metrics["firing_frequency"])
-plots.save(fig, run.root, "01_feature_density")
+fig = training.feature_density(metrics["firing_frequency"])
+figure.save(fig, run.root, "01_feature_density")
 
 # %% [markdown]
 # ## What some features respond to

@@ -65,11 +65,13 @@ device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 import pandas as pd
 from IPython.display import display
 
-from featint_utils import contributions, plots, stages
-from featint_utils.metrics import evaluate_sae
+from featint_utils.dictionary.metrics import evaluate_sae
 from featint_utils.params import seeds
-from featint_utils.residuals import set_sizes
-from featint_utils.run import Run
+from featint_utils.plots import figure, residual_fits
+from featint_utils.residual import contributions
+from featint_utils.residual.code_data import set_sizes
+from featint_utils.workbench import stages
+from featint_utils.workbench.run import Run
 
 run = Run.open(run_dir, "02_nfm", globals())
 
@@ -108,11 +110,11 @@ print("learning rates chosen on tune:", ladder.lrs)
 
 # %%
 first_seed = seeds(nfm_seeds)[0]
-fig = plots.fit_curves(
+fig = residual_fits.fit_curves(
     contributions.histories(run.nfm_dir, first_seed),
     title=f"seed {first_seed}: fit (thin), tune (thick); dot: kept epoch (0 is the start)",
 )
-plots.save(fig, run.root, "02_fit_curves")
+figure.save(fig, run.root, "02_fit_curves")
 
 # %% [markdown]
 # ## First look

@@ -27,7 +27,7 @@
 # * **where the SAE hides interactions**: how much of an interaction injected into the activations a
 #   retrained SAE absorbs into its own latents (so no residual model can see it), and latents that act as
 #   conjunctions of two others;
-# * **which features** carry each part of the NFM (see `featint_utils.contributions`).
+# * **which features** carry each part of the NFM (see `featint_utils.residual.contributions`).
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
@@ -48,14 +48,17 @@ device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import absorption, contributions, distributed, feature_labels, interaction, models, plots
-from featint_utils.activations import is_activation_corpus
+from featint_utils.data import distributed, models
+from featint_utils.data.activation_store import is_activation_corpus
+from featint_utils.dictionary import feature_labels
 from featint_utils.io import update_metrics
-from featint_utils.run import Run
+from featint_utils.plots import figure, residual_fits
+from featint_utils.residual import absorption, contributions, interaction, interaction_results
+from featint_utils.workbench.run import Run
 
 run = Run.open(run_dir, "03_contributions", globals())
 sets = run.residual_sets()  # refused if the SAE or store changed after 02 fitted its models
-results = interaction.Results(run.nfm_dir, n_boot=n_boot, seed=bootstrap_seed)
+results = interaction_results.Results(run.nfm_dir, n_boot=n_boot, seed=bootstrap_seed)
 
 # %% [markdown]
 # ## The baseline ladder
@@ -84,8 +87,8 @@ display(
     na_rep="–",
 )
 failed = set(beats.index[~beats["beats_zero"].astype(bool)])
-fig = plots.baseline_ladder(results.ladder.query("target == 'residual'"), interaction.MODELS, failed)
-plots.save(fig, run.root, "03_baseline_ladder")
+fig = residual_fits.baseline_ladder(results.ladder.query("target == 'residual'"), interaction.MODELS, failed)
+figure.save(fig, run.root, "03_baseline_ladder")
 
 # %% [markdown]
 # ## The interaction share, with its interval and its null control
@@ -114,14 +117,14 @@ print(
 
 # %%
 power = results.power()
-limits = {name: interaction.detection_limit(power, name) for name in interaction.ESTIMATORS}
+limits = {name: interaction_results.detection_limit(power, name) for name in interaction.ESTIMATORS}
 columns = ["oracle", "over_linear_excess", "over_linear_detected", "pair_ridge_excess", "pair_ridge_detected"]
 display(power.set_index("nominal_share")[columns].style.format("{:+.5f}", subset=columns[::2]))
-fig = plots.power_curve(power, limits)
-plots.save(fig, run.root, "03_power")
-fig = plots.interaction_forest(shares, control, limits["over_linear"])
-plots.save(fig, run.root, "03_interaction_share")
-display(Markdown(interaction.verdict(results)))
+fig = residual_fits.power_curve(power, limits)
+figure.save(fig, run.root, "03_power")
+fig = residual_fits.interaction_forest(shares, control, limits["over_linear"])
+figure.save(fig, run.root, "03_interaction_share")
+display(Markdown(interaction_results.verdict(results)))
 
 # %% [markdown]
 # ## Where the SAE hides interactions
@@ -197,8 +200,8 @@ if not is_activation_corpus(store.manifest["corpus"]):
     named = {int(f) for top in contributions.top_features(attribution, n_top_features).values() for f in top}
     tokenizer = models.load_tokenizer(store.manifest["model"])
     labels = feature_labels.labels_for(run.decomposition().primary_code, store, named, tokenizer)
-fig = plots.top_feature_bars(attribution, n_top_features, labels)
-plots.save(fig, run.root, "03_top_features")
+fig = residual_fits.top_feature_bars(attribution, n_top_features, labels)
+figure.save(fig, run.root, "03_top_features")
 overlap = contributions.top_feature_overlap(attribution, n_top_features)
 if overlap is None:
     print(
@@ -217,11 +220,11 @@ else:
 # %%
 top = contributions.top_features(attribution, n_top_features).get("interaction")
 if top is not None:
-    fig = plots.interaction_matrix(contributions.interaction_strength(nfm, top), labels)
-    plots.save(fig, run.root, "03_interaction_matrix")
+    fig = residual_fits.interaction_matrix(contributions.interaction_strength(nfm, top), labels)
+    figure.save(fig, run.root, "03_interaction_matrix")
 
 # %%
-headline = interaction.headline(results) | {
+headline = interaction_results.headline(results) | {
     "absorbed_fraction": absorbed["absorbed_fraction"],
     "absorption_injected_share": absorbed["injected_share"],
     "absorption_directions_with_latent": injected["with_a_latent"],

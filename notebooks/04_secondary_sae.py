@@ -24,7 +24,7 @@
 #   secondary SAE trains on the store's training documents and is measured on the NFM stage's test
 #   documents, which neither the NFM nor the secondary SAE has seen.
 # * Each secondary feature can be traced back exactly: its pre-activation is a sum over the token's
-#   active pairs of primary features, plus a constant (see `featint_utils.secondary`).
+#   active pairs of primary features, plus a constant (see `featint_utils.integration.secondary`).
 
 # %% tags=["parameters"]
 run_dir: str = "runs/embedded"  # where this run's artifacts go (the runner sets it)
@@ -47,12 +47,15 @@ from dataclasses import replace
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import distributed, features, models, plots, secondary
-from featint_utils.activations import is_activation_corpus
+from featint_utils.data import distributed, models
+from featint_utils.data.activation_store import is_activation_corpus
+from featint_utils.dictionary import features
+from featint_utils.dictionary.metrics import evaluate_sae
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
+from featint_utils.integration import secondary
 from featint_utils.io import update_metrics
-from featint_utils.metrics import evaluate_sae
-from featint_utils.run import Run
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils.plots import figure, training
+from featint_utils.workbench.run import Run
 
 run = Run.open(run_dir, "04_secondary_sae", globals())
 
@@ -102,8 +105,8 @@ trainer = SAETrainer(vectors, secondary_latents, secondary_k, config, out_dir, d
 sae2 = trainer.train(resume=resume, keep_optimizer=keep_checkpoints)
 decomposition = replace(decomposition, secondary=sae2)
 title = f"secondary SAE: {secondary_latents} latents, k={secondary_k}"
-fig = plots.training_curves(trainer.history_frame(), title=title)
-plots.save(fig, run.root, "04_training_curves")
+fig = training.training_curves(trainer.history_frame(), title=title)
+figure.save(fig, run.root, "04_training_curves")
 
 # %%
 metrics = evaluate_sae(sae2, vectors, "val")
@@ -114,8 +117,8 @@ update_metrics(
     {"n_latents": secondary_latents, "k": secondary_k, "nfm_seed": nfm_seed, "nfm_learnt": nfm.learnt, **headline},
 )
 display(pd.Series(headline, name="held-out").to_frame().style.format("{:.4g}"))
-fig = plots.feature_density(metrics["firing_frequency"])
-plots.save(fig, run.root, "04_feature_density")
+fig = training.feature_density(metrics["firing_frequency"])
+figure.save(fig, run.root, "04_feature_density")
 
 # %% [markdown]
 # ## What some secondary features respond to, and which primary pairs drive them

@@ -39,22 +39,16 @@ import os
 import pandas as pd
 from IPython.display import Markdown, display
 
-from featint_utils import (
-    dashboards,
-    feature_labels,
-    identification,
-    manipulation,
-    models,
-    plots,
-    secondary,
-    stages,
-    widgets,
-)
-from featint_utils.activations import require_model
-from featint_utils.dashboards import FAMILIES
+from featint_utils.data import models
+from featint_utils.data.activation_store import require_model
+from featint_utils.dictionary import feature_labels
+from featint_utils.integration import identification, manipulation, secondary
 from featint_utils.io import update_metrics
+from featint_utils.plots import figure, stimulus_effects
 from featint_utils.progress import headless
-from featint_utils.run import Run
+from featint_utils.workbench import dashboards, stages, widgets
+from featint_utils.workbench.feature_stats import FAMILIES
+from featint_utils.workbench.run import Run
 
 run = Run.open(run_dir, "05_feature_identification", globals())
 
@@ -64,7 +58,7 @@ run = Run.open(run_dir, "05_feature_identification", globals())
 # Two transparent text scores, neither involving the model:
 # an **emotion score** (VADER's |compound|, a human-rated sentiment lexicon) and a **formality score**
 # (contractions, slang and interjections, exclamation marks, first/second person, sentence length, word
-# length and Latinate suffixes; see `featint_utils.manipulation`). Each factor should move its own score
+# length and Latinate suffixes; see `featint_utils.integration.manipulation`). Each factor should move its own score
 # strongly (|d| ≥ 1) and the other one barely (|d| ≤ 0.3).
 
 # %%
@@ -88,8 +82,8 @@ probes = manipulation.probe_table(embeddings.numpy(), stimuli, n_splits=probe_fo
 display(probes.round(3))
 
 # %%
-fig = plots.manipulation_checks(scored, effects, probes)
-plots.save(fig, run.root, "05_manipulation_checks")
+fig = stimulus_effects.manipulation_checks(scored, effects, probes)
+figure.save(fig, run.root, "05_manipulation_checks")
 
 # %% [markdown]
 # ## Every feature, per text
@@ -148,8 +142,8 @@ for family, table in effects.items():  # the 6 strongest features named by their
     code = encoders["primary" if family == "primary_pre" else family][0]  # a feature is named by its code
     labels = feature_labels.labels_for(code, store, named, loaded.tokenizer)
     title = f"{family} features: formality × emotion interaction"
-    fig = plots.effect_volcano(table, "interaction", fdr_q, title=title, labels=labels)
-    plots.save(fig, run.root, f"05_{family}_interaction_volcano")
+    fig = stimulus_effects.effect_volcano(table, "interaction", fdr_q, title=title, labels=labels)
+    figure.save(fig, run.root, f"05_{family}_interaction_volcano")
 
 # %% [markdown]
 # **What a flag can mean.** BH bounds the share of false flags among features whose null is true. For a

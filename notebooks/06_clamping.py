@@ -46,12 +46,15 @@ model_dtype: str = "float32"  # language model weights: float32, bfloat16 or flo
 # %%
 from IPython.display import display
 
-from featint_utils import clamping, feature_labels, features, identification, plots, stages
-from featint_utils.activations import require_model
-from featint_utils.corpus import load_prompt_frames, load_wordlists
+from featint_utils.data.activation_store import require_model
+from featint_utils.data.corpus import load_prompt_frames, load_wordlists
+from featint_utils.dictionary import feature_labels, features
+from featint_utils.integration import clamping, identification
 from featint_utils.io import update_metrics
 from featint_utils.params import numbers
-from featint_utils.run import Run
+from featint_utils.plots import clamps, figure
+from featint_utils.workbench import stages
+from featint_utils.workbench.run import Run
 
 run = Run.open(run_dir, "06_clamping", globals())
 
@@ -120,8 +123,8 @@ labels = {  # clamped features named by their top held-out tokens
     "secondary": feature_labels.labels_for(decomposition.secondary_code, store, chosen, loaded.tokenizer),
     "primary": feature_labels.labels_for(decomposition.primary_code, store, [linear_feature], loaded.tokenizer),
 }
-fig = plots.dose_response(tidy, readout_name, labels)
-plots.save(fig, run.root, "06_dose_response")
+fig = clamps.dose_response(tidy, readout_name, labels)
+figure.save(fig, run.root, "06_dose_response")
 
 # %% [markdown]
 # ## Non-additive effects
@@ -139,11 +142,11 @@ references = {
 table = clamping.clamp_statistics(changes, n_permutations, n_boot, clamp_seed, references)
 table.to_csv(run.clamping_table(nfm_seed, "statistics"), index=False)
 display(table.style.format(precision=4).hide(axis="index"))
-fig = plots.effect_forest(table, labels, alpha=fdr_q)
-plots.save(fig, run.root, "06_interaction_effects")
+fig = clamps.effect_forest(table, labels, alpha=fdr_q)
+figure.save(fig, run.root, "06_interaction_effects")
 strongest_level = max(levels, key=abs)
-fig = plots.interaction_2x2(tidy, strongest_level, readout_name, labels)
-plots.save(fig, run.root, "06_interaction_2x2")
+fig = clamps.interaction_2x2(tidy, strongest_level, readout_name, labels)
+figure.save(fig, run.root, "06_interaction_2x2")
 
 # %% [markdown]
 # ## What was and was not shown

@@ -29,7 +29,8 @@ sweep_dir: str = "runs/sweeps/embedded"  # the sweep's directory (`featint sweep
 import pandas as pd
 from IPython.display import display
 
-from featint_utils import plots, sweeps
+from featint_utils.plots import comparisons, figure
+from featint_utils.workbench import sweeps
 
 sweep = sweeps.open_sweep(sweep_dir)
 print(f"profile {sweep.profile!r}; swept: {', '.join(f'{k} = {v}' for k, v in sweep.grid.items())}")
@@ -52,5 +53,5 @@ with pd.option_context("display.max_columns", None, "display.width", 250):
 # ## The headline numbers against the swept parameters
 
 # %%
-fig = plots.sweep_comparison(table, list(sweep.grid))
-plots.save(fig, sweep.root, "sweep_comparison")
+fig = comparisons.sweep_comparison(table, list(sweep.grid))
+figure.save(fig, sweep.root, "sweep_comparison")

@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from featint_utils import models  # noqa: E402
+from featint_utils.data import models  # noqa: E402
 
 # The test files that take longest (each runs whole in one worker), in the order the workers start them: first,
 # so that no worker is left alone with a long one at the end.
@@ -137,7 +137,7 @@ def random_store(path, n_train: int, n_val: int, d: int = 16, tokens_per_text: i
     """A store of Gaussian activations whose texts are consecutive runs of ``tokens_per_text`` tokens."""
     import numpy as np
 
-    from featint_utils.activations import store_from_arrays
+    from featint_utils.data.extraction import store_from_arrays
 
     rng = np.random.default_rng(0)
     sizes = {"train": n_train, "val": n_val}
@@ -209,7 +209,7 @@ def stderr_into(path: Path):
 def tiny_run(tmp_path_factory) -> TinyRun:
     """The real pipeline once, through papermill, reports rendered: the smoke, stale-artifact and relocation
     tests each read it, and any test that changes a run changes a copy of it."""
-    from featint_utils import runner
+    from featint_utils.workbench import runner
 
     where = tmp_path_factory.mktemp("tiny_run")
     with stderr_into(where / "terminal.txt"):

@@ -2,7 +2,7 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/dist_nfm_worker.py {nfm,ladder,ladder-ddp} OUT``:
 ``nfm`` trains one nested NFM on a residual with a planted interaction into OUT; ``ladder`` runs the whole
-estimator (:func:`featint_utils.interaction.run`) into OUT, its later targets dealt to the ranks, and
+estimator (:func:`featint_utils.residual.interaction.run`) into OUT, its later targets dealt to the ranks, and
 ``ladder-ddp`` with every model data-parallel instead. The tests run the same with one process and compare.
 """
 
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featint_utils import distributed, interaction, planted
-from featint_utils.baselines import SparseDesign, cofiring_pairs, fit_ridge
-from featint_utils.nfm import NFM, NFMConfig
-from featint_utils.nfm_training import FitConfig, ResidualTrainer
-from featint_utils.residuals import split_fit_tune_test
+from featint_utils.data import distributed
+from featint_utils.residual import interaction, planted, targets
+from featint_utils.residual.baselines import SparseDesign, cofiring_pairs, fit_ridge
+from featint_utils.residual.code_data import split_fit_tune_test
+from featint_utils.residual.nfm import NFM, NFMConfig
+from featint_utils.residual.nfm_training import FitConfig, ResidualTrainer
 
 N_LATENTS, D_OUT = 64, 16
 NFM_SHAPE = NFMConfig(N_LATENTS, D_OUT, k_embed=16, dropout=0.0)  # no dropout: the ranks' draws would differ
@@ -34,8 +35,8 @@ def nested_nfm_trainer(out: str, dist=distributed.SINGLE, batch_size: int = FIT.
     sets = residual_sets()
     design = SparseDesign(sets["fit"], cofiring_pairs(sets["fit"], 128))
     ridge = fit_ridge(sets["fit"], sets["tune"], design=design)
-    pairs = interaction.plant_pairs(sets["fit"], 0.2, design, ridge.penalty, 6, seed=0)
-    sets = {name: data.with_target(interaction.AddPlanted(data, pairs)) for name, data in sets.items()}
+    pairs = targets.plant_pairs(sets["fit"], 0.2, design, ridge.penalty, 6, seed=0)
+    sets = {name: data.with_target(targets.AddPlanted(data, pairs)) for name, data in sets.items()}
     ridge = fit_ridge(sets["fit"], sets["tune"], design=design)
     sample = sets["fit"].batch(np.arange(2_048))
     model = NFM(NFM_SHAPE, seed=0).start_from(ridge.weight, ridge.bias)

@@ -9,9 +9,9 @@ import argparse
 import os
 import signal
 
-from featint_utils import distributed
-from featint_utils.activations import ActivationStore
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils.data import distributed
+from featint_utils.data.activation_store import ActivationStore
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
 
 SETTINGS = {"n_latents": 256, "k": 4}
 CONFIG = {"train_tokens": 12 * 512, "batch_size": 512, "lr": 3e-3, "dead_tokens": 1024, "checkpoint_every": 5}

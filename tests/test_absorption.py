@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from featint_utils import absorption, planted
-from featint_utils.activations import StoreError, store_from_arrays, store_from_npz
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils.data.activation_store import StoreError
+from featint_utils.data.extraction import store_from_arrays, store_from_npz
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
+from featint_utils.residual import absorption, planted
 
 
 def test_absorbed_fraction_is_one_minus_what_the_residual_still_holds():

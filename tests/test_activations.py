@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from featint_utils import activations, models
-from featint_utils.activations import ActivationStore, StoreError
-from featint_utils.corpus import Text, split_by_group
+from featint_utils.data import activation_store, extraction, models
+from featint_utils.data.activation_store import ActivationStore, StoreError
+from featint_utils.data.corpus import Text, split_by_group
 
 from .conftest import CORPUS_SENTENCES, random_store
 
@@ -26,13 +26,13 @@ def _split(texts):
 def minilm_store(embedded, tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "acts"
     # 10-token contexts force chunking; a tiny shard size forces several shards per split.
-    store = activations.extract(embedded, _split(TEXTS), 3, path, context_tokens=10, batch_size=3, shard_mb=0.02)
+    store = extraction.extract(embedded, _split(TEXTS), 3, path, context_tokens=10, batch_size=3, shard_mb=0.02)
     return store
 
 
 def _expected_activations(loaded, store, layer):
     """Recompute every stored token one context at a time, unbatched, straight from hidden_states."""
-    prefix, suffix = activations.special_frame(loaded.tokenizer)
+    prefix, suffix = extraction.special_frame(loaded.tokenizer)
     chunk_len = store.manifest["context_tokens"] - len(prefix) - len(suffix)
     expected = {}
     for row in store.texts().itertuples():
@@ -75,7 +75,7 @@ def test_store_round_trip_values_and_provenance_minilm(embedded, minilm_store):
 
 def test_store_round_trip_on_tiny_causal_models(causal_dir, tmp_path):
     loaded = models.load_model(str(causal_dir))
-    store = activations.extract(
+    store = extraction.extract(
         loaded,
         _split(CORPUS_SENTENCES + ["zebra unknown words here"]),
         1,
@@ -108,7 +108,7 @@ def test_streaming_batches_cover_every_token_once(minilm_store, shuffle):
 
 
 def test_manifest_mismatch_is_a_clear_error(embedded, tmp_path):
-    store = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16, shard_mb=0.02)
+    store = extraction.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16, shard_mb=0.02)
     shard = store.manifest["splits"]["train"]["shards"][0]
     np.save(store.path / shard["acts"], np.zeros((3, store.d_model), np.float32))
     with pytest.raises(StoreError, match=r"has shape \(3, 384\).*corrupt"):
@@ -119,7 +119,7 @@ def test_manifest_mismatch_is_a_clear_error(embedded, tmp_path):
 
 
 def test_checksum_catches_changed_bytes(embedded, tmp_path):
-    store = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
+    store = extraction.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
     store.verify()
     shard = store.path / store.manifest["splits"]["val"]["shards"][0]["acts"]
     array = np.load(shard)
@@ -131,9 +131,9 @@ def test_checksum_catches_changed_bytes(embedded, tmp_path):
 
 def test_interrupted_extraction_leaves_no_store_that_reads_as_valid(embedded, tmp_path, monkeypatch):
     path = tmp_path / "acts"
-    first = activations.extract(embedded, _split(TEXTS), 2, path, context_tokens=10, batch_size=2)
+    first = extraction.extract(embedded, _split(TEXTS), 2, path, context_tokens=10, batch_size=2)
     tokens_before = first.n_tokens("train")
-    real_forward, calls = activations.forward_to_layer, []
+    real_forward, calls = extraction.forward_to_layer, []
 
     def dying_forward(*args, **kwargs):
         calls.append(1)
@@ -141,16 +141,16 @@ def test_interrupted_extraction_leaves_no_store_that_reads_as_valid(embedded, tm
             raise KeyboardInterrupt
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(activations, "forward_to_layer", dying_forward)
+    monkeypatch.setattr(extraction, "forward_to_layer", dying_forward)
     with pytest.raises(KeyboardInterrupt):
-        activations.extract(embedded, _split(TEXTS[:4]), 2, path, context_tokens=10, batch_size=2, shard_mb=1e-4)
+        extraction.extract(embedded, _split(TEXTS[:4]), 2, path, context_tokens=10, batch_size=2, shard_mb=1e-4)
     partial = path.with_name("acts.partial")
     assert any(partial.glob("*.acts.npy")), "the interrupted run had written shards"
     with pytest.raises(StoreError, match="manifest.json is missing"):
         ActivationStore(partial)
     assert ActivationStore(path).n_tokens("train") == tokens_before, "the previous complete store is untouched"
-    monkeypatch.setattr(activations, "forward_to_layer", real_forward)
-    activations.extract(embedded, _split(TEXTS), 2, path, context_tokens=10)
+    monkeypatch.setattr(extraction, "forward_to_layer", real_forward)
+    extraction.extract(embedded, _split(TEXTS), 2, path, context_tokens=10)
     assert not partial.exists()
 
 
@@ -158,19 +158,19 @@ def test_missing_store_and_bad_arguments(embedded, tmp_path):
     with pytest.raises(StoreError, match="no activation store"):
         ActivationStore(tmp_path / "nothing")
     with pytest.raises(ValueError, match="valid layers are 0..6"):
-        activations.extract(embedded, _split(TEXTS), 9, tmp_path / "a")
+        extraction.extract(embedded, _split(TEXTS), 9, tmp_path / "a")
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
-        activations.extract(embedded, _split(TEXTS), 2, tmp_path / "a", context_tokens=600)
+        extraction.extract(embedded, _split(TEXTS), 2, tmp_path / "a", context_tokens=600)
 
 
 def test_same_request_reuses_the_store_and_a_new_one_rebuilds_it(embedded, tmp_path):
-    first = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
-    again = activations.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
+    first = extraction.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
+    again = extraction.extract(embedded, _split(TEXTS), 2, tmp_path / "acts", context_tokens=16)
     assert again.manifest["created"] == first.manifest["created"]
-    other_layer = activations.extract(embedded, _split(TEXTS), 3, tmp_path / "acts", context_tokens=16)
+    other_layer = extraction.extract(embedded, _split(TEXTS), 3, tmp_path / "acts", context_tokens=16)
     assert other_layer.manifest["created"] != first.manifest["created"] and other_layer.layer == 3
     changed = _split(TEXTS[:-1] + ["changed"])
-    other_texts = activations.extract(embedded, changed, 3, tmp_path / "acts", context_tokens=16)
+    other_texts = extraction.extract(embedded, changed, 3, tmp_path / "acts", context_tokens=16)
     assert other_texts.manifest["created"] != other_layer.manifest["created"]
 
 
@@ -187,9 +187,9 @@ def test_a_model_at_another_path_is_the_same_model_and_its_store_is_reused(tmp_p
     _tiny_tokenizer(bos=False).save_pretrained(here)
     shutil.copytree(here, there)
     split = _split(CORPUS_SENTENCES)
-    first = activations.extract(models.load_model(str(here)), split, 1, tmp_path / "acts", context_tokens=8)
+    first = extraction.extract(models.load_model(str(here)), split, 1, tmp_path / "acts", context_tokens=8)
     moved = models.load_model(str(there))
-    again = activations.extract(moved, split, 1, tmp_path / "acts", context_tokens=8)
+    again = extraction.extract(moved, split, 1, tmp_path / "acts", context_tokens=8)
     assert again.manifest["created"] == first.manifest["created"] and again.extracted_by(moved)
     shutil.copytree(here, other)
     changed = models.load_model(str(other))
@@ -198,7 +198,7 @@ def test_a_model_at_another_path_is_the_same_model_and_its_store_is_reused(tmp_p
     changed.model.save_pretrained(other)
     changed = models.load_model(str(other))
     assert not first.extracted_by(changed)
-    rebuilt = activations.extract(changed, split, 1, tmp_path / "acts", context_tokens=8)
+    rebuilt = extraction.extract(changed, split, 1, tmp_path / "acts", context_tokens=8)
     assert rebuilt.manifest["created"] != first.manifest["created"]
 
 
@@ -206,7 +206,7 @@ def test_gathered_rows_in_any_order_are_those_of_a_full_read_across_shards(tmp_p
     """Rows picked across shard boundaries, unsorted and repeated, read from the memory maps: the activations and
     the provenance equal what a full read of the split gives at those rows."""
     one_shard = random_store(tmp_path / "store", 3_000, 10, d=16)
-    store = activations.store_from_arrays(
+    store = extraction.store_from_arrays(
         tmp_path / "sharded",
         {"train": one_shard.load("train"), "val": one_shard.load("val")},
         meta={"train": one_shard.tokens("train").to_numpy(), "val": one_shard.tokens("val").to_numpy()},
@@ -231,7 +231,7 @@ def test_a_closed_prefetch_leaves_no_thread_behind():
             yield i
 
     before = set(threading.enumerate())
-    stream = activations.prefetch(slow(), depth=2)
+    stream = activation_store.prefetch(slow(), depth=2)
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
     stream.close()
     assert [t for t in threading.enumerate() if t not in before] == []

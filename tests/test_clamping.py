@@ -3,11 +3,12 @@ import pandas as pd
 import pytest
 import torch
 
-from featint_utils import clamping, models
-from featint_utils.clamping import Clamp, Decomposition
-from featint_utils.corpus import CONDITIONS
-from featint_utils.nfm import NFM, NFMConfig
-from featint_utils.sae import SAEConfig, TopKSAE
+from featint_utils.data import models
+from featint_utils.data.corpus import CONDITIONS
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+from featint_utils.integration import clamping
+from featint_utils.integration.clamping import Clamp, Decomposition
+from featint_utils.residual.nfm import NFM, NFMConfig
 
 DEAD = 7  # a secondary feature that never fires (its encoder bias is hugely negative)
 

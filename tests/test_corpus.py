@@ -3,8 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from featint_utils import corpus
-from featint_utils.corpus import StimulusError, Text, load_text_file, split_by_group
+from featint_utils.data import corpus
+from featint_utils.data.corpus import StimulusError, Text, load_text_file, split_by_group
 
 WIKI = """ = First Article =
 

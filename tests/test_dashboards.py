@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from featint_utils import params
-from featint_utils.activations import store_from_arrays
-from featint_utils.dashboards import HIST_BINS, _Collector, build_dashboards, decoder_neighbours
+from featint_utils.data.extraction import store_from_arrays
+from featint_utils.data.models import LoadedModel
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
 from featint_utils.io import write_json
-from featint_utils.models import LoadedModel
-from featint_utils.nfm import NFM, NFMConfig
-from featint_utils.run import Run
-from featint_utils.sae import SAEConfig, TopKSAE
+from featint_utils.residual.nfm import NFM, NFMConfig
+from featint_utils.workbench.dashboards import build_dashboards
+from featint_utils.workbench.feature_stats import HIST_BINS, _Collector, decoder_neighbours
+from featint_utils.workbench.run import Run
 from tests.conftest import tiny_causal
 
 D, N_LATENTS, K = 32, 64, 4  # d = the tiny GPT-2's width

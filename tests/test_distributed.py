@@ -11,14 +11,19 @@ import pandas as pd
 import pytest
 import torch
 
-from featint_utils import clamping, distributed, interaction, models, runner, sae_training, stages
-from featint_utils.activations import ActivationStore, store_from_arrays
-from featint_utils.decomposition import Clamp
+from featint_utils.data import distributed, models
+from featint_utils.data.activation_store import ActivationStore
+from featint_utils.data.extraction import store_from_arrays
+from featint_utils.dictionary import sae_training
+from featint_utils.dictionary.sae import TopKSAE
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
+from featint_utils.integration import clamping
 from featint_utils.io import read_json
-from featint_utils.nfm import NFM
-from featint_utils.nfm_training import FitConfig
-from featint_utils.sae import TopKSAE
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils.residual import interaction
+from featint_utils.residual.decomposition import Clamp
+from featint_utils.residual.nfm import NFM
+from featint_utils.residual.nfm_training import FitConfig
+from featint_utils.workbench import runner, stages
 from tests import dist_nfm_worker
 from tests.dist_worker import CONFIG, SETTINGS, trainer
 from tests.test_clamping import decomposition as clamping_decomposition

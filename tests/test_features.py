@@ -3,8 +3,8 @@ import json
 import numpy as np
 import torch
 
-from featint_utils import features
-from featint_utils.activations import store_from_arrays
+from featint_utils.data.extraction import store_from_arrays
+from featint_utils.dictionary import features
 
 
 class _Tok:

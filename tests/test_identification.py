@@ -3,9 +3,11 @@ import pandas as pd
 import pytest
 import torch
 
-from featint_utils import identification, stats, widgets
-from featint_utils.corpus import CONDITIONS
-from featint_utils.sae import SAEConfig, TopKSAE
+from featint_utils import stats
+from featint_utils.data.corpus import CONDITIONS
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+from featint_utils.integration import identification
+from featint_utils.workbench import widgets
 
 
 def planted_cells(n_items=200, n_null=300, bump=1.0, seed=0):

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from featint_utils import interaction, planted
-from featint_utils.baselines import PAIR_ALPHAS, SparseDesign, cofiring_pairs, fit_pair_ridge, fit_ridge
-from featint_utils.nfm import NFM, NFMConfig
-from featint_utils.nfm_training import FitConfig, ResidualTrainer, residual_fvu, select_lr
-from featint_utils.residuals import split_fit_tune_test
+from featint_utils.residual import interaction, interaction_results, planted, resampling, targets
+from featint_utils.residual.baselines import PAIR_ALPHAS, SparseDesign, cofiring_pairs, fit_pair_ridge, fit_ridge
+from featint_utils.residual.code_data import split_fit_tune_test
+from featint_utils.residual.nfm import NFM, NFMConfig
+from featint_utils.residual.nfm_training import FitConfig, ResidualTrainer, residual_fvu, select_lr
 
 N_LATENTS, K_ACTIVE, D_OUT = 64, 8, 16
 
@@ -122,7 +122,7 @@ def test_null_control_keeps_each_tokens_first_order_part_and_permutes_the_rest_w
     sets = planted_sets(4_000, 3)
     first = fit_ridge(sets["fit"], sets["tune"])
     for data in sets.values():
-        control = data.with_target(interaction.PermutedRemainder(data, sets, first, seed=0))
+        control = data.with_target(targets.PermutedRemainder(data, sets, first, seed=0))
         plain, permuted = data.batch(np.arange(len(data))), control.batch(np.arange(len(data)))
         with torch.no_grad():
             own_part = first.predict(plain)
@@ -137,12 +137,12 @@ def test_bootstrap_increments_reduce_to_the_point_estimate_and_treat_identical_m
     rng = np.random.default_rng(0)
     centred = rng.uniform(5, 10, 12)
     base, model = rng.uniform(3, 4, (2, 12)), rng.uniform(2, 3, (2, 12))
-    point = interaction.increments(centred, base, model)
+    point = resampling.increments(centred, base, model)
     assert point == pytest.approx((base - model).sum(1) / centred.sum())
-    ones = interaction.Draws(np.ones((3, 12)), np.array([[0, 1], [0, 1], [1, 0]]))
-    np.testing.assert_allclose(interaction.increments(centred, base, model, ones), point.mean())
-    draws = interaction.bootstrap_draws(12, 2, 500)
-    same = interaction.increments(centred, base[0], base[0] * (1 + 1e-12), draws)
+    ones = resampling.Draws(np.ones((3, 12)), np.array([[0, 1], [0, 1], [1, 0]]))
+    np.testing.assert_allclose(resampling.increments(centred, base, model, ones), point.mean())
+    draws = resampling.bootstrap_draws(12, 2, 500)
+    same = resampling.increments(centred, base[0], base[0] * (1 + 1e-12), draws)
     assert np.all(same == 0)  # float noise of a model that kept its start is no finding
 
 
@@ -157,7 +157,7 @@ def planted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("estimator")
     sets = planted_sets(60_000, 4)
     interaction.run(sets, config(seeds=(0,)), out, power_shares=(0.004, 0.015, 0.05), n_planted=6)
-    return interaction.Results(out, n_boot=1000)
+    return interaction_results.Results(out, n_boot=1000)
 
 
 def test_on_a_null_residual_every_interval_covers_zero(planted_run):
@@ -185,9 +185,9 @@ def test_planted_interactions_are_recovered_near_the_oracle_and_monotone_in_size
     assert largest["pair_ridge_ci_low"] <= largest["over_linear_ci_high"], power.to_string()
     assert np.all(power["over_linear"] <= power["pair_ridge_ci_high"]), power.to_string()
     assert power["over_linear_detected"].iloc[-1] and power["pair_ridge_detected"].iloc[-1]
-    limit = interaction.detection_limit(power)
+    limit = interaction_results.detection_limit(power)
     assert limit is not None and limit <= largest["oracle"]
-    assert "No pairwise interaction is detected above" in interaction.verdict(planted_run)
+    assert "No pairwise interaction is detected above" in interaction_results.verdict(planted_run)
 
 
 def test_false_positive_rate_over_repeated_nulls_is_at_most_nominal(tmp_path):
@@ -200,7 +200,7 @@ def test_false_positive_rate_over_repeated_nulls_is_at_most_nominal(tmp_path):
         estimator.fit_target(interaction.RESIDUAL, sets, ("pair_ridge", "nfm"))
         estimator.save()
         (tmp_path / str(replicate) / "planted.json").write_text("{}")
-        results = interaction.Results(tmp_path / str(replicate), n_boot=500, seed=replicate)
+        results = interaction_results.Results(tmp_path / str(replicate), n_boot=500, seed=replicate)
         for name in ("over_linear", "pair_ridge"):
             stats = results.share(interaction.RESIDUAL, name)
             positives += stats["ci_low"] > 0
@@ -240,5 +240,5 @@ def test_share_of_what_the_nfm_explains_is_undefined_when_the_nfm_explains_nothi
         )
         for name, table in (("ladder", ladder), ("test_sse", sse), ("test_documents", documents)):
             table.to_csv(tmp_path / f"{name}.csv", index=False)
-        fraction = interaction.Results(tmp_path, n_boot=50).of_explained()
+        fraction = interaction_results.Results(tmp_path, n_boot=50).of_explained()
         assert fraction == (None if expected is None else pytest.approx(expected))

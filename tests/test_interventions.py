@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from featint_utils import activations, interventions, models
-from featint_utils.corpus import Text, split_by_group
+from featint_utils.data import extraction, interventions, models
+from featint_utils.data.corpus import Text, split_by_group
 
 from .conftest import CORPUS_SENTENCES
 
@@ -16,7 +16,7 @@ TEXTS = [
 
 def _store(loaded, tmp_path, texts, layer):
     split = split_by_group([Text(f"t{i}", f"g{i}", s) for i, s in enumerate(texts)], 0.5, seed=0)
-    return activations.extract(loaded, split, layer, tmp_path / "acts", context_tokens=12)
+    return extraction.extract(loaded, split, layer, tmp_path / "acts", context_tokens=12)
 
 
 def test_identity_splice_reproduces_the_clean_model_exactly(embedded):

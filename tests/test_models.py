@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from featint_utils import models
+from featint_utils.data import models
 
 from .conftest import CAUSAL_ARCHS, tiny_causal
 

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from featint_utils import contributions
-from featint_utils.activations import store_from_arrays
-from featint_utils.baselines import fit_ridge
-from featint_utils.nfm import NFM, NFMConfig, bi_interaction
-from featint_utils.nfm_training import FitConfig, ResidualTrainer, residual_fvu
-from featint_utils.residuals import (
+from featint_utils.data.extraction import store_from_arrays
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+from featint_utils.dictionary.sae_training import CheckpointError
+from featint_utils.residual import contributions
+from featint_utils.residual.baselines import fit_ridge
+from featint_utils.residual.code_data import (
     build_residual_data,
     code_data_from_arrays,
     load_sets,
@@ -15,8 +15,8 @@ from featint_utils.residuals import (
     split_fit_tune,
     split_fit_tune_test,
 )
-from featint_utils.sae import SAEConfig, TopKSAE
-from featint_utils.sae_training import CheckpointError
+from featint_utils.residual.nfm import NFM, NFMConfig, bi_interaction
+from featint_utils.residual.nfm_training import FitConfig, ResidualTrainer, residual_fvu
 from tests.conftest import random_store
 
 

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from featint_utils import params
-from featint_utils.runner import NOTEBOOKS_DIR
+from featint_utils.workbench.runner import NOTEBOOKS_DIR
 
 SOURCES = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
 

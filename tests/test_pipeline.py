@@ -10,10 +10,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from featint_utils import reports, runner
-from featint_utils.activations import ActivationStore
+from featint_utils.data.activation_store import ActivationStore
+from featint_utils.dictionary.sae import TopKSAE
 from featint_utils.io import state_digest
-from featint_utils.sae import TopKSAE
+from featint_utils.workbench import reports, runner
 from tests.conftest import TINY_RUN
 
 

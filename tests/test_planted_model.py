@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from featint_utils import clamping, models, planted_model, stages
-from featint_utils.corpus import CONDITIONS, load_corpus
-from featint_utils.planted_model import PlantedSpec
+from featint_utils.data import models, planted_model
+from featint_utils.data.corpus import CONDITIONS, load_corpus
+from featint_utils.data.planted_model import PlantedSpec
+from featint_utils.integration import clamping
+from featint_utils.workbench import planted_truth, stages
 from tests.test_clamping import decomposition
 
 NAME = "planted:seed=3,integration=0.5,n_items=12"
@@ -84,11 +86,11 @@ def test_the_integration_is_a_b_times_its_size_along_its_direction_in_formal_emo
 def test_the_oracle_contrast_is_zero_for_the_model_itself_and_negative_without_its_integration():
     spec = PlantedSpec.parse(NAME)
     stimuli = planted_model.stimuli_for(spec)
-    assert np.abs(planted_model.oracle_contrast(spec, stimuli, 1.0)).max() == 0.0
-    removed = planted_model.oracle_contrast(spec, stimuli, 0.0)
+    assert np.abs(planted_truth.oracle_contrast(spec, stimuli, 1.0)).max() == 0.0
+    removed = planted_truth.oracle_contrast(spec, stimuli, 0.0)
     # the formal-emotional text moves away from its own centroid, which holds the integration direction
     assert len(removed) == 12 and (removed < 0).all()
-    assert np.abs(planted_model.oracle_contrast(dataclasses.replace(spec, integration=0.0), stimuli, 0.0)).max() == 0
+    assert np.abs(planted_truth.oracle_contrast(dataclasses.replace(spec, integration=0.0), stimuli, 0.0)).max() == 0
 
 
 @pytest.mark.parametrize("integration", [0.0, 0.5])
@@ -96,9 +98,9 @@ def test_pre_activations_are_non_additive_exactly_where_the_layer_is(integration
     """Stage 05's primary_pre family reads the layer along each encoder direction: on the planted model, its
     per-text mean's interaction contrast (FE - FN - CE + CN) is s * integration * a * b * (W_enc u) for every
     item and feature (s the SAE's input scale), so exactly 0 with no integration, whatever the SAE."""
-    from featint_utils import identification
-    from featint_utils.decomposition import Decomposition
-    from featint_utils.sae import SAEConfig, TopKSAE
+    from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+    from featint_utils.integration import identification
+    from featint_utils.residual.decomposition import Decomposition
 
     spec = dataclasses.replace(PlantedSpec.parse(NAME), integration=integration)
     loaded = models.load_model(spec.name)

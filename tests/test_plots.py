@@ -13,8 +13,20 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from featint_utils import feature_labels, plots, style  # noqa: E402
-from featint_utils.feature_labels import feature_label  # noqa: E402
+from featint_utils.dictionary import feature_labels  # noqa: E402
+from featint_utils.dictionary.feature_labels import feature_label  # noqa: E402
+from featint_utils.plots import (  # noqa: E402
+    clamps,
+    comparisons,
+    figure,
+    residual_fits,
+    stimulus_effects,
+    style,
+    training,
+)
+from featint_utils.residual import interaction  # noqa: E402
+
+FIGURE_MODULES = (training, residual_fits, stimulus_effects, clamps, comparisons)
 
 RNG = np.random.default_rng(0)
 CONDITIONS = ["formal_emotional", "formal_neutral", "casual_emotional", "casual_neutral"]
@@ -136,7 +148,6 @@ def manipulation_effects() -> pd.DataFrame:
 
 def figure_calls():
     """(name, zero-argument call) for every figure function, with inputs shaped like the notebooks' calls."""
-    from featint_utils import interaction
 
     norms = pd.DataFrame(
         {
@@ -160,7 +171,7 @@ def figure_calls():
         ]
     )
     stats = lambda mean: {"mean": mean, "ci_low": mean - 1e-4, "ci_high": mean + 1e-4}  # noqa: E731
-    shares = pd.DataFrame({name: stats(2e-4) for name in plots.SHARE_LABELS}).T
+    shares = pd.DataFrame({name: stats(2e-4) for name in residual_fits.SHARE_LABELS}).T
     control = pd.DataFrame({"over_linear": stats(0.0), "pair_ridge": stats(0.0)}).T
     power = pd.DataFrame(
         {
@@ -208,31 +219,34 @@ def figure_calls():
         ]
     )
     return [
-        ("activation_norms", lambda: plots.activation_norms(norms, title="model · hidden_states[3] · train split")),
-        ("training_curves", lambda: plots.training_curves(topk_history(), title="TopK SAE: 4096 latents, k=32")),
-        ("feature_density", lambda: plots.feature_density(np.r_[np.zeros(5), RNG.uniform(1e-4, 0.2, 500)])),
-        ("fit_curves", lambda: plots.fit_curves(histories, title="seed 0")),
-        ("baseline_ladder", lambda: plots.baseline_ladder(ladder, interaction.MODELS, {"mlp"})),
-        ("interaction_forest", lambda: plots.interaction_forest(shares, control, 1e-3)),
-        ("power_curve", lambda: plots.power_curve(power, {"over_linear": 0.01, "pair_ridge": None})),
-        ("top_feature_bars", lambda: plots.top_feature_bars(attribution, 20)),
-        ("interaction_matrix", lambda: plots.interaction_matrix(strength)),
-        ("manipulation_checks", lambda: plots.manipulation_checks(stimuli_scores(), manipulation_effects(), probes)),
+        ("activation_norms", lambda: training.activation_norms(norms, title="model · hidden_states[3] · train split")),
+        ("training_curves", lambda: training.training_curves(topk_history(), title="TopK SAE: 4096 latents, k=32")),
+        ("feature_density", lambda: training.feature_density(np.r_[np.zeros(5), RNG.uniform(1e-4, 0.2, 500)])),
+        ("fit_curves", lambda: residual_fits.fit_curves(histories, title="seed 0")),
+        ("baseline_ladder", lambda: residual_fits.baseline_ladder(ladder, interaction.MODELS, {"mlp"})),
+        ("interaction_forest", lambda: residual_fits.interaction_forest(shares, control, 1e-3)),
+        ("power_curve", lambda: residual_fits.power_curve(power, {"over_linear": 0.01, "pair_ridge": None})),
+        ("top_feature_bars", lambda: residual_fits.top_feature_bars(attribution, 20)),
+        ("interaction_matrix", lambda: residual_fits.interaction_matrix(strength)),
+        (
+            "manipulation_checks",
+            lambda: stimulus_effects.manipulation_checks(stimuli_scores(), manipulation_effects(), probes),
+        ),
         (
             "feature_panel",
-            lambda: plots.feature_panel(
+            lambda: stimulus_effects.feature_panel(
                 RNG.uniform(size=48), dict(zip(CONDITIONS, [0.1, 0.2, 0.3, 0.2])), title="secondary feature 3"
             ),
         ),
         (
             "effect_volcano",
-            lambda: plots.effect_volcano(feature_effects(), "interaction", 0.05, title="secondary features"),
+            lambda: stimulus_effects.effect_volcano(feature_effects(), "interaction", 0.05, title="secondary features"),
         ),
-        ("dose_response", lambda: plots.dose_response(tidy, "cosine to the condition centroid")),
-        ("effect_forest", lambda: plots.effect_forest(clamp_statistics(tidy))),
-        ("interaction_2x2", lambda: plots.interaction_2x2(tidy, -1.0, "cosine to the condition centroid")),
-        ("sweep_comparison", lambda: plots.sweep_comparison(sweep, ["layer", "sae_k"])),
-        ("flag_rates", lambda: plots.flag_rates(flag_rates())),
+        ("dose_response", lambda: clamps.dose_response(tidy, "cosine to the condition centroid")),
+        ("effect_forest", lambda: clamps.effect_forest(clamp_statistics(tidy))),
+        ("interaction_2x2", lambda: clamps.interaction_2x2(tidy, -1.0, "cosine to the condition centroid")),
+        ("sweep_comparison", lambda: comparisons.sweep_comparison(sweep, ["layer", "sae_k"])),
+        ("flag_rates", lambda: comparisons.flag_rates(flag_rates())),
     ]
 
 
@@ -248,7 +262,7 @@ def flag_rates() -> pd.DataFrame:
 
 
 def test_flag_rates_draw_a_panel_per_noise_level_and_a_line_per_test_side_by_side():
-    fig = plots.flag_rates(flag_rates())
+    fig = comparisons.flag_rates(flag_rates())
     assert len(fig.axes) == 2
     lines = {line.get_label(): line for line in fig.axes[1].lines}
     assert {"calibrated", "instrument-made"} <= set(lines)
@@ -270,11 +284,12 @@ def test_every_figure_function_draws_the_notebooks_inputs(call):
 
 def test_every_public_figure_function_is_exercised():
     drawn = {name for name, _ in CALLS}
-    helpers = {"save", "format_count", "model_title", "clamp_kind"}
+    helpers = {"clamp_kind"}  # figure.py holds the shared helpers (save, format_count, model_title)
     public = {
         name
-        for name, value in vars(plots).items()
-        if callable(value) and not name.startswith("_") and getattr(value, "__module__", "") == plots.__name__
+        for module in FIGURE_MODULES
+        for name, value in vars(module).items()
+        if callable(value) and not name.startswith("_") and getattr(value, "__module__", "") == module.__name__
     }
     assert public - helpers == drawn
 
@@ -290,7 +305,7 @@ def _columns(fig) -> int:
 def test_interaction_2x2_is_a_wrapped_grid_of_readable_size(n_features):
     tidy = clamp_tidy(features=tuple(range(100, 100 + n_features)))
     n_groups = 2 * n_features + 1
-    fig = plots.interaction_2x2(tidy, -1.0, "cosine to the condition centroid")
+    fig = clamps.interaction_2x2(tidy, -1.0, "cosine to the condition centroid")
     panels = [ax for ax in fig.axes if ax.has_data()]
     assert len(panels) == n_groups
     assert _columns(fig) <= 4
@@ -302,7 +317,7 @@ def test_interaction_2x2_is_a_wrapped_grid_of_readable_size(n_features):
 
 
 def test_dose_response_wraps_into_rows_too():
-    fig = plots.dose_response(clamp_tidy(features=tuple(range(7))), "readout")
+    fig = clamps.dose_response(clamp_tidy(features=tuple(range(7))), "readout")
     assert _columns(fig) <= 4
     assert len({round(ax.get_position().y0, 3) for ax in fig.axes if ax.has_data()}) >= 3
 
@@ -315,7 +330,7 @@ def _panel_titles(fig) -> list[str]:
 
 
 def test_topk_training_curves_have_no_constant_panels_but_state_the_constants():
-    fig = plots.training_curves(topk_history(k=32))
+    fig = training.training_curves(topk_history(k=32))
     assert len(fig.axes) == 1
     assert not any("active latents" in t or "dead" in t for t in _panel_titles(fig))
     assert "L0 = 32" in fig._suptitle.get_text() and "no latent died" in fig._suptitle.get_text()
@@ -325,7 +340,7 @@ def test_changing_l0_and_dead_latents_get_their_panels_with_a_zero_based_dead_ax
     history = topk_history()
     history["l0"] = np.linspace(200, 40, len(history))
     history.loc[40:, "dead_fraction"] = 0.001
-    fig = plots.training_curves(history)
+    fig = training.training_curves(history)
     titles = _panel_titles(fig)
     assert len(fig.axes) == 3 and any("active latents" in t for t in titles) and any("dead" in t for t in titles)
     dead_ax = next(ax for ax in fig.axes if "dead" in ax.get_title())
@@ -333,7 +348,7 @@ def test_changing_l0_and_dead_latents_get_their_panels_with_a_zero_based_dead_ax
 
 
 def test_token_axes_read_250k_and_1M_not_1e6():
-    fig = plots.training_curves(topk_history(steps=62, tokens_per_step=16_384))  # up to ~1M tokens
+    fig = training.training_curves(topk_history(steps=62, tokens_per_step=16_384))  # up to ~1M tokens
     fig.canvas.draw()
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
@@ -343,7 +358,7 @@ def test_token_axes_read_250k_and_1M_not_1e6():
 
 
 def test_format_count():
-    assert [plots.format_count(v) for v in (0, 950, 12_500, 250_000, 1e6, 1.5e6, 2e9)] == [
+    assert [figure.format_count(v) for v in (0, 950, 12_500, 250_000, 1e6, 1.5e6, 2e9)] == [
         "0",
         "950",
         "12.5k",
@@ -363,30 +378,30 @@ def _points(ax) -> list:
 
 def test_effect_forest_has_one_legend_entry_per_kind_and_kind_colours():
     tidy = clamp_tidy()
-    fig = plots.effect_forest(clamp_statistics(tidy))
+    fig = clamps.effect_forest(clamp_statistics(tidy))
     legend = fig.axes[0].get_legend()
     texts = [t.get_text() for t in legend.get_texts()]
-    assert texts == list(plots.CLAMP_KIND_LEGEND.values())
+    assert texts == list(clamps.CLAMP_KIND_LEGEND.values())
     point_colours = {tuple(np.round(c.get_edgecolor()[0][:3], 3)) for c in _points(fig.axes[0]) if len(c.get_offsets())}
     assert len(point_colours) == 3  # not every point red
     without_linear = clamp_statistics(tidy).query("not condition.str.startswith('linear')")
-    fig = plots.effect_forest(without_linear)
+    fig = clamps.effect_forest(without_linear)
     assert len(fig.axes[0].get_legend().get_texts()) == 2
 
 
 def test_effect_forest_marks_significance_by_fill():
     table = clamp_statistics(clamp_tidy(features=(1,)))
-    fig = plots.effect_forest(table)
+    fig = clamps.effect_forest(table)
     faces = [c.get_facecolor() for c in _points(fig.axes[0]) if len(c.get_offsets())]
     white = [f for f in faces if np.allclose(f[0][:3], 1.0)]
     assert white and len(white) < len(faces)  # some hollow (not significant), some filled
 
 
 def test_clamp_kinds_follow_the_plan_names():
-    assert plots.clamp_kind("secondary 837 @ -1") == "interaction"
-    assert plots.clamp_kind("random (size of 837)") == "control"
-    assert plots.clamp_kind("random, matched to 837 @ +1") == "control"
-    assert plots.clamp_kind("linear-path 3447") == "linear" == plots.clamp_kind("linear 3447 @ -0.5")
+    assert clamps.clamp_kind("secondary 837 @ -1") == "interaction"
+    assert clamps.clamp_kind("random (size of 837)") == "control"
+    assert clamps.clamp_kind("random, matched to 837 @ +1") == "control"
+    assert clamps.clamp_kind("linear-path 3447") == "linear" == clamps.clamp_kind("linear 3447 @ -0.5")
 
 
 def test_cross_effects_get_their_own_scale():
@@ -398,7 +413,7 @@ def test_cross_effects_get_their_own_scale():
             "chance": [0.5, 0.5],
         }
     )
-    fig = plots.manipulation_checks(stimuli_scores(), manipulation_effects(), probes)
+    fig = stimulus_effects.manipulation_checks(stimuli_scores(), manipulation_effects(), probes)
     own = next(ax for ax in fig.axes if "own score" in ax.get_title())
     cross = next(ax for ax in fig.axes if "cross effects" in ax.get_title())
     assert own.get_xlim()[1] > 11.9  # the emotion → emotion d of 11.6 and its CI fit
@@ -409,7 +424,7 @@ def test_one_palette_and_kind_colours_everywhere():
     assert style.KIND_COLORS.keys() == {"linear", "interaction", "control"}
     assert len(set(style.KIND_COLORS.values())) == 3
     assert all(c in style.PALETTE for c in style.KIND_COLORS.values())
-    fig = plots.top_feature_bars(figure_calls_attribution(), 5)
+    fig = residual_fits.top_feature_bars(figure_calls_attribution(), 5)
     colours = [matplotlib.colors.to_hex(ax.patches[0].get_facecolor()) for ax in fig.axes]
     assert colours == [style.KIND_COLORS["linear"], style.KIND_COLORS["interaction"]]
 
@@ -421,14 +436,13 @@ def figure_calls_attribution() -> pd.DataFrame:
 
 
 def test_every_residual_model_has_a_kind():
-    from featint_utils import interaction
 
-    assert set(interaction.MODELS) <= set(plots.MODEL_KINDS)
+    assert set(interaction.MODELS) <= set(residual_fits.MODEL_KINDS)
 
 
 def test_the_theme_is_applied_by_the_figure_functions_not_the_notebook():
     matplotlib.rcParams["axes.titlesize"] = 30  # a notebook (or another library) changed it
-    plots.feature_density(RNG.uniform(1e-3, 0.1, 50))
+    training.feature_density(RNG.uniform(1e-3, 0.1, 50))
     assert matplotlib.rcParams["axes.titlesize"] == style.RC["axes.titlesize"]
     cycle = [matplotlib.colors.to_hex(c["color"]) for c in matplotlib.rcParams["axes.prop_cycle"]]
     assert cycle[:3] == style.PALETTE[:3]
@@ -436,14 +450,14 @@ def test_the_theme_is_applied_by_the_figure_functions_not_the_notebook():
 
 def test_seaborn_draws_the_heatmap_with_a_blank_diagonal():
     strength = pd.DataFrame(RNG.normal(size=(6, 6)), index=range(6), columns=range(6))
-    fig = plots.interaction_matrix(strength)
+    fig = residual_fits.interaction_matrix(strength)
     mesh = next(c for c in fig.axes[0].collections if isinstance(c, matplotlib.collections.QuadMesh))
     values = np.ma.masked_invalid(np.ma.asarray(mesh.get_array())).reshape(6, 6)
     assert np.ma.getmaskarray(values).diagonal().all() and not np.ma.getmaskarray(values)[0, 1]
 
 
 def test_feature_density_axis_is_log_with_percent_labels():
-    fig = plots.feature_density(np.r_[np.zeros(3), RNG.uniform(1e-4, 0.2, 500)])
+    fig = training.feature_density(np.r_[np.zeros(3), RNG.uniform(1e-4, 0.2, 500)])
     fig.canvas.draw()
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
@@ -452,9 +466,9 @@ def test_feature_density_axis_is_log_with_percent_labels():
 
 
 def test_model_title_names_the_embedded_model_not_the_profile():
-    assert "MiniLM" in plots.model_title("embedded")
-    assert plots.model_title("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
-    assert plots.model_title("/models/openllama-3b/") == "openllama-3b"
+    assert "MiniLM" in figure.model_title("embedded")
+    assert figure.model_title("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+    assert figure.model_title("/models/openllama-3b/") == "openllama-3b"
 
 
 # --- feature labels -----------------------------------------------------------------------------------------
@@ -491,7 +505,7 @@ def test_labels_from_top_activation_tables():
 
 
 def test_labels_for_asks_top_activations_for_raw_rows(monkeypatch):
-    from featint_utils import features
+    from featint_utils.dictionary import features
 
     seen = {}
 
@@ -510,21 +524,21 @@ def test_figures_name_features_by_their_labels():
     attribution = figure_calls_attribution()
     top_linear = int(attribution.nlargest(1, "linear_share")["feature"].iloc[0])
     labels = {top_linear: feature_label(top_linear, ["however", "but", "although"])}
-    fig = plots.top_feature_bars(attribution, 5, labels)
+    fig = residual_fits.top_feature_bars(attribution, 5, labels)
     assert f'#{top_linear} "however/but/although"' in [t.get_text() for t in fig.axes[0].get_yticklabels()]
 
     effects = feature_effects()
     named = effects.nsmallest(3, "interaction_p")["feature"].tolist()
-    fig = plots.effect_volcano(effects, labels={f: feature_label(f, [f"tok{f}"]) for f in named})
+    fig = stimulus_effects.effect_volcano(effects, labels={f: feature_label(f, [f"tok{f}"]) for f in named})
     annotations = [t.get_text() for t in fig.axes[0].texts]
     assert sorted(annotations) == sorted(f'#{f} "tok{f}"' for f in named)
 
     tidy = clamp_tidy(features=(837,), linear=3447)
     clamp_labels = {"secondary": {837: '#837 "a/b"'}, "primary": {3447: '#3447 "the"'}}
-    fig = plots.interaction_2x2(tidy, 1.0, "readout", clamp_labels)
+    fig = clamps.interaction_2x2(tidy, 1.0, "readout", clamp_labels)
     titles = {ax.get_title() for ax in fig.axes if ax.has_data()}
     assert titles == {'secondary #837 "a/b"', "random (size of 837)", 'linear-path #3447 "the"'}
-    fig = plots.effect_forest(clamp_statistics(tidy), clamp_labels)
+    fig = clamps.effect_forest(clamp_statistics(tidy), clamp_labels)
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert 'secondary #837 "a/b" @ -1' in ticks and 'linear #3447 "the" @ +1' in ticks
 
@@ -532,7 +546,7 @@ def test_figures_name_features_by_their_labels():
 def test_a_dollar_token_is_shown_literally_not_as_mathtext():
     attribution = figure_calls_attribution()
     top = attribution.nlargest(1, "linear_share")["feature"].iloc[0]
-    fig = plots.top_feature_bars(attribution, 3, {int(top): feature_label(int(top), ["$", "^$"])})
+    fig = residual_fits.top_feature_bars(attribution, 3, {int(top): feature_label(int(top), ["$", "^$"])})
     fig.canvas.draw()  # unescaped, '"$/^$"' is parsed as mathtext and fails to draw
 
 
@@ -540,8 +554,8 @@ def test_a_dollar_token_is_shown_literally_not_as_mathtext():
 
 
 def test_save_writes_png_at_the_set_dpi_and_svg_beside_it_atomically(tmp_path):
-    fig = plots.training_curves(topk_history())
-    written = plots.save(fig, tmp_path, "01_training_curves")
+    fig = training.training_curves(topk_history())
+    written = figure.save(fig, tmp_path, "01_training_curves")
     png, svg = tmp_path / "figures" / "01_training_curves.png", tmp_path / "figures" / "01_training_curves.svg"
     assert written == [png, svg]
     assert png.stat().st_size > 10_000 and svg.stat().st_size > 10_000
@@ -554,7 +568,7 @@ def test_save_writes_png_at_the_set_dpi_and_svg_beside_it_atomically(tmp_path):
 
 
 def test_saving_again_gives_the_same_svg(tmp_path):
-    fig = plots.feature_density(np.linspace(1e-3, 0.1, 50))
-    plots.save(fig, tmp_path / "a", "density")
-    plots.save(fig, tmp_path / "b", "density")
+    fig = training.feature_density(np.linspace(1e-3, 0.1, 50))
+    figure.save(fig, tmp_path / "a", "density")
+    figure.save(fig, tmp_path / "b", "density")
     assert (tmp_path / "a/figures/density.svg").read_bytes() == (tmp_path / "b/figures/density.svg").read_bytes()

@@ -9,7 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from featint_utils import live, progress, reports
+from featint_utils import progress
+from featint_utils.workbench import live, reports
 
 
 def test_the_inner_bar_is_read_from_the_newest_tqdm_state_in_a_chunk():

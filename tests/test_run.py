@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from featint_utils import params, runner, stages
-from featint_utils.activations import ActivationStore, StoreError, reusable_store, store_from_arrays
+from featint_utils import params
+from featint_utils.data import activation_store
+from featint_utils.data.activation_store import ActivationStore, StoreError, reusable_store
+from featint_utils.data.extraction import store_from_arrays
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
 from featint_utils.io import update_metrics
-from featint_utils.nfm import NFM, NFMConfig
-from featint_utils.nfm_training import FitConfig
-from featint_utils.run import LOCK_ENV, Run, RunLock, RunLockedError, StaleArtifactError
-from featint_utils.sae import SAEConfig, TopKSAE
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils.residual.nfm import NFM, NFMConfig
+from featint_utils.residual.nfm_training import FitConfig
+from featint_utils.workbench import runner, stages
+from featint_utils.workbench.run import LOCK_ENV, Run, RunLock, RunLockedError, StaleArtifactError
 from tests.conftest import random_store
 
 
@@ -42,12 +45,11 @@ def test_a_flipped_byte_in_a_shard_is_caught_and_the_store_is_not_reused(tmp_pat
 
 
 def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
-    from featint_utils import activations
 
     store = random_store(tmp_path / "s", 200, 100)
     hashed = []
-    real = activations._sha256
-    monkeypatch.setattr(activations, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = activation_store.file_sha256
+    monkeypatch.setattr(activation_store, "file_sha256", lambda p: hashed.append(p.name) or real(p))
     store.verify()
     assert len(hashed) == len(store.checksummed_files())  # the first check reads every file
     hashed.clear()
@@ -67,7 +69,7 @@ def test_nan_in_a_val_shard_is_a_clear_error_not_a_nan_metric(tmp_path):
     with pytest.raises(StoreError, match="does not match its checksum"):
         Run(tmp_path).store()  # the spine verifies before any stage reads
     # read past the spine, unverified: the metric it gives is refused, never written
-    from featint_utils.metrics import evaluate_sae
+    from featint_utils.dictionary.metrics import evaluate_sae
 
     sae = TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_scale=store.scale), seed=0)
     fvu = evaluate_sae(sae, ActivationStore(tmp_path / "activations"), "val")["fvu"]
@@ -324,8 +326,8 @@ def test_run_dir_is_not_a_parameter_a_profile_or_set_can_change():
 def test_a_finished_nfm_fit_keeps_its_best_weights_only_unless_asked(tmp_path):
     from safetensors.torch import load_file
 
-    from featint_utils.nfm_training import ResidualTrainer
-    from featint_utils.residuals import code_data_from_arrays, split_fit_tune
+    from featint_utils.residual.code_data import code_data_from_arrays, split_fit_tune
+    from featint_utils.residual.nfm_training import ResidualTrainer
 
     rng = np.random.default_rng(0)
     indices = np.stack([rng.choice(20, 3, replace=False) for _ in range(600)])
@@ -390,7 +392,7 @@ def test_a_store_rebuilt_with_the_same_content_keeps_everything_made_from_it(tmp
 
 def test_a_relative_run_dir_is_the_repositorys_whatever_the_kernels_cwd(tmp_path, monkeypatch):
     """JupyterLab starts a notebook's kernel in notebooks/: its default run_dir must still be runs/embedded."""
-    from featint_utils.run import ROOT
+    from featint_utils.workbench.run import ROOT
 
     monkeypatch.chdir(tmp_path)
     assert Run("runs/embedded").root == ROOT / "runs" / "embedded"
@@ -421,9 +423,9 @@ def _install(tmp_path, values, source) -> stages.PrimarySAE:
 def test_stage_01_installs_a_saelens_sae_untrained_and_later_stages_read_it(tmp_path, monkeypatch, capsys):
     import hashlib
 
-    from featint_utils.metrics import evaluate_sae
-    from featint_utils.residuals import build_residual_data
-    from featint_utils.sae import from_saelens
+    from featint_utils.dictionary.metrics import evaluate_sae
+    from featint_utils.dictionary.saelens import from_saelens
+    from featint_utils.residual.code_data import build_residual_data
 
     values = _minilm_run(tmp_path)
     monkeypatch.setattr(stages, "SAETrainer", None)  # any training would fail

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from featint_utils import params, runner
+from featint_utils import params
 from featint_utils.__main__ import main
-from featint_utils.activations import ActivationStore
+from featint_utils.data.activation_store import ActivationStore
+from featint_utils.workbench import runner
 
 
 def test_unknown_profile_lists_the_available_ones():
@@ -68,7 +69,7 @@ def _raw_parameters(name):
 
 def test_activations_from_a_file_run_stages_00_to_04_and_05_refuses(tmp_path):
     """The ``activations:PATH.npz`` corpus: the same pipeline on activations cached elsewhere (here planted)."""
-    from featint_utils import planted
+    from featint_utils.residual import planted
 
     npz = planted.activations(8_000, d=32, n_features=128, k=4, interaction_share=0.05, doc_len=50).save_npz(
         tmp_path / "acts.npz"

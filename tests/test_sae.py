@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from featint_utils import sae as sae_module
-from featint_utils.activations import ActivationStore, StoreError, store_from_arrays
-from featint_utils.metrics import evaluate_sae
-from featint_utils.sae import (
-    SAEConfig,
-    TopKSAE,
+from featint_utils.data.activation_store import ActivationStore, StoreError
+from featint_utils.data.extraction import store_from_arrays
+from featint_utils.dictionary import saelens
+from featint_utils.dictionary.metrics import evaluate_sae
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+from featint_utils.dictionary.sae_training import CheckpointError, SAETrainer, TrainConfig, lr_at
+from featint_utils.dictionary.saelens import (
     from_saelens,
     hf_hook_conventions,
     layer_to_saelens_hook,
     saelens_hook_to_layer,
     to_saelens,
 )
-from featint_utils.sae_training import CheckpointError, SAETrainer, TrainConfig, lr_at
 
 D_IN, N_TRUE, K_TRUE = 32, 48, 3
 
@@ -218,7 +218,7 @@ def test_saelens_layout_round_trip(tmp_path):
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     from safetensors.torch import load_file
 
-    weights = load_file(str(tmp_path / sae_module.SAELENS_WEIGHTS))
+    weights = load_file(str(tmp_path / saelens.SAELENS_WEIGHTS))
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 24 and cfg["d_sae"] == 96 and cfg["k"] == 6
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
         "W_enc": (24, 96),
@@ -333,7 +333,7 @@ def test_the_hook_conventions_of_every_layer_of_every_supported_architecture(arc
     """Read from the module names our pipeline records: the last layer of a causal LM is its final norm."""
     from transformers import BertConfig, BertModel
 
-    from featint_utils import models
+    from featint_utils.data import models
     from tests.conftest import tiny_causal
 
     if arch == "bert":

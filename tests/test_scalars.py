@@ -5,11 +5,12 @@ import numpy as np
 import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from featint_utils import planted, scalars
-from featint_utils.nfm import NFM, NFMConfig
-from featint_utils.nfm_training import FitConfig, ResidualTrainer
-from featint_utils.residuals import split_fit_tune_test
-from featint_utils.sae_training import SAETrainer, TrainConfig
+from featint_utils import scalars
+from featint_utils.dictionary.sae_training import SAETrainer, TrainConfig
+from featint_utils.residual import planted
+from featint_utils.residual.code_data import split_fit_tune_test
+from featint_utils.residual.nfm import NFM, NFMConfig
+from featint_utils.residual.nfm_training import FitConfig, ResidualTrainer
 from tests.conftest import random_store
 
 

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from featint_utils import secondary
-from featint_utils.decomposition import Decomposition
-from featint_utils.nfm import NFM, NFMConfig
-from featint_utils.residuals import build_residual_data, split_fit_tune_test
-from featint_utils.sae import SAEConfig, TopKSAE
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+from featint_utils.integration import secondary
+from featint_utils.residual.code_data import build_residual_data, split_fit_tune_test
+from featint_utils.residual.decomposition import Decomposition
+from featint_utils.residual.nfm import NFM, NFMConfig
 from tests.conftest import random_store
 
 

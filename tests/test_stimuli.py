@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featint_utils import manipulation, models
-from featint_utils.corpus import CONDITIONS, load_prompt_frames, load_stimuli, load_wordlists, stimulus_texts
+from featint_utils.data import models
+from featint_utils.data.corpus import CONDITIONS, load_prompt_frames, load_stimuli, load_wordlists, stimulus_texts
+from featint_utils.integration import manipulation
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featint_utils import sweeps
-from featint_utils.activations import ActivationStore
-from featint_utils.run import LINEAGE
+from featint_utils.data.activation_store import ActivationStore
+from featint_utils.workbench import sweeps
+from featint_utils.workbench.run import LINEAGE
 
 TINY = {
     "max_groups": "12",
