@@ -5,9 +5,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from featint_utils.residual import interaction, interaction_results, planted, resampling, targets
-from featint_utils.residual.baselines import PAIR_ALPHAS, SparseDesign, cofiring_pairs, fit_pair_ridge, fit_ridge
+from featint_utils.residual.baselines import (
+    PAIR_ALPHAS,
+    PairLookup,
+    SparseDesign,
+    cofiring_pairs,
+    fit_pair_ridge,
+    fit_ridge,
+)
 from featint_utils.residual.code_data import split_fit_tune_test
 from featint_utils.residual.nfm import NFM, NFMConfig
 from featint_utils.residual.nfm_training import FitConfig, ResidualTrainer, residual_fvu, select_lr
@@ -104,6 +112,41 @@ def test_pair_ridge_is_the_code_ridge_without_pairs_and_least_squares_with_them(
     prediction = (design_matrix @ beta)[:500]
     np.testing.assert_allclose(exact.predict(fit.batch(np.arange(500))).numpy(), prediction, atol=2e-3)
     assert PAIR_ALPHAS[0] == float("inf")  # "no pairs" wins ties: the pair ridge is nested
+
+
+def test_pair_lookup_lists_each_tokens_listed_pairs_in_slot_order_and_nothing_else():
+    rng = np.random.default_rng(3)
+    n_latents, k, batch = 40, 6, 300
+    indices = torch.from_numpy(np.stack([rng.choice(n_latents, k, replace=False) for _ in range(batch)]))
+    values = torch.from_numpy(rng.exponential(size=(batch, k)) * (rng.random((batch, k)) > 0.2))  # float64
+    pairs = np.array(sorted({tuple(sorted(rng.choice(n_latents, 2, replace=False))) for _ in range(60)}))
+    pairs[::2] = pairs[::2, ::-1]  # either order lists the same pair
+    column_of = {frozenset(p): c for c, p in enumerate(pairs.tolist())}
+    column, product = PairLookup(pairs, n_latents).active(values, indices)
+    widths = []
+    for t in range(batch):  # every slot pair in order, kept when listed
+        expected = [
+            (column_of[frozenset((int(indices[t, i]), int(indices[t, j])))], float(values[t, i] * values[t, j]))
+            for i in range(k)
+            for j in range(i + 1, k)
+            if frozenset((int(indices[t, i]), int(indices[t, j]))) in column_of
+        ]
+        widths.append(len(expected))
+        assert column[t, : len(expected)].tolist() == [c for c, _ in expected]
+        assert product[t, : len(expected)].tolist() == [p for _, p in expected]
+        assert not column[t, len(expected) :].any() and not product[t, len(expected) :].any()
+    assert column.shape[1] == max(widths) > 0 and min(widths) == 0  # the fixture has tokens with none
+    weights = torch.randn(len(pairs), 5, dtype=torch.float64)
+    summed = F.embedding_bag(column, weights, per_sample_weights=product, mode="sum")
+    f = np.zeros((batch, n_latents))
+    np.put_along_axis(f, indices.numpy(), values.numpy(), 1)
+    np.testing.assert_allclose(summed.numpy(), (f[:, pairs[:, 0]] * f[:, pairs[:, 1]]) @ weights.numpy(), atol=1e-12)
+    for empty, codes in [
+        (PairLookup(np.zeros((0, 2)), n_latents), indices),
+        (PairLookup(pairs, n_latents), indices[:, :1]),
+    ]:
+        column, product = empty.active(values[:, : codes.shape[1]], codes)
+        assert column.shape == (batch, 1) and not column.any() and not product.any()
 
 
 def test_on_null_data_the_pair_ridge_keeps_pairs_only_when_their_tune_gain_is_clear():

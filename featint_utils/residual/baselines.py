@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dictionary.metrics import VarianceAccumulator
 from ..progress import progress
 from .code_data import CodeBatch, CodeData
 from .nfm_training import document_sse, residual_fvu
@@ -94,7 +95,12 @@ def cofiring_pairs(data: CodeData, n_pairs: int, batch_size: int = 8192, max_tab
 
 
 class PairLookup:
-    """Finds, for each token, which of a fixed list of pairs are active, and their products ``f_a f_b``."""
+    """Finds, for each token, which of a fixed list of pairs are active, and their products ``f_a f_b``.
+
+    The listed pairs' latents get compact numbers ``0..M-1`` (every other latent is ``M``), and an
+    ``(M+1) x (M+1)`` table holds each listed pair's column plus one (0: not listed), so a token's slot pair is
+    looked up with one gather. Listing every slot pair's key and binary-searching it was most of stage 02's
+    time; the table is at most ``(2 n_pairs + 1)^2`` int32 (17 MB for 1,024 pairs)."""
 
     def __init__(self, pairs: np.ndarray, n_latents: int):
         pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
@@ -103,22 +109,49 @@ class PairLookup:
         keys = np.minimum(pairs[:, 0], pairs[:, 1]) * n_latents + np.maximum(pairs[:, 0], pairs[:, 1])
         if len(np.unique(keys)) != len(keys):
             raise ValueError("a pair is listed twice")
-        self.order = torch.from_numpy(np.argsort(keys, kind="stable"))
-        self.sorted_keys = torch.from_numpy(keys[self.order.numpy()])
+        members = np.unique(pairs)
+        self.stride = len(members) + 1
+        compact = np.full(n_latents, len(members), np.int32)
+        compact[members] = np.arange(len(members))
+        table = np.zeros((self.stride, self.stride), np.int32)
+        a, b = compact[pairs[:, 0]], compact[pairs[:, 1]]
+        table[a, b] = table[b, a] = np.arange(1, len(pairs) + 1)
+        self.compact, self.table = torch.from_numpy(compact), torch.from_numpy(table.ravel())
         self.n_latents, self.n_pairs = n_latents, len(pairs)
 
     def active(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pair column, product) of every listed pair active in a token, [batch, P] each (product 0 and
-        column 0 where a slot pair is not listed)."""
-        keys, slot_i, slot_j = pair_keys(indices, self.n_latents)
-        if self.n_pairs == 0:
-            return torch.zeros_like(keys), torch.zeros(keys.shape, dtype=values.dtype, device=values.device)
-        if self.sorted_keys.device != keys.device:  # the lookup follows the codes it is asked about
-            self.sorted_keys, self.order = self.sorted_keys.to(keys.device), self.order.to(keys.device)
-        at = torch.searchsorted(self.sorted_keys, keys).clamp(max=self.n_pairs - 1)
-        listed = self.sorted_keys[at] == keys
-        product = values[:, slot_i] * values[:, slot_j] * listed
-        return torch.where(listed, self.order[at], 0), product
+        """(pair column, product) of every listed pair active in a token, [batch, width] each: a token's listed
+        pairs side by side in the order of its slot pairs, then column 0 and product 0 up to ``width`` (the most
+        any token of the batch has, at least 1). A sum over a row adds the same products in the same order as
+        a sum over all the token's slot pairs with zeros at the unlisted ones, so it is the same number."""
+        batch, k = indices.shape
+        if self.table.device != indices.device:  # the lookup follows the codes it is asked about
+            self.compact, self.table = self.compact.to(indices.device), self.table.to(indices.device)
+        token = torch.zeros(0, dtype=torch.long, device=indices.device)
+        if self.n_pairs and k > 1:
+            # each token's slots of listed latents, moved to the front in slot order: their pairs, in order, are
+            # the token's slot pairs that can be listed, in the order of all its slot pairs
+            compact = self.compact[indices]
+            member = compact < self.stride - 1
+            rank = member.cumsum(1) - 1
+            width_m = int(member.sum(1).max())
+            at_token, at_slot = member.nonzero(as_tuple=True)
+            codes = torch.full((batch, width_m), self.stride - 1, dtype=compact.dtype, device=indices.device)
+            codes[at_token, rank[at_token, at_slot]] = compact[at_token, at_slot]
+            kept = torch.zeros(batch, width_m, dtype=values.dtype, device=values.device)
+            kept[at_token, rank[at_token, at_slot]] = values[at_token, at_slot]
+            slot_i, slot_j = torch.triu_indices(width_m, width_m, offset=1, device=indices.device)
+            hit = self.table[codes[:, slot_i] * self.stride + codes[:, slot_j]]  # listed column + 1, or 0
+            token, slot_pair = hit.nonzero(as_tuple=True)  # row-major: each token's pairs in order
+        counts = torch.bincount(token, minlength=batch)
+        width = max(int(counts.max()) if len(token) else 0, 1)
+        column = torch.zeros(batch, width, dtype=torch.long, device=indices.device)
+        product = torch.zeros(batch, width, dtype=values.dtype, device=values.device)
+        if len(token):
+            position = torch.arange(len(token), device=indices.device) - (counts.cumsum(0) - counts)[token]
+            column[token, position] = hit[token, slot_pair].long() - 1
+            product[token, position] = kept[token, slot_i[slot_pair]] * kept[token, slot_j[slot_pair]]
+        return column, product
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,20 +274,32 @@ def fit_ridge(
 class PairRidgeModel(nn.Module):
     """``y = W f + U p + b``: the code ``f`` and the products ``p`` of listed pairs."""
 
-    def __init__(self, weight, pair_weight, bias, pairs: np.ndarray, n_latents: int, alpha: float):
+    def __init__(
+        self,
+        weight,
+        pair_weight,
+        bias,
+        pairs: np.ndarray,
+        n_latents: int,
+        alpha: float,
+        lookup: PairLookup | None = None,
+    ):
+        """``lookup``: a :class:`PairLookup` of ``pairs`` to share (the candidates of one fit share their design's)."""
         super().__init__()
         self.weight = nn.Parameter(weight.float().contiguous(), requires_grad=False)
         self.pair_weight = nn.Parameter(pair_weight.float().contiguous(), requires_grad=False)
         self.bias = nn.Parameter(bias.float(), requires_grad=False)
         self.pairs, self.alpha = np.asarray(pairs), alpha
-        self.lookup = PairLookup(self.pairs, n_latents)
+        self.lookup = lookup or PairLookup(self.pairs, n_latents)
         self.kept = int((self.pair_weight.abs().sum(1) > 0).sum())
         """How many of the listed pairs the model uses."""
 
-    def predict(self, batch) -> torch.Tensor:
+    def predict(self, batch, active: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The prediction for ``batch``; ``active``: its pairs as :meth:`PairLookup.active` gives them for this
+        model's pairs (looked up here when not given)."""
         out = F.embedding_bag(batch.indices, self.weight, per_sample_weights=batch.values, mode="sum") + self.bias
         if self.lookup.n_pairs:
-            column, product = self.lookup.active(batch.values, batch.indices)
+            column, product = active or self.lookup.active(batch.values, batch.indices)
             out = out + F.embedding_bag(column, self.pair_weight, per_sample_weights=product, mode="sum")
         return out
 
@@ -310,10 +355,24 @@ def fit_pair_ridge(
                 pair_weight[kept] = eigenvectors @ (projected / (eigenvalues.clamp(min=0) + alpha * scale)[:, None])
             weight = a_inv_c - a_inv_b @ pair_weight
             bias = y_mean - z_mean[code] @ weight - z_mean[pair] @ pair_weight
-            yield PairRidgeModel(weight, pair_weight, bias, design.pairs, n, alpha)
+            yield PairRidgeModel(weight, pair_weight, bias, design.pairs, n, alpha, design.lookup)
+
+    # every candidate is scored on the same tune batches, with the same pairs: read and look them up once (the
+    # numbers are residual_fvu's: the same batches, in order, into one accumulator)
+    tune_batches = []
+    for batch in tune.batches(8192):
+        batch = batch._replace(inputs=batch.inputs[:0]).to(device)  # a pair ridge does not read the activation
+        tune_batches.append((batch, design.lookup.active(batch.values, batch.indices)))
+
+    @torch.no_grad()
+    def tune_fvu(model: PairRidgeModel) -> float:
+        accumulator = VarianceAccumulator(tune.d_out)
+        for batch, active in tune_batches:
+            accumulator.add(batch.target, model.predict(batch, active))
+        return accumulator.fvu()
 
     def scored(models) -> list[tuple[float, int, PairRidgeModel]]:
-        return [(residual_fvu(model, tune), i, model) for i, model in enumerate(models)]
+        return [(tune_fvu(model), i, model) for i, model in enumerate(models)]
 
     everything = scored(candidates(torch.arange(n_pairs, device=device)))
     best = min(everything, key=lambda item: item[:2])  # ties go to the earlier: "no pairs" comes first

@@ -1,0 +1,132 @@
+"""Stage 02 of a finished run, refitted by an earlier commit's code and by this checkout's, side by side.
+
+    .venv/bin/python benchmarks/stage02.py runs/minilm-wikitext --before COMMIT [--threads 2]
+
+Each arm runs the pipeline's :func:`featint_utils.residual.interaction.run` (what stage 02 runs: the residual's
+ladder, the null controls, the planted sizes) in its own process, on the run's own residual sets (its cached
+codes and residuals, split by its recorded 02 parameters) with those parameters, into a scratch directory:
+``before`` imports ``featint_utils`` from a git worktree of ``--before``, ``after`` from this checkout. The run
+itself is only read. Reported: each arm's seconds inside ``interaction.run``, the speed-up, and whether the two
+arms' tables are equal (``ladder.csv`` without its timing column, ``test_sse.csv``, ``planted.json``,
+``learning_rates.json``: byte for byte, and the largest difference of the ladder's numbers), with both arms'
+headline numbers (what 03 reports). Writes ``benchmarks/results/stage02_<run name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("test_sse.csv", "planted.json", "learning_rates.json")
+
+
+def fit(run_dir: Path, out: Path) -> None:
+    """One arm, in this process: the run's stage 02 refitted into ``out`` (whichever ``featint_utils`` is first
+    on the path)."""
+    import torch
+
+    from featint_utils.params import numbers, seeds
+    from featint_utils.residual import interaction, interaction_results
+    from featint_utils.residual.code_data import open_residual_data, split_fit_tune_test
+    from featint_utils.residual.nfm import NFMConfig
+    from featint_utils.residual.nfm_training import FitConfig
+
+    p = json.loads((run_dir / "run.json").read_text())["stages"]["02_nfm"]["parameters"]
+    data = open_residual_data(run_dir / "nfm" / "residuals")
+    sets = split_fit_tune_test(data, p["tune_fraction"], p["test_fraction"], p["nfm_split_seed"])
+    fit = sets["fit"]
+    cfg = interaction.EstimatorConfig(
+        nfm=NFMConfig(
+            fit.n_latents,
+            fit.d_out,
+            k_embed=p["nfm_k_embed"],
+            dropout=p["nfm_dropout"],
+            batch_norm=p["nfm_batch_norm"],
+            knots=p["nfm_knots"],
+        ),
+        fit=FitConfig(
+            batch_size=p["nfm_batch_size"],
+            weight_decay=p["nfm_weight_decay"],
+            max_epochs=p["nfm_max_epochs"],
+            patience=p["nfm_patience"],
+        ),
+        seeds=seeds(p["nfm_seeds"]),
+        lr_grid=numbers(p["nfm_lr_grid"]),
+        n_pairs=p["pair_ridge_pairs"],
+    )
+    started = time.perf_counter()
+    interaction.run(sets, cfg, out, numbers(p["power_shares"]), n_planted=p["power_pairs"], resume=False)
+    seconds = time.perf_counter() - started
+    headline = interaction_results.headline(interaction_results.Results(out))
+    (out / "arm.json").write_text(
+        json.dumps({"seconds": seconds, "threads": torch.get_num_threads(), "headline": headline}, indent=1)
+    )
+
+
+def arm(run_dir: Path, code: Path, out: Path, threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS=str(threads), FEATINT_TENSORBOARD="0")
+    env["STAGE02_ARM"] = json.dumps({"run": str(run_dir), "out": str(out)})
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the arm with {code} failed:\n{done.stderr[-4000:]}")
+    return json.loads((out / "arm.json").read_text())
+
+
+def main() -> None:
+    if "STAGE02_ARM" in os.environ:  # a worker: one arm
+        job = json.loads(os.environ["STAGE02_ARM"])
+        fit(Path(job["run"]), Path(job["out"]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run whose stage 02 has run (its residual cache is read)")
+    parser.add_argument("--before", required=True, help="the commit whose code is the baseline")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each arm")
+    args = parser.parse_args()
+    run_dir = args.run.resolve()
+    if not (run_dir / "nfm" / "residuals").is_dir():
+        raise SystemExit(f"{run_dir} has no stage 02 residual cache (nfm/residuals): run its stage 02 first")
+    before = subprocess.run(
+        ["git", "rev-parse", args.before], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    after = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
+    result = {"run": run_dir.name, "threads": args.threads, "cores": os.cpu_count(), "arms": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        worktree = scratch / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), before], cwd=ROOT, check=True)
+        try:
+            for name, code in (("before", worktree), ("after", ROOT)):
+                out = scratch / name
+                result["arms"][name] = arm(run_dir, code, out, args.threads)
+                result["arms"][name]["commit"] = before if name == "before" else after + ("+changes" if dirty else "")
+                print(name, f"{result['arms'][name]['seconds']:.1f} s", flush=True)
+            ladders = [pd.read_csv(scratch / n / "ladder.csv").drop(columns="seconds") for n in ("before", "after")]
+            numeric = [c for c in ladders[0].columns if pd.api.types.is_numeric_dtype(ladders[0][c])]
+            result["equal"] = {
+                "ladder.csv": bool(ladders[0].equals(ladders[1])),
+                "ladder_largest_difference": float(
+                    np.nanmax(np.abs(ladders[0][numeric].to_numpy(float) - ladders[1][numeric].to_numpy(float)))
+                ),
+                **{t: (scratch / "before" / t).read_bytes() == (scratch / "after" / t).read_bytes() for t in TABLES},
+            }
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=True)
+    result["speedup"] = result["arms"]["before"]["seconds"] / result["arms"]["after"]["seconds"]
+    print(json.dumps({k: v for k, v in result.items() if k != "arms"}, indent=1))
+    path = Path(__file__).parent / "results" / f"stage02_{run_dir.name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
