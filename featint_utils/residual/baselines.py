@@ -179,6 +179,8 @@ class SparseDesign:
             gram[product.row, product.col] += product.data
             z_sum += np.asarray(z.sum(0)).ravel()
         self.n = len(data)
+        self._gram_centred: torch.Tensor | None = None
+        self._factor: tuple[tuple[float, str], tuple[torch.Tensor, int]] | None = None
 
     def rows(self, batch: CodeBatch) -> scipy.sparse.csr_matrix:
         """The batch's design rows as a sparse [batch, width] float64 matrix."""
@@ -206,14 +208,31 @@ class SparseDesign:
         return torch.from_numpy(cross), torch.from_numpy(y_sum)
 
     def centred(self, cross: torch.Tensor, y_sum: torch.Tensor):
-        """Centred Gram, centred cross-products, and the column and target means."""
+        """Centred Gram (the same tensor for every target: not to be changed in place), centred cross-products,
+        and the column and target means."""
         z_mean, y_mean = self.z_sum / self.n, y_sum / self.n
-        return (
-            self.gram - self.n * torch.outer(z_mean, z_mean),
-            cross - self.n * torch.outer(z_mean, y_mean),
-            z_mean,
-            y_mean,
-        )
+        return self.centred_gram(), cross - self.n * torch.outer(z_mean, y_mean), z_mean, y_mean
+
+    def centred_gram(self) -> torch.Tensor:
+        """``Z^T Z - n m m^T`` (``m``: the column means), computed once."""
+        if self._gram_centred is None:
+            z_mean = self.z_sum / self.n
+            self._gram_centred = self.gram - self.n * torch.outer(z_mean, z_mean)
+        return self._gram_centred
+
+    def code_factor(self, penalty: float, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+        """Cholesky factor of the code block's centred Gram plus ``penalty`` times the identity, on ``device``
+        (float64), and LAPACK's ``info`` (nonzero: not positive definite). The last one is kept: every target's
+        first-order ridge, its nested refits, its pair ridge and the planted pairs' projection solve with the
+        residual's penalty, so one factorisation serves them all."""
+        key = (float(penalty), str(torch.device(device)))
+        if self._factor is None or self._factor[0] != key:
+            code = slice(0, self.data.n_latents)
+            gram = self.centred_gram()[code, code].to(device)
+            system = gram + penalty * torch.eye(len(gram), dtype=torch.float64, device=device)
+            factor, info = torch.linalg.cholesky_ex(system)
+            self._factor = key, (factor, int(info))
+        return self._factor[1]
 
 
 def _dense_normal_equations(data: CodeData, batch_size: int = 8192):
@@ -257,8 +276,11 @@ def fit_ridge(
     scale = float(gram_c.diagonal().mean()) or 1.0
     best = None
     for alpha in alphas:
-        system = gram_c + alpha * scale * torch.eye(len(gram_c), dtype=torch.float64, device=device)
-        factor, info = torch.linalg.cholesky_ex(system)
+        if source == "codes":  # factorised once per penalty for every target of the design
+            factor, info = design.code_factor(alpha * scale, device)
+        else:
+            system = gram_c + alpha * scale * torch.eye(len(gram_c), dtype=torch.float64, device=device)
+            factor, info = torch.linalg.cholesky_ex(system)
         if int(info):
             continue  # not positive definite at this penalty (latents that never fire, tiny alpha)
         weight = torch.cholesky_solve(cross_c, factor)
@@ -335,8 +357,9 @@ def fit_pair_ridge(
     n, n_pairs = fit.n_latents, design.lookup.n_pairs
     gram_c, cross_c, z_mean, y_mean = (t.to(device) for t in design.centred(*design.cross(fit)))
     code, pair = slice(0, n), slice(n, design.width)
-    eye = torch.eye(n, dtype=torch.float64, device=device)
-    factor = torch.linalg.cholesky(gram_c[code, code] + first_order.penalty * eye)
+    factor, info = design.code_factor(first_order.penalty, device)
+    if info:
+        raise torch.linalg.LinAlgError(f"the code block plus the first-order penalty is not positive definite ({info})")
     a_inv_b = torch.cholesky_solve(gram_c[code, pair], factor)
     a_inv_c = torch.cholesky_solve(cross_c[code], factor)
     schur = gram_c[pair, pair] - gram_c[code, pair].T @ a_inv_b

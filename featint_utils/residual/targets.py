@@ -160,8 +160,10 @@ def plant_pairs(
     products = AddPlanted(fit, PlantedPairs(pairs, directions, 1.0, share))
     gram, cross, z_mean, y_mean = design.centred(*design.cross(fit.with_target(lambda at, b: products.term(b))))
     code = slice(0, fit.n_latents)
-    system = gram[code, code] + penalty * torch.eye(fit.n_latents, dtype=gram.dtype)
-    weight = torch.cholesky_solve(cross[code], torch.linalg.cholesky(system))
+    factor, info = design.code_factor(penalty)
+    if info:
+        raise torch.linalg.LinAlgError(f"the code block plus the first-order penalty is not positive definite ({info})")
+    weight = torch.cholesky_solve(cross[code], factor)
     bias = y_mean - z_mean[code] @ weight
     unit = PlantedPairs(pairs, directions, 1.0, share, weight.float().contiguous(), bias.float())
     planted = AddPlanted(fit, unit)
