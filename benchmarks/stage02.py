@@ -1,15 +1,16 @@
-"""Stage 02 of a finished run, refitted by an earlier commit's code and by this checkout's, side by side.
+"""Stage 02 of a finished run, refitted by an earlier commit's code and by a later one's, side by side.
 
-    .venv/bin/python benchmarks/stage02.py runs/minilm-wikitext --before COMMIT [--threads 2]
+    .venv/bin/python benchmarks/stage02.py runs/minilm-wikitext --before COMMIT [--after COMMIT] [--threads 2]
 
 Each arm runs the pipeline's :func:`featint_utils.residual.interaction.run` (what stage 02 runs: the residual's
 ladder, the null controls, the planted sizes) in its own process, on the run's own residual sets (its cached
 codes and residuals, split by its recorded 02 parameters) with those parameters, into a scratch directory:
-``before`` imports ``featint_utils`` from a git worktree of ``--before``, ``after`` from this checkout. The run
-itself is only read. Reported: each arm's seconds inside ``interaction.run``, the speed-up, and whether the two
-arms' tables are equal (``ladder.csv`` without its timing column, ``test_sse.csv``, ``planted.json``,
-``learning_rates.json``: byte for byte, and the largest difference of the ladder's numbers), with both arms'
-headline numbers (what 03 reports). Writes ``benchmarks/results/stage02_<run name>.json``.
+``before`` imports ``featint_utils`` from a git worktree of ``--before``, ``after`` from one of ``--after``
+(default: HEAD; commit a change to measure it). The run itself is only read. Reported: each arm's seconds
+inside ``interaction.run``, the speed-up, and whether the two arms' tables are equal (``ladder.csv`` without
+its timing column, ``test_sse.csv``, ``planted.json``, ``learning_rates.json``: byte for byte, and the largest
+difference of the ladder's numbers), with both arms' headline numbers (what 03 reports). Writes
+``benchmarks/results/stage02_<run name>.json``.
 """
 
 from __future__ import annotations
@@ -90,26 +91,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run whose stage 02 has run (its residual cache is read)")
     parser.add_argument("--before", required=True, help="the commit whose code is the baseline")
+    parser.add_argument("--after", default="HEAD", help="the commit whose code is measured against it")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each arm")
     args = parser.parse_args()
     run_dir = args.run.resolve()
     if not (run_dir / "nfm" / "residuals").is_dir():
         raise SystemExit(f"{run_dir} has no stage 02 residual cache (nfm/residuals): run its stage 02 first")
-    before = subprocess.run(
-        ["git", "rev-parse", args.before], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    after = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
+    commits = {
+        name: subprocess.run(
+            ["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for name, ref in (("before", args.before), ("after", args.after))
+    }
     result = {"run": run_dir.name, "threads": args.threads, "cores": os.cpu_count(), "arms": {}}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        worktree = scratch / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), before], cwd=ROOT, check=True)
+        trees = {name: scratch / f"code_{name}" for name in commits}
+        for name, commit in commits.items():
+            subprocess.run(["git", "worktree", "add", "--detach", str(trees[name]), commit], cwd=ROOT, check=True)
         try:
-            for name, code in (("before", worktree), ("after", ROOT)):
+            for name in ("before", "after"):
                 out = scratch / name
-                result["arms"][name] = arm(run_dir, code, out, args.threads)
-                result["arms"][name]["commit"] = before if name == "before" else after + ("+changes" if dirty else "")
+                result["arms"][name] = arm(run_dir, trees[name], out, args.threads) | {"commit": commits[name]}
                 print(name, f"{result['arms'][name]['seconds']:.1f} s", flush=True)
             ladders = [pd.read_csv(scratch / n / "ladder.csv").drop(columns="seconds") for n in ("before", "after")]
             numeric = [c for c in ladders[0].columns if pd.api.types.is_numeric_dtype(ladders[0][c])]
@@ -121,7 +124,8 @@ def main() -> None:
                 **{t: (scratch / "before" / t).read_bytes() == (scratch / "after" / t).read_bytes() for t in TABLES},
             }
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=True)
+            for tree in trees.values():
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
     result["speedup"] = result["arms"]["before"]["seconds"] / result["arms"]["after"]["seconds"]
     print(json.dumps({k: v for k, v in result.items() if k != "arms"}, indent=1))
     path = Path(__file__).parent / "results" / f"stage02_{run_dir.name}.json"
