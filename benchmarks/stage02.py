@@ -34,37 +34,19 @@ TABLES = ("test_sse.csv", "planted.json", "learning_rates.json")
 def fit(run_dir: Path, out: Path) -> None:
     """One arm, in this process: the run's stage 02 refitted into ``out`` (whichever ``featint_utils`` is first
     on the path)."""
+    from types import SimpleNamespace
+
     import torch
 
-    from featint_utils.params import numbers, seeds
+    from featint_utils.params import numbers
     from featint_utils.residual import interaction, interaction_results
     from featint_utils.residual.code_data import open_residual_data, split_fit_tune_test
-    from featint_utils.residual.nfm import NFMConfig
-    from featint_utils.residual.nfm_training import FitConfig
+    from featint_utils.workbench import stages
 
     p = json.loads((run_dir / "run.json").read_text())["stages"]["02_nfm"]["parameters"]
     data = open_residual_data(run_dir / "nfm" / "residuals")
     sets = split_fit_tune_test(data, p["tune_fraction"], p["test_fraction"], p["nfm_split_seed"])
-    fit = sets["fit"]
-    cfg = interaction.EstimatorConfig(
-        nfm=NFMConfig(
-            fit.n_latents,
-            fit.d_out,
-            k_embed=p["nfm_k_embed"],
-            dropout=p["nfm_dropout"],
-            batch_norm=p["nfm_batch_norm"],
-            knots=p["nfm_knots"],
-        ),
-        fit=FitConfig(
-            batch_size=p["nfm_batch_size"],
-            weight_decay=p["nfm_weight_decay"],
-            max_epochs=p["nfm_max_epochs"],
-            patience=p["nfm_patience"],
-        ),
-        seeds=seeds(p["nfm_seeds"]),
-        lr_grid=numbers(p["nfm_lr_grid"]),
-        n_pairs=p["pair_ridge_pairs"],
-    )
+    cfg = stages.estimator_config(SimpleNamespace(params=p), sets, "cpu")  # the stage's own settings
     started = time.perf_counter()
     interaction.run(sets, cfg, out, numbers(p["power_shares"]), n_planted=p["power_pairs"], resume=False)
     seconds = time.perf_counter() - started
