@@ -147,6 +147,8 @@ def test_pair_lookup_lists_each_tokens_listed_pairs_in_slot_order_and_nothing_el
     ]:
         column, product = empty.active(values[:, : codes.shape[1]], codes)
         assert column.shape == (batch, 1) and not column.any() and not product.any()
+    column, product = PairLookup(pairs, n_latents).active(values[:0], indices[:0])  # an empty batch
+    assert column.shape == product.shape == (0, 1)
 
 
 def test_on_null_data_the_pair_ridge_keeps_pairs_only_when_their_tune_gain_is_clear():

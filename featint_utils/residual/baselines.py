@@ -128,7 +128,7 @@ class PairLookup:
         if self.table.device != indices.device:  # the lookup follows the codes it is asked about
             self.compact, self.table = self.compact.to(indices.device), self.table.to(indices.device)
         token = torch.zeros(0, dtype=torch.long, device=indices.device)
-        if self.n_pairs and k > 1:
+        if self.n_pairs and k > 1 and batch:
             # each token's slots of listed latents, moved to the front in slot order: their pairs, in order, are
             # the token's slot pairs that can be listed, in the order of all its slot pairs
             compact = self.compact[indices]
