@@ -48,6 +48,7 @@ from IPython.display import display
 
 from featint_utils.data.activation_store import require_model
 from featint_utils.data.corpus import load_prompt_frames, load_wordlists
+from featint_utils.data.interventions import PrefixCache
 from featint_utils.dictionary import feature_labels, features
 from featint_utils.integration import clamping, identification
 from featint_utils.io import update_metrics
@@ -95,24 +96,32 @@ display(plan[["name", "edit_norm"]].style.format({"edit_norm": "{:.3f}"}).hide(a
 
 # %% [markdown]
 # ## The readout, clean and clamped
+#
+# Every condition reads the same texts, and a clamp changes nothing below the splice: the model's layers up to
+# it, and the clean decomposition of its tokens, are computed once per batch and replayed for each condition
+# (`PrefixCache`: the replayed forward is the computed one bit for bit).
 
 # %%
+prefix = PrefixCache()  # every condition reads the same inputs: the layers below the splice run once
 if loaded.is_causal_lm:
     frames, bucket_ids = load_prompt_frames(), clamping.bucket_token_ids(loaded.tokenizer, load_wordlists())
     readout_name = "bucket log-probability"
 
     def readout(clamp, control):
         return clamping.causal_readout(
-            loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, clamp_seed
+            loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, clamp_seed, prefix
         )
 else:
     stimuli = stages.stimuli(loaded, max_items)
     texts = stimuli["text"].tolist()
-    centroids = clamping.leave_item_out_centroids(clamping.pooled_embeddings(loaded, store.layer, texts), stimuli)
+    clean_pooled = clamping.pooled_embeddings(loaded, store.layer, texts, prefix=prefix)
+    centroids = clamping.leave_item_out_centroids(clean_pooled, stimuli)
     readout_name = "cosine to the condition centroid"
 
     def readout(clamp, control):
-        pooled = clamping.pooled_embeddings(loaded, store.layer, texts, decomposition, clamp, control, seed=clamp_seed)
+        pooled = clamping.pooled_embeddings(
+            loaded, store.layer, texts, decomposition, clamp, control, seed=clamp_seed, prefix=prefix
+        )
         return clamping.encoder_readout(pooled, centroids, stimuli)
 
 

@@ -6,6 +6,7 @@ import torch
 from featint_utils.data import models
 from featint_utils.data.corpus import CONDITIONS
 from featint_utils.dictionary.sae import SAEConfig, TopKSAE
+from featint_utils.data.interventions import PrefixCache
 from featint_utils.integration import clamping
 from featint_utils.integration.clamping import Clamp, Decomposition
 from featint_utils.residual.nfm import NFM, NFMConfig
@@ -223,3 +224,66 @@ def test_linear_control_is_sized_like_the_secondary_clamps():
     assert clamping.edit_norm(dec, Clamp("linear", 5, "add", unit), x) == pytest.approx(target, rel=1e-4)
     plan = clamping.clamp_plan([1, 3], secondary_max, 5, unit, [-1.0, 1.0])
     assert len(plan) == 2 * 2 * 2 + 2 and set(plan["control"].dropna()) == {"random"}
+
+
+def _calls_below(loaded, layer):
+    """Counts the forwards of every submodule of the blocks below ``layer`` (a replayed block runs none)."""
+    calls = [0]
+    blocks, _ = models.prefix_modules(loaded.model, layer)
+    for block in blocks:
+        for module in block.modules():
+            if module is not block:
+                module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+CONDITIONS_TO_REPLAY = [  # (clamped?, clamp, control), in the order 06 runs them: clean first
+    (False, None, None),
+    (True, None, None),
+    (True, Clamp("secondary", 1, "add", 5.0), None),
+    (True, Clamp("secondary", 1, "add", 5.0), "random"),
+    (True, Clamp("linear", 3, "add", 2.0), None),
+    (True, None, None),
+]
+
+
+@pytest.mark.parametrize("layer", [0, 3, 6])
+def test_a_prefix_cache_replays_the_layers_below_the_splice_bit_for_bit(layer):
+    loaded = models.load_model("embedded")  # its own copy: hooks are added to count the blocks' forwards
+    dec = decomposition(loaded.d_model, scale=0.3)
+    texts = ["The committee regrets the delay.", "ugh, whatever", "Dear Sir, kindly find attached.", "I love it!"] * 3
+    prefix = PrefixCache()
+    calls = _calls_below(loaded, layer)
+    decomposed = []
+    original = dec.decompose
+    dec.decompose = lambda h: decomposed.append(len(h)) or original(h)
+    for n, (spliced, clamp, control) in enumerate(CONDITIONS_TO_REPLAY):
+        args = (loaded, layer, texts, dec if spliced else None, clamp, control)
+        computed = clamping.pooled_embeddings(*args, batch_size=5)
+        before = calls[0]
+        replayed = clamping.pooled_embeddings(*args, batch_size=5, prefix=prefix)
+        assert torch.equal(replayed, computed), (layer, clamp, control)
+        assert (calls[0] > before) == (n == 0 and layer > 0)  # the blocks below run on the first pass only
+    # the clean decomposition: three batches for each of the five spliced computed passes, and once for the cache
+    assert len(decomposed) == 3 * 5 + 3
+    with pytest.raises(ValueError, match="other inputs"):
+        clamping.pooled_embeddings(loaded, layer, texts[::-1], dec, batch_size=5, prefix=prefix)
+
+
+def test_a_prefix_cache_replays_a_causal_lm_at_every_kind_of_layer(causal_dir):
+    loaded = models.load_model(str(causal_dir))
+    dec = decomposition(loaded.d_model, scale=2.0)
+    words = dict(zip(CONDITIONS, (["cat"], ["dog", "mat"], ["river"], ["window", "house", "cat"])))
+    ids = clamping.bucket_token_ids(loaded.tokenizer, words)
+    frames = ["the cat sat on the", "a quick brown fox"]
+    n_layers = loaded.model.config.num_hidden_layers
+    for layer in (0, 1, n_layers):  # the embeddings, a block, the final norm
+        prefix = PrefixCache()
+        calls = _calls_below(loaded, layer)
+        for n, (spliced, clamp, control) in enumerate(CONDITIONS_TO_REPLAY):
+            args = (loaded, layer, frames, ids, dec if spliced else None, clamp, control)
+            computed = clamping.causal_readout(*args)
+            before = calls[0]
+            replayed = clamping.causal_readout(*args, prefix=prefix)
+            np.testing.assert_array_equal(replayed, computed)
+            assert (calls[0] > before) == (n == 0 and layer > 0)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from featint_utils.data import models
+from featint_utils.data.interventions import PrefixCache, splice
 
 from .conftest import CAUSAL_ARCHS, tiny_causal
 
@@ -40,6 +41,9 @@ MORE_CAUSAL_FAMILIES = {
     "opt": ("OPTConfig", "OPTForCausalLM", _OPT),
     "opt_350m_style": ("OPTConfig", "OPTForCausalLM", dict(_OPT, word_embed_proj_dim=32, do_layer_norm_before=False)),
 }
+# OPT with a final norm *and* a project_out after it: the one family where a module the hook does not name
+# (the norm) sits between the last block and the hooked module
+OPT_NORM_THEN_PROJECTION = ("OPTConfig", "OPTForCausalLM", dict(_OPT, word_embed_proj_dim=32))
 
 
 def _tiny_model(arch: str, n_layers: int):
@@ -47,7 +51,7 @@ def _tiny_model(arch: str, n_layers: int):
         return tiny_causal(arch, n_layers=n_layers)
     import transformers
 
-    config_name, model_name, kwargs = MORE_CAUSAL_FAMILIES[arch]
+    config_name, model_name, kwargs = MORE_CAUSAL_FAMILIES.get(arch) or OPT_NORM_THEN_PROJECTION
     torch.manual_seed(0)
     config = getattr(transformers, config_name)(num_hidden_layers=n_layers, **kwargs)
     return getattr(transformers, model_name)(config).eval()
@@ -63,6 +67,37 @@ def test_hook_equals_hidden_states_for_causal_architectures(arch):
     # OPT's hidden_states[0] is token + position embeddings summed in the decoder's forward: no module outputs it
     unhookable = (0,) if model.config.model_type == "opt" else ()
     _assert_hooks_match_hidden_states(model, {"input_ids": ids, "attention_mask": mask}, unhookable)
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS + tuple(MORE_CAUSAL_FAMILIES) + ("opt_norm_then_projection",))
+def test_a_prefix_cache_replays_every_layer_of_every_family_bit_for_bit(arch):
+    model = _tiny_model(arch, n_layers=3)
+    ids = torch.randint(4, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    first_layer = 1 if model.config.model_type == "opt" else 0
+    for layer in range(first_layer, model.config.num_hidden_layers + 1):
+        prefix, calls = PrefixCache(), [0]
+        blocks, hooked = models.prefix_modules(model, layer)
+        assert models.hook_module(model, layer) is hooked and len(blocks) == layer
+        handles = [
+            module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            for block in blocks
+            for module in block.modules()
+            if module is not block
+        ]
+        for n, factor in enumerate((1.0, 1.5, -0.5, 1.0)):  # the first pass records, the others replay
+            with torch.inference_mode(), splice(model, layer, lambda h, factor=factor: h * factor) as state:
+                state["mask"] = mask.bool()
+                computed = model(**inputs).logits
+                before = calls[0]
+                with prefix.forward(model, layer, "batch", ids):
+                    replayed = model(**inputs).logits
+            assert torch.equal(replayed, computed), (layer, factor)
+            assert (calls[0] > before) == (n == 0 and layer > 0), layer  # the blocks below run once
+        for handle in handles:
+            handle.remove()
 
 
 def test_gemma_layer_0_is_the_embedding_scaled_by_sqrt_d():

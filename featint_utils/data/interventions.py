@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .activation_store import ActivationStore
 from .extraction import padded_batches
-from .models import LoadedModel, hook_module, mean_pool
+from .models import LoadedModel, hook_module, mean_pool, prefix_modules
 
 
 @contextmanager
@@ -36,6 +36,76 @@ def splice(model: torch.nn.Module, layer: int, replace: Callable[[torch.Tensor],
         yield state
     finally:
         handle.remove()
+
+
+class PrefixCache:
+    """A forward's work below a layer, kept per batch, so that a series of splices of one set of inputs (06's
+    clamp conditions) runs the model below the splice once.
+
+    The first forward over a batch (inside :meth:`forward`) records what the modules up to the layer output
+    (:func:`featint_utils.data.models.prefix_modules`: the hooked module's clean output, before any splice,
+    and the last block's); every later forward over the same batch skips them and is handed those recorded
+    tensors, so it computes exactly what a full forward would, bit for bit. Each batch also has a ``memo``
+    dict for what a splice's replacement keeps of the clean activations. One cache serves one model, layer and
+    set of inputs: a batch recorded with other input ids is refused."""
+
+    def __init__(self):
+        self._batches: dict = {}
+
+    @contextmanager
+    def forward(self, model: torch.nn.Module, layer: int, key, input_ids: torch.Tensor):
+        """Inside the block, a forward of ``model`` over ``input_ids`` (batch ``key``) records or replays the
+        modules below ``layer``. Yields the batch's memo dict."""
+        blocks, hooked = prefix_modules(model, layer)
+        entry = self._batches.get(key)
+        if entry is not None and (entry["layer"] != layer or not torch.equal(entry["input_ids"], input_ids)):
+            raise ValueError(f"batch {key!r} of this PrefixCache was recorded at another layer or with other inputs")
+        if entry is None:
+            entry = {"layer": layer, "input_ids": input_ids.clone(), "outputs": {}, "memo": {}}
+            watched = {"hooked": hooked, **({"block": blocks[-1]} if blocks else {})}
+            with _recording(watched, entry["outputs"]):
+                yield entry["memo"]
+            self._batches[key] = entry  # kept only once the forward has finished
+            return
+        # every block hands on the last block's output (a stub ignores its input, and the modules after the
+        # blocks read only the last one's); the hooked module hands on its own clean output
+        stubs = {block: entry["outputs"]["block"] for block in blocks} | {hooked: entry["outputs"]["hooked"]}
+        with _replaying(stubs):
+            yield entry["memo"]
+
+
+@contextmanager
+def _recording(watched: dict[str, torch.nn.Module], into: dict):
+    def record(name):
+        def hook(_module, _inputs, output):
+            into[name] = output
+
+        return hook
+
+    # prepended: the clean output, whatever a splice hooked on the same module returns
+    handles = [module.register_forward_hook(record(name), prepend=True) for name, module in watched.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if set(into) != set(watched):
+        raise RuntimeError("the forward did not reach the layer: nothing to replay")
+
+
+@contextmanager
+def _replaying(stubs: dict[torch.nn.Module, object]):
+    previous = {module: module.__dict__.get("forward") for module in stubs}
+    for module, output in stubs.items():
+        module.forward = lambda *args, _output=output, **kwargs: _output
+    try:
+        yield
+    finally:
+        for module, forward in previous.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def random_error_like(x: torch.Tensor, reconstruction: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -260,6 +260,15 @@ def hook_module(model: nn.Module, layer: int) -> nn.Module:
     return _get(base, blocks_path)[layer - 1]
 
 
+def prefix_modules(model: nn.Module, layer: int) -> tuple[list[nn.Module], nn.Module]:
+    """What a forward computes on its way to ``hidden_states[layer]``: the blocks below the layer, and
+    :func:`hook_module` (the last of those blocks, or the embeddings at layer 0, or a final norm or projection at
+    the last layer). What they output depends only on the inputs, so a splice repeated over the same inputs can
+    replay them (:class:`featint_utils.data.interventions.PrefixCache`)."""
+    blocks = list(_get(model.base_model, ARCHITECTURES[model.config.model_type][0]))[:layer]
+    return blocks, hook_module(model, layer)
+
+
 def _first_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 

@@ -24,7 +24,7 @@ unit: bucket formality x bucket emotion.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.corpus import CONDITIONS
-from ..data.interventions import splice
+from ..data.interventions import PrefixCache, splice
 from ..data.models import LoadedModel, mean_pool
 from ..progress import progress
 from ..residual.decomposition import Clamp, Decomposition
@@ -55,11 +55,21 @@ def clamped(
     clamp: Clamp | None = None,
     control: str | None = None,
     seed: int = 0,
+    memo: dict | None = None,
 ):
     """Forwards inside the block run through the splice; set ``state["mask"]`` (real tokens) per batch.
-    The hook is removed however the block exits."""
+    The hook is removed however the block exits. ``memo`` (a :class:`PrefixCache` batch's) keeps the clean
+    decomposition of the batch's spliced tokens, so that every later clamp of them reuses it."""
     generator = torch.Generator().manual_seed(seed)
-    with splice(loaded.model, layer, lambda h: decomposition.edit(h, clamp, control, generator)) as state:
+
+    def replace(h):
+        if memo is None:
+            return decomposition.edit(h, clamp, control, generator)
+        if memo.get("decomposition") is not decomposition:
+            memo.update(decomposition=decomposition, clean=decomposition.decompose(h))
+        return decomposition.edit(h, clamp, control, generator, clean=memo["clean"])
+
+    with splice(loaded.model, layer, replace) as state:
         yield state
 
 
@@ -72,12 +82,18 @@ def _forward(
     clamp: Clamp | None,
     control: str | None,
     seed: int,
+    prefix: PrefixCache | None = None,
+    key=None,
 ):
-    """The model's output on ``inputs``: clean without a decomposition, else spliced at the ``keep`` tokens."""
-    if decomposition is None:
-        return loaded.model(**inputs)
-    with clamped(loaded, layer, decomposition, clamp, control, seed) as state:
-        state["mask"] = keep
+    """The model's output on ``inputs``: clean without a decomposition, else spliced at the ``keep`` tokens;
+    with a ``prefix`` cache, the layers below the splice are computed once per batch ``key``."""
+    with ExitStack() as stack:
+        memo = None
+        if prefix is not None:
+            memo = stack.enter_context(prefix.forward(loaded.model, layer, key, inputs["input_ids"]))
+        if decomposition is not None:
+            state = stack.enter_context(clamped(loaded, layer, decomposition, clamp, control, seed, memo))
+            state["mask"] = keep
         return loaded.model(**inputs)
 
 
@@ -99,14 +115,18 @@ def pooled_embeddings(
     control: str | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
     """Mean-pooled output embeddings of ``texts`` (sentence-transformers' pooling), spliced when a
-    decomposition is given (at real tokens only), clean otherwise."""
+    decomposition is given (at real tokens only), clean otherwise. Calls that share a ``prefix`` cache (the same
+    texts and batch size) compute the layers below the splice, and the clean decomposition, once."""
     out = []
     device = next(loaded.model.parameters()).device
-    for inputs, keep in _real_token_batches(loaded.tokenizer, texts, batch_size):
+    for b, (inputs, keep) in enumerate(_real_token_batches(loaded.tokenizer, texts, batch_size)):
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        hidden = _forward(loaded, layer, inputs, keep.to(device), decomposition, clamp, control, seed).last_hidden_state
+        hidden = _forward(
+            loaded, layer, inputs, keep.to(device), decomposition, clamp, control, seed, prefix, b
+        ).last_hidden_state
         out.append(mean_pool(hidden, inputs["attention_mask"]).float().cpu())
     return torch.cat(out)
 
@@ -152,8 +172,10 @@ def causal_readout(
     clamp: Clamp | None = None,
     control: str | None = None,
     seed: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> np.ndarray:
-    """[n_frames, 4]: mean next-token log-probability of each bucket's words after each prompt frame."""
+    """[n_frames, 4]: mean next-token log-probability of each bucket's words after each prompt frame. Calls that
+    share a ``prefix`` cache (the same frames) compute the layers below the splice once per frame."""
     device = next(loaded.model.parameters()).device
     out = np.zeros((len(frames), len(CONDITIONS)))
     for f, frame in enumerate(frames):
@@ -161,7 +183,8 @@ def causal_readout(
         special = torch.tensor(sorted(set(loaded.tokenizer.all_special_ids)))
         keep = ~torch.isin(inputs["input_ids"], special)
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        logits = _forward(loaded, layer, inputs, keep.to(device), decomposition, clamp, control, seed).logits
+        inputs["use_cache"] = False  # nothing reads a key-value cache, and replayed blocks would not fill one
+        logits = _forward(loaded, layer, inputs, keep.to(device), decomposition, clamp, control, seed, prefix, f).logits
         logp = F.log_softmax(logits[0, -1].float(), -1).cpu()
         out[f] = [float(logp[bucket_ids[c]].mean()) for c in CONDITIONS]
     return out

@@ -13,11 +13,12 @@ batches from the host come back to the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..dictionary.sae import TopKSAE
-from .nfm import NFM
+from .nfm import NFM, NFMOutput
 
 MODES = ("set", "multiply", "add")
 
@@ -43,6 +44,20 @@ class Clamp:
         if self.mode == "set":
             return torch.full_like(current, self.value)
         return current * self.value if self.mode == "multiply" else current + self.value
+
+
+class Decomposed(NamedTuple):
+    """A splice's clean parts for some tokens (normalised units): :meth:`Decomposition.decompose`."""
+
+    values: torch.Tensor
+    """[tokens, k] primary code."""
+    indices: torch.Tensor
+    reconstruction: torch.Tensor
+    """[tokens, d] the primary SAE's reconstruction."""
+    parts: NFMOutput
+    """The NFM's forward on the code."""
+    error: torch.Tensor
+    """[tokens, d] what neither models: ``x - reconstruction - parts.output``."""
 
 
 @dataclass
@@ -124,21 +139,28 @@ class Decomposition:
         return self.secondary_code_of_vector(self.nfm_vector(*self.primary_code(x_raw)))
 
     @torch.no_grad()
+    def decompose(self, x_raw: torch.Tensor) -> Decomposed:
+        """The unedited splice's parts for clean outputs ``x_raw`` [tokens, d] (normalised units): what every
+        clamp of the same tokens shares (:meth:`edit` takes it to skip recomputing it)."""
+        self._require("nfm")
+        x = x_raw.to(self.device).float() * self.primary.cfg.input_scale
+        values, indices = self.primary.encode(x)
+        reconstruction = self.primary.decode(values, indices)
+        parts = self.nfm(values, indices)
+        return Decomposed(values, indices, reconstruction, parts, x - reconstruction - parts.output)
+
+    @torch.no_grad()
     def edit(
         self,
         x_raw: torch.Tensor,
         clamp: Clamp | None = None,
         control: str | None = None,
         generator: torch.Generator | None = None,
+        clean: Decomposed | None = None,
     ) -> torch.Tensor:
-        """The spliced layer output (raw units) for clean outputs ``x_raw`` [tokens, d]."""
-        self._require("nfm")
-        scale = self.primary.cfg.input_scale
-        x = x_raw.to(self.device).float() * scale
-        values, indices = self.primary.encode(x)
-        reconstruction = self.primary.decode(values, indices)
-        parts = self.nfm(values, indices)
-        error = x - reconstruction - parts.output
+        """The spliced layer output (raw units) for clean outputs ``x_raw`` [tokens, d]; ``clean`` is
+        :meth:`decompose` of the same ``x_raw`` where the caller kept it."""
+        values, indices, reconstruction, parts, error = clean if clean is not None else self.decompose(x_raw)
         edited = parts.output
         if clamp is not None:
             edited = parts.output + self._change(clamp, values, indices, parts)
@@ -150,7 +172,7 @@ class Decomposition:
                 edited = parts.output + noise
             elif control is not None:
                 raise ValueError(f"control must be None or 'random', got {control!r}")
-        return ((reconstruction + edited + error) / scale).to(x_raw.device)
+        return ((reconstruction + edited + error) / self.primary.cfg.input_scale).to(x_raw.device)
 
     def _change(self, clamp: Clamp, values, indices, parts) -> torch.Tensor:
         """How the NFM output moves under ``clamp`` (normalised units)."""
