@@ -417,22 +417,21 @@ def _moments(data, sae: TopKSAE) -> dict:
     return out
 
 
-def _pair_scores(data, sae: TopKSAE, moments: dict, pair_a: np.ndarray, pair_b: np.ndarray, batch_size: int = 1024):
+def _pair_scores(data, sae: TopKSAE, moments: dict, pair_a: np.ndarray, pair_b: np.ndarray, batch_size: int = 8192):
     """For latent ``c`` and its pairs ``(pair_a[c, j], pair_b[c, j])``: R-squared of its pre-activation ``y_c`` on
     ``g_a g_b``, on ``g_a`` and ``g_b`` linearly, the product's gain, and ``corr(y_c, g_a)``, ``corr(y_c, g_b)``;
     [n, M] each."""
     n, k = sae.cfg.n_latents, sae.cfg.k
     p_sum, p_sq, cross = (np.zeros(pair_a.shape) for _ in range(3))
-    chunk = max(1, 2**22 // (batch_size * pair_a.shape[1]))
     for batch in data.batches(batch_size):
-        g = torch.from_numpy(_split_sparse(batch, n, k)[1].toarray())
-        y = sae.pre_activation(batch.inputs).double()
-        for start in range(0, n, chunk):
-            latents = slice(start, start + chunk)
-            products = (g[:, pair_a[latents]] * g[:, pair_b[latents]]).double()  # [B, C, M]
-            p_sum[latents] += products.sum(0).double().numpy()
-            p_sq[latents] += products.square().sum(0).double().numpy()
-            cross[latents] += torch.einsum("bc,bcm->cm", y[:, latents], products).numpy()
+        g = _split_sparse(batch, n, k)[1].tocsc()
+        y = sae.pre_activation(batch.inputs).double().numpy()
+        for j in range(pair_a.shape[1]):
+            # column c: the product of c's j-th pair's presences, non-zero only where both are present
+            product = g[:, pair_a[:, j]].multiply(g[:, pair_b[:, j]]).tocoo()
+            p_sum[:, j] += np.bincount(product.col, product.data, n)
+            p_sq[:, j] += np.bincount(product.col, product.data**2, n)
+            cross[:, j] += np.bincount(product.col, product.data * y[product.row, product.col], n)
     tokens, y_mean, y_sd, g_mean, g_sd = (moments[key] for key in ("tokens", "y_mean", "y_sd", "g_mean", "g_sd"))
     p_mean = p_sum / tokens
     p_sd = np.sqrt(np.maximum(p_sq / tokens - p_mean**2, 0))
