@@ -211,7 +211,9 @@ class ResidualTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(f"{type(self.model).__name__} has no trainable parameters")
-        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.cfg.weight_decay)
+        # foreach: one kernel per operation for all tensors (CUDA's default; on the host the same arithmetic, in
+        # half the time of the per-tensor loop)
+        return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.cfg.weight_decay, foreach=True)
 
     @staticmethod
     def _variance_per_token(data: CodeData) -> float:
