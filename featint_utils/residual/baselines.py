@@ -374,9 +374,10 @@ def fit_pair_ridge(
         scale = float(spread[kept].mean()) or 1.0
         for alpha in alphas:
             pair_weight = torch.zeros(n_pairs, fit.d_out, dtype=torch.float64, device=device)
+            weight = a_inv_c
             if not np.isinf(alpha) and len(kept):
                 pair_weight[kept] = eigenvectors @ (projected / (eigenvalues.clamp(min=0) + alpha * scale)[:, None])
-            weight = a_inv_c - a_inv_b @ pair_weight
+                weight = a_inv_c - a_inv_b[:, kept] @ pair_weight[kept]  # the other pairs' weights are zero
             bias = y_mean - z_mean[code] @ weight - z_mean[pair] @ pair_weight
             yield PairRidgeModel(weight, pair_weight, bias, design.pairs, n, alpha, design.lookup)
 
