@@ -287,3 +287,16 @@ def test_a_prefix_cache_replays_a_causal_lm_at_every_kind_of_layer(causal_dir):
             replayed = clamping.causal_readout(*args, prefix=prefix)
             np.testing.assert_array_equal(replayed, computed)
             assert (calls[0] > before) == (n == 0 and layer > 0)
+
+
+def test_a_prefix_cache_refuses_a_recorded_batch_spliced_at_other_tokens():
+    loaded = models.load_model("embedded")
+    dec = decomposition(loaded.d_model, scale=0.3)
+    inputs = loaded.tokenizer(["The committee regrets the delay."], return_tensors="pt")
+    keep = inputs["attention_mask"].bool()
+    prefix = PrefixCache()
+    clamping._forward(loaded, 3, dict(inputs), keep, dec, None, None, 0, prefix, 0)
+    other = keep.clone()
+    other[0, 0] = False  # the memo holds the decomposition of the first splice's tokens, not of these
+    with pytest.raises(ValueError, match="other tokens"):
+        clamping._forward(loaded, 3, dict(inputs), other, dec, None, None, 0, prefix, 0)

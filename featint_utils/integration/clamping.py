@@ -91,6 +91,8 @@ def _forward(
         memo = None
         if prefix is not None:
             memo = stack.enter_context(prefix.forward(loaded.model, layer, key, inputs["input_ids"]))
+            if not torch.equal(memo.setdefault("keep", keep), keep):  # the memo's decomposition is of these tokens
+                raise ValueError(f"batch {key!r} of this PrefixCache was spliced at other tokens before")
         if decomposition is not None:
             state = stack.enter_context(clamped(loaded, layer, decomposition, clamp, control, seed, memo))
             state["mask"] = keep
