@@ -139,12 +139,13 @@ def main() -> None:
     parser.add_argument("--context-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--throughput-only", action="store_true", help="no peak-RSS runs (always so on a GPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _peak_rss_child(args.child, args.model, args.layer)
         return
-    if args.device != "cpu":  # the GPU's throughput only: peak host RSS is a CPU question
+    if args.device != "cpu" or args.throughput_only:  # a GPU's throughput only: peak host RSS is a CPU question
         result = {
             "throughput": throughput(
                 args.model, args.layer, args.repeats, args.context_tokens, args.batch_size, args.device

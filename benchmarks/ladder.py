@@ -1,7 +1,7 @@
 """Stage 02's ladder over ranks: later targets dealt to the ranks against one process, and against every model
 data-parallel (what stage 02 did before members were dealt).
 
-    .venv/bin/python benchmarks/ladder.py [--epochs 2]
+    .venv/bin/python benchmarks/ladder.py [--epochs 2] [--arms single dealt ddp single_all_cores]
 
 Every arm times the pipeline's own :func:`featint_utils.residual.interaction.run` (the residual's ladder, the null
 controls, four planted sizes: six targets after the residual) on a planted code and residual
@@ -12,12 +12,13 @@ arm in its own process:
 * ``dealt``: two ``torchrun`` ranks (gloo), one thread each: every rank fits the residual, the other targets
   are dealt (the default over ranks);
 * ``ddp``: two ranks, one thread each, every model data-parallel (``deal=False``);
-* ``single_all_cores``: one process with every core, for reference.
+* ``single_all_cores``: one process with every core, for reference;
+* ``cuda``: one process on the GPU (``benchmarks/gpu_check.sh`` runs ``--arms single_all_cores cuda``).
 
 Reported: each arm's seconds inside ``interaction.run`` (rank 0) and for the whole process (start-up, data
-loading and, for the ranks, the process group included), the speed-ups over ``single``, and whether each
-arm's ``ladder.csv`` equals ``single``'s (largest absolute difference of its numbers). Writes
-``benchmarks/results/ladder.json``.
+loading and, for the ranks, the process group included), the speed-ups over the first arm, and whether each
+arm's ``ladder.csv`` equals the first arm's (largest absolute difference of its numbers). Writes
+``benchmarks/results/ladder.json`` (``ladder_cuda.json`` when a GPU arm ran).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "ladder.json"
 
 
+ARMS = ("single", "dealt", "ddp", "single_all_cores", "cuda")
+
 SHAPE = {"n_tokens": 60_000, "n_latents": 1024, "k": 32, "d": 128}
 """The benchmark's planted code and residual (``featint_utils.residual.planted.codes``): first-order part, noise."""
 
 
-def fit(out: str, epochs: int, deal: bool | None) -> None:
+def fit(out: str, epochs: int, deal: bool | None, device: str = "cpu") -> None:
     """One arm, in this process (and rank): the ladder into ``out``."""
     import torch
 
@@ -52,7 +55,7 @@ def fit(out: str, epochs: int, deal: bool | None) -> None:
     from featint_utils.residual.nfm import NFMConfig
     from featint_utils.residual.nfm_training import FitConfig
 
-    dist = distributed.init("cpu")
+    dist = distributed.init(device)
     sets = split_fit_tune_test(planted.codes(**SHAPE, seed=0), 0.15, 0.3, seed=0)
     cfg = interaction.EstimatorConfig(
         NFMConfig(SHAPE["n_latents"], SHAPE["d"], k_embed=64, dropout=0.15),
@@ -60,6 +63,7 @@ def fit(out: str, epochs: int, deal: bool | None) -> None:
         seeds=(0,),
         lr_grid=(3e-3,),
         n_pairs=512,
+        device=str(dist.device),
     )
     started = time.perf_counter()
     interaction.run(sets, cfg, out, (0.001, 0.003, 0.01, 0.03), n_planted=16, resume=False, dist=dist, deal=deal)
@@ -76,7 +80,7 @@ def arm(name: str, out: Path, epochs: int) -> dict:
         os.environ, PYTHONPATH=str(ROOT), LADDER_ARM=json.dumps({"arm": name, "out": str(out), "epochs": epochs})
     )
     script = str(Path(__file__).resolve())
-    if name == "single_all_cores":
+    if name in ("single_all_cores", "cuda"):
         env.pop("OMP_NUM_THREADS", None)
         command = [sys.executable, script]
     elif name == "single":
@@ -101,26 +105,34 @@ def largest_difference(a: pd.DataFrame, b: pd.DataFrame) -> float:
 def main() -> None:
     if "LADDER_ARM" in os.environ:  # a worker: one arm
         job = json.loads(os.environ["LADDER_ARM"])
-        fit(job["out"], job["epochs"], {"dealt": True, "ddp": False}.get(job["arm"]))
+        deal = {"dealt": True, "ddp": False}.get(job["arm"])
+        fit(job["out"], job["epochs"], deal, "cuda" if job["arm"] == "cuda" else "cpu")
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each gradient-trained model")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:4]), help="the first is the baseline")
     args = parser.parse_args()
     results = {"data": SHAPE, "epochs": args.epochs, "cores": os.cpu_count(), "arms": {}}
     with tempfile.TemporaryDirectory() as scratch:
         tables = {}
-        for name in ("single", "dealt", "ddp", "single_all_cores"):
+        for name in args.arms:
             out = Path(scratch) / name
             results["arms"][name] = arm(name, out, args.epochs)
             tables[name] = pd.read_csv(out / "ladder.csv")
             print(name, results["arms"][name], flush=True)
-    base = results["arms"]["single"]
+    first = args.arms[0]
+    results["baseline"] = first
     for name, row in results["arms"].items():
-        row["speedup"] = base["seconds"] / row["seconds"]
-        row["process_speedup"] = base["process_seconds"] / row["process_seconds"]
-        row["largest_difference_from_single"] = largest_difference(tables[name], tables["single"])
+        row["speedup"] = results["arms"][first]["seconds"] / row["seconds"]
+        row["process_speedup"] = results["arms"][first]["process_seconds"] / row["process_seconds"]
+        row["largest_difference_from_baseline"] = largest_difference(tables[name], tables[first])
         row["rows"] = len(tables[name])
-    RESULTS.write_text(json.dumps(results, indent=1))
+    if "cuda" in args.arms:
+        import torch
+
+        results["device"] = torch.cuda.get_device_name(0)
+    path = RESULTS.with_name("ladder_cuda.json") if "cuda" in args.arms else RESULTS
+    path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
 

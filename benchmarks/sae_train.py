@@ -193,6 +193,8 @@ def run_width(store, width: int, shared: TrainConfig, lrs: list[float], train, v
         entry["best_lr"], entry["held_out_fvu"] = float(best_lr), entry["held_out_fvu_by_lr"][best_lr]
     ours = result["libraries"]["featint"]
     peers = {n: r for n, r in result["libraries"].items() if n != "featint"}
+    if not peers:  # every peer skipped (not installed where this runs): featint's own numbers only
+        return result
     result["speedup_vs"] = {n: ours["tokens_per_s"] / r["tokens_per_s"] for n, r in peers.items()}
     result["speedup_vs_fastest_peer"] = ours["tokens_per_s"] / max(r["tokens_per_s"] for r in peers.values())
     result["fvu_equal_or_better_than_every_peer"] = all(

@@ -7,9 +7,9 @@ exactly as ``make run`` does (``python -m featint_utils run --run-dir COPY --onl
 ``featint_utils`` imported from a git worktree of its commit (commit a change to measure it); the arms run one
 after the other on the same machine. Reported: each arm's wall seconds for the stage (the notebook's own,
 papermill included, as ``run.json`` records it), the speed-up, and every file the two arms' copies hold that is
-not byte-identical, leaving out what records when and where a stage ran (``run.json``, the executed notebook,
-logs and TensorBoard events). A stage whose earlier artifacts are cached (03's absorption SAE, say) reuses
-them in both arms, so what is timed is the stage's own computation on them. Writes
+not byte-identical, leaving out what records when and where a stage ran (``run.json``, the run's lock, the
+executed notebook, logs and TensorBoard events). A stage whose earlier artifacts are cached (03's absorption
+SAE, say) reuses them in both arms, so what is timed is the stage's own computation on them. Writes
 ``benchmarks/results/stage<STAGE>_<run name>.json``.
 """
 
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROVENANCE = ("run.json", "notebooks/", ".log", "events.out.tfevents", "tensorboard/")
+PROVENANCE = ("run.json", ".lock", "notebooks/", ".log", "events.out.tfevents", "tensorboard/")
 
 
 def rerun(run_dir: Path, stage: str, code: Path, copy: Path, threads: int) -> float:
