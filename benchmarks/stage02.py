@@ -20,12 +20,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from worktrees import add_commit_arguments, checked_out, report, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("test_sse.csv", "planted.json", "learning_rates.json")
@@ -72,46 +72,28 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run whose stage 02 has run (its residual cache is read)")
-    parser.add_argument("--before", required=True, help="the commit whose code is the baseline")
-    parser.add_argument("--after", default="HEAD", help="the commit whose code is measured against it")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each arm")
+    add_commit_arguments(parser)
     args = parser.parse_args()
     run_dir = args.run.resolve()
     if not (run_dir / "nfm" / "residuals").is_dir():
         raise SystemExit(f"{run_dir} has no stage 02 residual cache (nfm/residuals): run its stage 02 first")
-    commits = {
-        name: subprocess.run(
-            ["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        for name, ref in (("before", args.before), ("after", args.after))
-    }
+    commits = resolve({"before": args.before, "after": args.after})
     result = {"run": run_dir.name, "threads": args.threads, "cores": os.cpu_count(), "arms": {}}
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        trees = {name: scratch / f"code_{name}" for name in commits}
-        for name, commit in commits.items():
-            subprocess.run(["git", "worktree", "add", "--detach", str(trees[name]), commit], cwd=ROOT, check=True)
-        try:
-            for name in ("before", "after"):
-                out = scratch / name
-                result["arms"][name] = arm(run_dir, trees[name], out, args.threads) | {"commit": commits[name]}
-                print(name, f"{result['arms'][name]['seconds']:.1f} s", flush=True)
-            ladders = [pd.read_csv(scratch / n / "ladder.csv").drop(columns="seconds") for n in ("before", "after")]
-            numeric = [c for c in ladders[0].columns if pd.api.types.is_numeric_dtype(ladders[0][c])]
-            result["equal"] = {
-                "ladder.csv": bool(ladders[0].equals(ladders[1])),
-                "ladder_largest_difference": float(
-                    np.nanmax(np.abs(ladders[0][numeric].to_numpy(float) - ladders[1][numeric].to_numpy(float)))
-                ),
-                **{t: (scratch / "before" / t).read_bytes() == (scratch / "after" / t).read_bytes() for t in TABLES},
-            }
-        finally:
-            for tree in trees.values():
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
-    result["speedup"] = result["arms"]["before"]["seconds"] / result["arms"]["after"]["seconds"]
-    print(json.dumps({k: v for k, v in result.items() if k != "arms"}, indent=1))
-    path = Path(__file__).parent / "results" / f"stage02_{run_dir.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    with checked_out(commits) as (scratch, trees):
+        for name in ("before", "after"):
+            out = scratch / name
+            result["arms"][name] = arm(run_dir, trees[name], out, args.threads) | {"commit": commits[name]}
+            print(name, f"{result['arms'][name]['seconds']:.1f} s", flush=True)
+        ladders = [pd.read_csv(scratch / n / "ladder.csv").drop(columns="seconds") for n in ("before", "after")]
+        numeric = [c for c in ladders[0].columns if pd.api.types.is_numeric_dtype(ladders[0][c])]
+        result["equal"] = {
+            "ladder.csv": bool(ladders[0].equals(ladders[1])),
+            "ladder_largest_difference": float(
+                np.nanmax(np.abs(ladders[0][numeric].to_numpy(float) - ladders[1][numeric].to_numpy(float)))
+            ),
+            **{t: (scratch / "before" / t).read_bytes() == (scratch / "after" / t).read_bytes() for t in TABLES},
+        }
+    report(result, f"stage02_{run_dir.name}")
 
 
 if __name__ == "__main__":

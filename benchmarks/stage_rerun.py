@@ -21,10 +21,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from worktrees import add_commit_arguments, checked_out, report, resolve
+
 PROVENANCE = ("run.json", ".lock", "notebooks/", ".log", "events.out.tfevents", "tensorboard/")
 
 
@@ -59,38 +59,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished run (the stage and those before it have run)")
     parser.add_argument("--stage", required=True, help="the stage's number, e.g. 06")
-    parser.add_argument("--before", required=True, help="the commit whose code is the baseline")
-    parser.add_argument("--after", default="HEAD", help="the commit whose code is measured against it")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each arm")
+    add_commit_arguments(parser)
     args = parser.parse_args()
     run_dir = args.run.resolve()
     if not (run_dir / "run.json").is_file():
         raise SystemExit(f"{run_dir} is not a run directory (no run.json)")
-    commits = {
-        name: subprocess.run(
-            ["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        for name, ref in (("before", args.before), ("after", args.after))
-    }
+    commits = resolve({"before": args.before, "after": args.after})
     result = {"run": run_dir.name, "stage": args.stage, "threads": args.threads, "cores": os.cpu_count(), "arms": {}}
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        trees = {name: scratch / f"code_{name}" for name in commits}
-        for name, commit in commits.items():
-            subprocess.run(["git", "worktree", "add", "--detach", str(trees[name]), commit], cwd=ROOT, check=True)
-        try:
-            for name in ("before", "after"):
-                seconds = rerun(run_dir, args.stage, trees[name], scratch / name, args.threads)
-                result["arms"][name] = {"seconds": seconds, "commit": commits[name]}
-                print(name, f"{seconds:.1f} s", flush=True)
-            result["differing_files"] = differing(scratch / "before", scratch / "after")
-        finally:
-            for tree in trees.values():
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
-    result["speedup"] = result["arms"]["before"]["seconds"] / result["arms"]["after"]["seconds"]
-    print(json.dumps({k: v for k, v in result.items() if k != "arms"}, indent=1))
-    path = Path(__file__).parent / "results" / f"stage{args.stage}_{run_dir.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    with checked_out(commits) as (scratch, trees):
+        for name in ("before", "after"):
+            seconds = rerun(run_dir, args.stage, trees[name], scratch / name, args.threads)
+            result["arms"][name] = {"seconds": seconds, "commit": commits[name]}
+            print(name, f"{seconds:.1f} s", flush=True)
+        result["differing_files"] = differing(scratch / "before", scratch / "after")
+    report(result, f"stage{args.stage}_{run_dir.name}")
 
 
 if __name__ == "__main__":
