@@ -68,6 +68,20 @@ def _tiny_tokenizer(bos: bool):
     )
 
 
+def count_forwards_below(model, layer: int):
+    """A one-element list counting the forwards of every submodule of the blocks below ``layer`` (a block a
+    PrefixCache replays runs none of them), and the hooks' handles."""
+    calls = [0]
+    blocks, _ = models.prefix_modules(model, layer)
+    handles = [
+        module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for block in blocks
+        for module in block.modules()
+        if module is not block
+    ]
+    return calls, handles
+
+
 def tiny_causal(arch: str, vocab_size: int = 64, n_layers: int = 2):
     """A tiny randomly initialised causal LM of a supported architecture (real code path, fake weights)."""
     from transformers import (

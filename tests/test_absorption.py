@@ -161,3 +161,24 @@ def test_a_published_primary_sae_with_no_training_record_gets_a_trained_referenc
     )
     assert result["reference"].startswith("retrained on the original activations (the primary SAE is published")
     assert (tmp_path / "sae_reference" / "sae").exists() and result["train_tokens"] == 100_000
+
+
+def test_the_conjunction_searchs_pair_sums_are_the_dense_products_sums(planted_saes):
+    """The sparse per-slot products give every latent's pair sums (of g_a g_b, its square, and y_c g_a g_b) as the
+    dense [tokens, latents, pairs] products do: float64 sums of the same terms in another order, each within
+    tokens x eps x (the sum of the terms' magnitudes) of the other."""
+    store, sae = planted_saes["without"]
+    n, k = sae.cfg.n_latents, sae.cfg.k
+    data = absorption._code_data(store, sae, "val", presence_k=2 * k, max_tokens=6_000)
+    rng = np.random.default_rng(0)
+    pair_a, pair_b = rng.integers(0, n, (n, 3)), rng.integers(0, n, (n, 3))
+    pair_a[:, 0] = np.arange(n)  # a latent paired with itself: g_c squared
+    sums = absorption._pair_sums(data, sae, pair_a, pair_b, batch_size=1000)  # several batches
+    everything = data.batch(np.arange(len(data)))
+    g = absorption._split_sparse(everything, n, k)[1].toarray()
+    y = sae.pre_activation(everything.inputs).double().numpy()
+    products = g[:, pair_a] * g[:, pair_b]  # [tokens, n, 3]
+    assert (products > 0).sum() > 1000  # pairs that do co-fire
+    for got, terms in zip(sums, (products, products**2, y[:, :, None] * products)):
+        bound = len(data) * np.finfo(np.float64).eps * np.abs(terms).sum(0)
+        assert (np.abs(got - terms.sum(0)) <= bound).all()

@@ -5,11 +5,13 @@ import torch
 
 from featint_utils.data import models
 from featint_utils.data.corpus import CONDITIONS
-from featint_utils.dictionary.sae import SAEConfig, TopKSAE
 from featint_utils.data.interventions import PrefixCache
+from featint_utils.dictionary.sae import SAEConfig, TopKSAE
 from featint_utils.integration import clamping
 from featint_utils.integration.clamping import Clamp, Decomposition
 from featint_utils.residual.nfm import NFM, NFMConfig
+
+from .conftest import count_forwards_below
 
 DEAD = 7  # a secondary feature that never fires (its encoder bias is hugely negative)
 
@@ -226,17 +228,6 @@ def test_linear_control_is_sized_like_the_secondary_clamps():
     assert len(plan) == 2 * 2 * 2 + 2 and set(plan["control"].dropna()) == {"random"}
 
 
-def _calls_below(loaded, layer):
-    """Counts the forwards of every submodule of the blocks below ``layer`` (a replayed block runs none)."""
-    calls = [0]
-    blocks, _ = models.prefix_modules(loaded.model, layer)
-    for block in blocks:
-        for module in block.modules():
-            if module is not block:
-                module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
-
-
 CONDITIONS_TO_REPLAY = [  # (clamped?, clamp, control), in the order 06 runs them: clean first
     (False, None, None),
     (True, None, None),
@@ -253,7 +244,7 @@ def test_a_prefix_cache_replays_the_layers_below_the_splice_bit_for_bit(layer):
     dec = decomposition(loaded.d_model, scale=0.3)
     texts = ["The committee regrets the delay.", "ugh, whatever", "Dear Sir, kindly find attached.", "I love it!"] * 3
     prefix = PrefixCache()
-    calls = _calls_below(loaded, layer)
+    calls = count_forwards_below(loaded.model, layer)[0]
     decomposed = []
     original = dec.decompose
     dec.decompose = lambda h: decomposed.append(len(h)) or original(h)
@@ -279,7 +270,7 @@ def test_a_prefix_cache_replays_a_causal_lm_at_every_kind_of_layer(causal_dir):
     n_layers = loaded.model.config.num_hidden_layers
     for layer in (0, 1, n_layers):  # the embeddings, a block, the final norm
         prefix = PrefixCache()
-        calls = _calls_below(loaded, layer)
+        calls = count_forwards_below(loaded.model, layer)[0]
         for n, (spliced, clamp, control) in enumerate(CONDITIONS_TO_REPLAY):
             args = (loaded, layer, frames, ids, dec if spliced else None, clamp, control)
             computed = clamping.causal_readout(*args)

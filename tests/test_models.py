@@ -4,7 +4,7 @@ import torch
 from featint_utils.data import models
 from featint_utils.data.interventions import PrefixCache, splice
 
-from .conftest import CAUSAL_ARCHS, tiny_causal
+from .conftest import CAUSAL_ARCHS, count_forwards_below, tiny_causal
 
 
 def _assert_hooks_match_hidden_states(model, inputs, unhookable=()):
@@ -78,15 +78,10 @@ def test_a_prefix_cache_replays_every_layer_of_every_family_bit_for_bit(arch):
     inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     first_layer = 1 if model.config.model_type == "opt" else 0
     for layer in range(first_layer, model.config.num_hidden_layers + 1):
-        prefix, calls = PrefixCache(), [0]
+        prefix = PrefixCache()
         blocks, hooked = models.prefix_modules(model, layer)
         assert models.hook_module(model, layer) is hooked and len(blocks) == layer
-        handles = [
-            module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-            for block in blocks
-            for module in block.modules()
-            if module is not block
-        ]
+        calls, handles = count_forwards_below(model, layer)
         for n, factor in enumerate((1.0, 1.5, -0.5, 1.0)):  # the first pass records, the others replay
             with torch.inference_mode(), splice(model, layer, lambda h, factor=factor: h * factor) as state:
                 state["mask"] = mask.bool()

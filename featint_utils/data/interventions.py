@@ -47,7 +47,8 @@ class PrefixCache:
     and the last block's); every later forward over the same batch skips them and is handed those recorded
     tensors, so it computes exactly what a full forward would, bit for bit. Each batch also has a ``memo``
     dict for what a splice's replacement keeps of the clean activations. One cache serves one model, layer and
-    set of inputs: a batch recorded with other input ids is refused."""
+    set of inputs: a batch recorded with other input ids is refused. It holds what it keeps until it is dropped
+    (per token, two layer outputs and, in 06, the decomposition's parts: about ten times the layer's width)."""
 
     def __init__(self):
         self._batches: dict = {}

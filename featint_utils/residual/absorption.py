@@ -421,17 +421,8 @@ def _pair_scores(data, sae: TopKSAE, moments: dict, pair_a: np.ndarray, pair_b: 
     """For latent ``c`` and its pairs ``(pair_a[c, j], pair_b[c, j])``: R-squared of its pre-activation ``y_c`` on
     ``g_a g_b``, on ``g_a`` and ``g_b`` linearly, the product's gain, and ``corr(y_c, g_a)``, ``corr(y_c, g_b)``;
     [n, M] each."""
-    n, k = sae.cfg.n_latents, sae.cfg.k
-    p_sum, p_sq, cross = (np.zeros(pair_a.shape) for _ in range(3))
-    for batch in data.batches(batch_size):
-        g = _split_sparse(batch, n, k)[1].tocsc()
-        y = sae.pre_activation(batch.inputs).double().numpy()
-        for j in range(pair_a.shape[1]):
-            # column c: the product of c's j-th pair's presences, non-zero only where both are present
-            product = g[:, pair_a[:, j]].multiply(g[:, pair_b[:, j]]).tocoo()
-            p_sum[:, j] += np.bincount(product.col, product.data, n)
-            p_sq[:, j] += np.bincount(product.col, product.data**2, n)
-            cross[:, j] += np.bincount(product.col, product.data * y[product.row, product.col], n)
+    n = sae.cfg.n_latents
+    p_sum, p_sq, cross = _pair_sums(data, sae, pair_a, pair_b, batch_size)
     tokens, y_mean, y_sd, g_mean, g_sd = (moments[key] for key in ("tokens", "y_mean", "y_sd", "g_mean", "g_sd"))
     p_mean = p_sum / tokens
     p_sd = np.sqrt(np.maximum(p_sq / tokens - p_mean**2, 0))
@@ -444,6 +435,25 @@ def _pair_scores(data, sae: TopKSAE, moments: dict, pair_a: np.ndarray, pair_b: 
     product = r_cp**2
     gain = np.where(np.isfinite(product) & np.isfinite(additive), product - additive, -np.inf)
     return product, additive, gain, r_ca, r_cb
+
+
+def _pair_sums(data, sae: TopKSAE, pair_a: np.ndarray, pair_b: np.ndarray, batch_size: int = 8192):
+    """Over ``data``'s tokens, for latent ``c`` and its pairs: the sums of ``g_a g_b``, of its square, and of
+    ``y_c g_a g_b``; [n, M] each, float64. A product of two presences is non-zero only where both latents are
+    present, so each pair slot is one sparse elementwise product (a dense [batch, n, M] tensor of products was
+    most of the conjunction search's time)."""
+    n, k = sae.cfg.n_latents, sae.cfg.k
+    p_sum, p_sq, cross = (np.zeros(pair_a.shape) for _ in range(3))
+    for batch in data.batches(batch_size):
+        g = _split_sparse(batch, n, k)[1].tocsc()
+        y = sae.pre_activation(batch.inputs).double().numpy()
+        for j in range(pair_a.shape[1]):
+            # column c: the product of c's j-th pair's presences
+            product = g[:, pair_a[:, j]].multiply(g[:, pair_b[:, j]]).tocoo()
+            p_sum[:, j] += np.bincount(product.col, product.data, n)
+            p_sq[:, j] += np.bincount(product.col, product.data**2, n)
+            cross[:, j] += np.bincount(product.col, product.data * y[product.row, product.col], n)
+    return p_sum, p_sq, cross
 
 
 def _split_sparse(batch, n: int, k: int):
