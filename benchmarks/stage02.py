@@ -8,9 +8,10 @@ codes and residuals, split by its recorded 02 parameters) with those parameters,
 ``before`` imports ``featint_utils`` from a git worktree of ``--before``, ``after`` from one of ``--after``
 (default: HEAD; commit a change to measure it). The run itself is only read. Reported: each arm's seconds
 inside ``interaction.run``, the speed-up, and whether the two arms' tables are equal (``ladder.csv`` without
-its timing column, ``test_sse.csv``, ``planted.json``, ``learning_rates.json``: byte for byte, and the largest
-difference of the ladder's numbers), with both arms' headline numbers (what 03 reports). Writes
-``benchmarks/results/stage02_<run name>.json``.
+its timing column, ``test_sse.csv``, ``planted.json``, ``learning_rates.json``: byte for byte, the ladder's
+columns that differ and its largest difference, and every weights file the arms wrote), with both arms'
+headline numbers (what 03 reports). Parameters the run did not record (added since) take their defaults.
+Writes ``benchmarks/results/stage02_<run name>.json``.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ def fit(run_dir: Path, out: Path) -> None:
 
     import torch
 
-    from featint_utils.params import numbers
+    from featint_utils.params import defaults, numbers
     from featint_utils.residual import interaction, interaction_results
     from featint_utils.residual.code_data import open_residual_data, split_fit_tune_test
     from featint_utils.workbench import stages
 
-    p = json.loads((run_dir / "run.json").read_text())["stages"]["02_nfm"]["parameters"]
+    p = defaults("02_nfm") | json.loads((run_dir / "run.json").read_text())["stages"]["02_nfm"]["parameters"]
     data = open_residual_data(run_dir / "nfm" / "residuals")
     sets = split_fit_tune_test(data, p["tune_fraction"], p["test_fraction"], p["nfm_split_seed"])
     cfg = stages.estimator_config(SimpleNamespace(params=p), sets, "cpu")  # the stage's own settings
@@ -63,6 +64,19 @@ def arm(run_dir: Path, code: Path, out: Path, threads: int) -> dict:
     if done.returncode:
         raise RuntimeError(f"the arm with {code} failed:\n{done.stderr[-4000:]}")
     return json.loads((out / "arm.json").read_text())
+
+
+def _same_weights(before: Path, after: Path) -> dict:
+    """Every weights file the two arms wrote (fitted models and their checkpoints' tensors), compared byte for
+    byte: how many are identical, and which are not or exist in one arm only."""
+    names = {p.relative_to(before) for p in before.rglob("*.safetensors")}
+    names |= {p.relative_to(after) for p in after.rglob("*.safetensors")}
+    differing = [
+        str(n)
+        for n in sorted(names)
+        if not ((before / n).exists() and (after / n).exists()) or (before / n).read_bytes() != (after / n).read_bytes()
+    ]
+    return {"files": len(names), "identical": len(names) - len(differing), "differing": differing}
 
 
 def main() -> None:
@@ -91,7 +105,9 @@ def main() -> None:
             "ladder_largest_difference": float(
                 np.nanmax(np.abs(ladders[0][numeric].to_numpy(float) - ladders[1][numeric].to_numpy(float)))
             ),
+            "ladder_columns_differing": [c for c in ladders[0].columns if not ladders[0][c].equals(ladders[1][c])],
             **{t: (scratch / "before" / t).read_bytes() == (scratch / "after" / t).read_bytes() for t in TABLES},
+            "weights": _same_weights(scratch / "before", scratch / "after"),
         }
     report(result, f"stage02_{run_dir.name}")
 

@@ -195,8 +195,15 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "nfm_patience",
                 int,
                 5,
-                "epochs without a tune-set improvement before the learning rate is divided by 3",
+                "epochs without a tune-set improvement before training stops or the learning rate decays",
                 "positive",
+            ),
+            _P(
+                "nfm_lr_decays",
+                int,
+                0,
+                "times the learning rate is divided by 3 on a plateau before stopping (never helped)",
+                "non_negative",
             ),
             _P(
                 "tune_fraction",

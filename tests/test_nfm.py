@@ -292,3 +292,26 @@ def test_the_split_unit_is_the_stimulus_item_not_the_text(tmp_path):
     assert list(np.unique(data.document)) == list(range(10))  # ten items, not forty texts
     sets = split_fit_tune_test(data, 0.2, 0.3)
     assert not set(sets["fit"].document) & (set(sets["tune"].document) | set(sets["test"].document))
+
+
+@pytest.mark.parametrize("lr_decays", [0, 2])
+def test_training_stops_patience_epochs_after_its_last_improvement_or_decay(tmp_path, lr_decays):
+    fit, tune = split_fit_tune(planted(1_500, 0)[0], 0.2)
+
+    def trained(min_delta: float) -> ResidualTrainer:
+        cfg = FitConfig(batch_size=128, lr=1e-2, max_epochs=80, patience=3, lr_decays=lr_decays, min_delta=min_delta)
+        trainer = ResidualTrainer(NFM(NFMConfig(N_LAT, D_OUT, k_embed=8), seed=0), fit, tune, cfg, tmp_path / "fit")
+        trainer.train(resume=False)
+        return trainer
+
+    # no epoch can count as an improvement: the start is kept, after `patience` epochs at each learning rate
+    stuck = trained(min_delta=1e6)
+    assert (stuck.best_epoch, stuck.epoch) == (0, 3 * (1 + lr_decays))
+    assert [row["lr"] for row in stuck.history[1:]] == [1e-2 / 3.0**i for i in range(1 + lr_decays) for _ in range(3)]
+    # a model that learns stops `patience` epochs after its last improvement or decay, before max_epochs
+    learning = trained(min_delta=1e-5)
+    decays = [
+        row["epoch"] - 1 for before, row in zip(learning.history, learning.history[1:]) if row["lr"] < before["lr"]
+    ]
+    assert learning.best_epoch > 3 and len(decays) == lr_decays
+    assert learning.epoch == max([learning.best_epoch, *decays]) + 3 < 80

@@ -59,6 +59,7 @@ SHAPES_NFM = (
     "nfm_batch_size",
     "nfm_max_epochs",
     "nfm_patience",
+    "nfm_lr_decays",
     "tune_fraction",
     "test_fraction",
     "nfm_split_seed",

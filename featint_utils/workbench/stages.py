@@ -179,6 +179,7 @@ def estimator_config(run: Run, sets: dict[str, CodeData], device: torch.device |
             weight_decay=p["nfm_weight_decay"],
             max_epochs=p["nfm_max_epochs"],
             patience=p["nfm_patience"],
+            lr_decays=p["nfm_lr_decays"],
             keep_optimizer=p["keep_checkpoints"],
         ),
         seeds=seeds(p["nfm_seeds"]),
