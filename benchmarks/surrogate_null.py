@@ -10,7 +10,14 @@ the SAE-made share off it. This measures, for several surrogate constructions, t
 * ``gauss<f>``: the primary SAE's reconstruction plus Gaussian noise with ``f`` times its residual's covariance;
 * ``perm``: the primary SAE's reconstruction plus another token's residual (permuted within the split);
 * ``k2``: the primary SAE's encoder at twice its k, decoded, plus noise matched to that reconstruction's error;
-* ``wide<m>``: the reconstruction of a generator SAE with ``m`` times the latents (same k), plus matched noise.
+* ``wide<m>``: the reconstruction of a generator SAE with ``m`` times the latents (same k), plus matched noise;
+* ``omp[k]``: the primary SAE's dictionary with codes inferred by non-negative orthogonal matching pursuit (k atoms,
+  the SAE's k unless given; least squares on the chosen support: a stronger sparse inference than the TopK
+  encoder, so the generator's own error is small), each atom's magnitudes permuted among the tokens where it
+  is chosen (firing and co-firing kept, any product of two atoms' magnitudes broken), decoded, plus noise
+  matched to OMP's error;
+* ``redraw``: another draw of the same planted generator (a perfect surrogate: the spread of the SAE-made
+  share between draws, which any surrogate's excess must be judged against).
 
 A surrogate is usable only if, on additive data, its share matches the real one (then the excess covers zero).
 
@@ -38,12 +45,14 @@ from featint_utils.residual.code_data import build_residual_data, split_fit_tune
 RESULTS = Path(__file__).parent / "results" / "surrogate_null.json"
 
 
-def shares(store, name: str, cfg: TrainConfig, n_latents: int, k: int, work: Path):
+def shares(store, name: str, cfg: TrainConfig, n_latents: int, k: int, work: Path, lr_decays: int = 0):
     """An SAE trained on ``store`` and the estimator's two shares on its residual, with the SAE's FVU."""
     sae = SAETrainer(store, n_latents, k, cfg, work / f"sae_{name}").train()
     sets = split_fit_tune_test(build_residual_data(sae, store, work / f"residuals_{name}"), 0.15, 0.3, seed=0)
     out = work / f"estimator_{name}"
-    estimator = interaction.Estimator(sets, estimator_config(n_latents, store.d_model, max_epochs=30), out)
+    estimator_cfg = estimator_config(n_latents, store.d_model, max_epochs=30)
+    estimator_cfg = replace(estimator_cfg, fit=replace(estimator_cfg.fit, lr_decays=lr_decays))
+    estimator = interaction.Estimator(sets, estimator_cfg, out)
     estimator.fit_target(interaction.RESIDUAL, sets, ("pair_ridge", "nfm"))
     estimator.save()
     (out / "planted.json").write_text("{}")
@@ -60,6 +69,72 @@ def matched_noise(reconstruct, train: np.ndarray, fraction: float, seed: int):
     factor = torch.from_numpy(np.sqrt(fraction) * chol).float()
     generator = torch.Generator().manual_seed(seed)
     return lambda n: torch.randn(n, factor.shape[0], generator=generator) @ factor.T
+
+
+def omp(x: torch.Tensor, atoms: torch.Tensor, k: int, batch_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative orthogonal matching pursuit: per row of ``x``, ``k`` atoms (unit rows of ``atoms``) chosen
+    greedily by their positive correlation with what is left, coefficients refitted by least squares on the
+    chosen support each step (negative ones set to zero at the end); (values [n, k], indices [n, k])."""
+    values, indices = [], []
+    for batch in x.split(batch_size):
+        left, chosen = batch.clone(), batch.new_zeros((len(batch), 0), dtype=torch.long)
+        for _ in range(k):
+            scores = left @ atoms.T
+            scores.scatter_(1, chosen, -torch.inf)
+            chosen = torch.cat([chosen, scores.argmax(1, keepdim=True)], 1)
+            support = atoms[chosen]  # [b, t, d]
+            gram = support @ support.transpose(1, 2) + 1e-6 * torch.eye(chosen.shape[1])
+            coef = torch.linalg.solve(gram, support @ batch.unsqueeze(-1)).squeeze(-1).clamp_min(0)
+            left = batch - (coef.unsqueeze(-1) * support).sum(1)
+        values.append(coef)
+        indices.append(chosen)
+    return torch.cat(values), torch.cat(indices)
+
+
+def permute_magnitudes(values: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each atom's magnitudes permuted among the (token, slot) entries where it is chosen: every token keeps
+    its support (so firing and co-firing are the data's), and no magnitude depends on another atom's."""
+    atom = indices.flatten().numpy()
+    shuffled = np.lexsort((np.random.default_rng(seed).random(len(atom)), atom))  # by atom, random within one
+    ordered = np.argsort(atom, kind="stable")
+    out = values.flatten().clone()
+    out[torch.from_numpy(ordered)] = values.flatten()[torch.from_numpy(shuffled)]
+    return out.reshape(values.shape)
+
+
+def omp_surrogate(sae, raw: np.ndarray, k: int, seed: int) -> torch.Tensor:
+    """The ``omp`` surrogate of one split's raw activations (see the module docstring)."""
+    with torch.no_grad():
+        x = torch.from_numpy(raw).float() * sae.cfg.input_scale - sae.b_dec
+        norms = sae.W_dec.norm(dim=1)
+        atoms = sae.W_dec / norms.unsqueeze(1)
+        values, indices = omp(x, atoms, k)
+        error = x - (values.unsqueeze(-1) * atoms[indices]).sum(1)
+        permuted = permute_magnitudes(values, indices, seed)
+        rebuilt = (permuted.unsqueeze(-1) * atoms[indices]).sum(1)
+        chol = torch.linalg.cholesky(torch.cov(error.double().T) + 1e-12 * torch.eye(x.shape[1], dtype=torch.float64))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) @ chol.T
+        print(f"omp: error {float(error.square().sum(1).mean() / (x - x.mean(0)).square().sum(1).mean()):.4f} of x")
+        return (rebuilt + noise.float() + sae.b_dec) / sae.cfg.input_scale
+
+
+def _position_transform(store, make):
+    """A transform that hands out ``make(split, raw rows)`` of each split in the order derived_store streams the
+    shards (the train split's, then the val split's); it checks that each streamed batch is the rows it stands
+    for, so another streaming order is an error, not a silently mismatched surrogate."""
+    sources = {split: store.load(split) for split in ("train", "val")}
+    pools = {split: make(split, raw) for split, raw in sources.items()}
+    position = {"train": 0, "val": 0}
+
+    def transform(x):
+        split = "train" if position["train"] < len(pools["train"]) else "val"
+        start = position[split]
+        position[split] += len(x)
+        if not np.array_equal(x.numpy(), sources[split][start : position[split]]):
+            raise RuntimeError(f"the store streamed {split} rows {start}-{position[split]} in another order")
+        return pools[split][start : position[split]]
+
+    return transform
 
 
 def surrogate(kind: str, store, sae, cfg: TrainConfig, work: Path):
@@ -81,20 +156,17 @@ def surrogate(kind: str, store, sae, cfg: TrainConfig, work: Path):
         generator_cfg = replace(cfg, seed=cfg.seed + 1)
         wide = SAETrainer(store, multiple * sae.cfg.n_latents, sae.cfg.k, generator_cfg, work / "generator").train()
         reconstruct, fraction = wide.reconstruct_raw, 1.0
-    elif kind == "perm":
-        pools = {}
-        for split, seed in (("train", 5), ("val", 6)):
-            error = absorption.raw_residual(sae, store.load(split))
-            pools[split] = torch.from_numpy(error[np.random.default_rng(seed).permutation(len(error))])
-        position = {"train": 0, "val": 0}
+    elif kind.startswith("omp"):
+        k = int(kind[3:] or sae.cfg.k)
+        return _position_transform(store, lambda split, raw: omp_surrogate(sae, raw, k, 7 if split == "train" else 8))
+    elif kind == "perm":  # another token's residual, within the split
 
-        def transform(x):  # derived_store streams the train shards, then the val shards, in order
-            split = "train" if position["train"] < len(pools["train"]) else "val"
-            start = position[split]
-            position[split] += len(x)
-            return sae.reconstruct_raw(x) + pools[split][start : start + len(x)]
+        def rebuilt(split, raw):
+            error = torch.from_numpy(absorption.raw_residual(sae, raw))
+            order = np.random.default_rng(5 if split == "train" else 6).permutation(len(raw))
+            return sae.reconstruct_raw(torch.from_numpy(raw)) + error[order]
 
-        return transform
+        return _position_transform(store, rebuilt)
     else:
         raise ValueError(f"unknown surrogate {kind!r}")
     noise = matched_noise(reconstruct, train, fraction, seed=123)
@@ -103,10 +175,13 @@ def surrogate(kind: str, store, sae, cfg: TrainConfig, work: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kinds", nargs="+", help="surrogates: gauss1, gauss0.3, gauss0, perm, k2, wide2, wide4")
+    parser.add_argument(
+        "kinds", nargs="+", help="surrogates: gauss1, gauss0.3, gauss0, perm, k2, wide2, wide4, omp, omp16, redraw"
+    )
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--train-tokens", type=int, default=3_000_000)
     parser.add_argument("--seed", type=int, default=0, help="seeds the planted activations")
+    parser.add_argument("--lr-decays", type=int, default=0, help="the residual fits' learning-rate decays")
     parser.add_argument("--work", type=Path, default=Path("/tmp/surrogate_null"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -115,16 +190,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = planted.activations(args.tokens, d=64, n_features=512, k=8, interaction_share=0.0, seed=args.seed)
     store = store_from_npz(f"activations:{data.save_npz(work / 'acts.npz')}", work / "store", 0.3, seed=0)
-    sae, real = shares(store, "real", cfg, 1024, 8, work)
+    sae, real = shares(store, "real", cfg, 1024, 8, work, args.lr_decays)
     report = {}
     for kind in args.kinds:
         started = time.perf_counter()
         kind_dir = work / kind
         kind_dir.mkdir(exist_ok=True)
-        transform = surrogate(kind, store, sae, cfg, kind_dir)
-        made = derived_store(store, lambda x, t=transform: t(x).detach(), kind_dir / "store", {"kind": kind})
-        _, surrogate_row = shares(made, "surrogate", cfg, 1024, 8, kind_dir)
+        if kind == "redraw":
+            other = planted.activations(args.tokens, d=64, n_features=512, k=8, seed=args.seed + 1_000)
+            made = store_from_npz(
+                f"activations:{other.save_npz(kind_dir / 'acts.npz')}", kind_dir / "store", 0.3, seed=0
+            )
+        else:
+            transform = surrogate(kind, store, sae, cfg, kind_dir)
+            made = derived_store(store, lambda x, t=transform: t(x).detach(), kind_dir / "store", {"kind": kind})
+        _, surrogate_row = shares(made, "surrogate", cfg, 1024, 8, kind_dir, args.lr_decays)
         key = f"{kind} seed{args.seed} tokens{args.tokens} train{args.train_tokens}"
+        key += f" lr_decays{args.lr_decays}" if args.lr_decays else ""
         report[key] = {"real": real, "surrogate": surrogate_row, "seconds": time.perf_counter() - started}
         print(json.dumps({key: report[key]}, indent=1), flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
