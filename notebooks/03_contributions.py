@@ -99,9 +99,10 @@ figure.save(fig, run.root, "03_baseline_ladder")
 # What a positive share is not: by itself, evidence that the layer combines features non-additively. A TopK
 # SAE's error has pairwise structure of its own: on purely additive planted activations (the README's "How the
 # interaction share is measured"), both shares' intervals lie above zero in 8 and 10 of 10 draws. And the
-# interval resamples test documents and NFM seeds, not SAE trainings: between SAEs trained on two draws of the
-# same additive data the NFM share varies 2.7 times more than one run's interval says. Read it as pairwise
-# structure in *what this SAE misses*, beside the absorbed fraction and the conjunction search below.
+# interval resamples test documents and NFM seeds, not SAE trainings: on that planted data the NFM share
+# varies between draws 2.7 times more than one run's interval says (on the embedded profile, five SAE seeds
+# moved it by less than its interval). Read it as pairwise structure in *what this SAE misses*, beside the
+# absorbed fraction and the conjunction search below.
 
 # %%
 shares = results.shares()
