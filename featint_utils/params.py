@@ -202,7 +202,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "nfm_lr_decays",
                 int,
                 0,
-                "times the learning rate is divided by 3 on a plateau before stopping (never helped)",
+                "learning-rate divisions by 3 on a plateau before stopping (none helped in our real runs)",
                 "non_negative",
             ),
             _P(
