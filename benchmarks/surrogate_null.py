@@ -58,23 +58,30 @@ def shares(store, name: str, cfg: TrainConfig, n_latents: int, k: int, work: Pat
     (out / "planted.json").write_text("{}")
     results = interaction_results.Results(out, n_boot=1000)
     row = {name: results.share(interaction.RESIDUAL, name) for name in interaction.ESTIMATORS}
+    gain = results.beats_zero()  # a share is an increment over fits that must themselves beat predicting zero
+    row["gain_over_zero_ci_low"] = {model: float(gain.loc[model, "ci_low"]) for model in gain.index}
     return sae, row | {"sae_val_fvu": evaluate_sae(sae, store, "val")["fvu"]}
+
+
+def gaussian_like(error: np.ndarray, fraction: float, seed: int):
+    """A sampler of Gaussian noise with ``fraction`` times the covariance of ``error`` (rows: tokens)."""
+    chol = np.linalg.cholesky(np.cov(error.astype(np.float64), rowvar=False) + 1e-12 * np.eye(error.shape[1]))
+    factor = torch.from_numpy(np.sqrt(fraction) * chol).float()
+    generator = torch.Generator().manual_seed(seed)
+    return lambda n: torch.randn(n, factor.shape[0], generator=generator) @ factor.T
 
 
 def matched_noise(reconstruct, train: np.ndarray, fraction: float, seed: int):
     """Gaussian noise with ``fraction`` times the covariance of ``train - reconstruct(train)``."""
     with torch.no_grad():
         error = train - reconstruct(torch.from_numpy(train)).numpy()
-    chol = np.linalg.cholesky(np.cov(error.astype(np.float64), rowvar=False) + 1e-12 * np.eye(train.shape[1]))
-    factor = torch.from_numpy(np.sqrt(fraction) * chol).float()
-    generator = torch.Generator().manual_seed(seed)
-    return lambda n: torch.randn(n, factor.shape[0], generator=generator) @ factor.T
+    return gaussian_like(error, fraction, seed)
 
 
 def omp(x: torch.Tensor, atoms: torch.Tensor, k: int, batch_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-negative orthogonal matching pursuit: per row of ``x``, ``k`` atoms (unit rows of ``atoms``) chosen
     greedily by their positive correlation with what is left, coefficients refitted by least squares on the
-    chosen support each step (negative ones set to zero at the end); (values [n, k], indices [n, k])."""
+    chosen support each step and negative ones set to zero; (values [n, k], indices [n, k])."""
     values, indices = [], []
     for batch in x.split(batch_size):
         left, chosen = batch.clone(), batch.new_zeros((len(batch), 0), dtype=torch.long)
@@ -112,10 +119,9 @@ def omp_surrogate(sae, raw: np.ndarray, k: int, seed: int) -> torch.Tensor:
         error = x - (values.unsqueeze(-1) * atoms[indices]).sum(1)
         permuted = permute_magnitudes(values, indices, seed)
         rebuilt = (permuted.unsqueeze(-1) * atoms[indices]).sum(1)
-        chol = torch.linalg.cholesky(torch.cov(error.double().T) + 1e-12 * torch.eye(x.shape[1], dtype=torch.float64))
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) @ chol.T
         print(f"omp: error {float(error.square().sum(1).mean() / (x - x.mean(0)).square().sum(1).mean()):.4f} of x")
-        return (rebuilt + noise.float() + sae.b_dec) / sae.cfg.input_scale
+        noise = gaussian_like(error.numpy(), 1.0, seed)(len(x))
+        return (rebuilt + noise + sae.b_dec) / sae.cfg.input_scale
 
 
 def _position_transform(store, make):

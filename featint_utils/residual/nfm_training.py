@@ -78,7 +78,7 @@ class FitConfig:
     the embedded and the WikiText-2 runs (every model, target and learning rate) no epoch after the first
     decay improved on tune, so the two decays the schedule used to allow only added ``2 x patience`` epochs
     per fit (230 of the embedded run's 390 training epochs) and never changed a fitted model. On clean
-    planted data they can help (the calibration's planted fits, this module's schedule test): set it there."""
+    planted data they can help (the calibration's planted fits; the schedule test in tests/test_nfm.py)."""
     min_delta: float = 1e-5
     """Smallest tune-FVU decrease that counts as an improvement."""
     grad_clip: float = 1.0
