@@ -88,6 +88,13 @@ FDR_Q = Parameter(
 )
 
 MAX_ITEMS = Parameter("max_items", int, 0, "stimulus items measured (0: all)", "non_negative")
+STIMULUS_SET = Parameter(
+    "stimulus_set",
+    str,
+    "default",
+    '"default" (a planted model\'s own, else the project\'s), "minimal_pairs" or a CSV path',
+    "text",
+)
 
 _P = Parameter
 PARAMETERS: dict[str, dict[str, Parameter]] = {
@@ -318,6 +325,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
             _P("n_panels", int, 4, "secondary features shown in full in a headless run", "non_negative"),
             _P("replication_seed", int, 0, "seeds the split of the items for the replication check", "non_negative"),
             MAX_ITEMS,
+            STIMULUS_SET,
             DEVICE,
             MODEL_DTYPE,
         ]
@@ -335,6 +343,7 @@ PARAMETERS: dict[str, dict[str, Parameter]] = {
                 "nonzero_list",
             ),
             MAX_ITEMS,
+            STIMULUS_SET,
             _P("n_permutations", int, 10_000, "sign-flip permutations per test", "positive"),
             N_BOOT,
             FDR_Q,

@@ -30,6 +30,7 @@ n_top_features: int = 20  # features shown and compared per part
 n_panels: int = 4  # secondary features shown in full in a headless run
 replication_seed: int = 0  # seeds the split of the items for the replication check
 max_items: int = 0  # stimulus items measured (0: all)
+stimulus_set: str = "default"  # "default" (a planted model's own, else the project's), "minimal_pairs" or a CSV path
 device: str = "auto"  # "auto" (GPU if present), "cpu" or "cuda"
 model_dtype: str = "float32"  # language model weights: float32, bfloat16 or float16 (not the store's dtype)
 
@@ -42,7 +43,7 @@ from IPython.display import Markdown, display
 from featint_utils.data import models
 from featint_utils.data.activation_store import require_model
 from featint_utils.dictionary import feature_labels
-from featint_utils.integration import identification, manipulation, secondary
+from featint_utils.integration import counterfactual, identification, manipulation, secondary
 from featint_utils.io import update_metrics
 from featint_utils.plots import figure, stimulus_effects
 from featint_utils.progress import headless
@@ -65,7 +66,7 @@ run = Run.open(run_dir, "05_feature_identification", globals())
 store = run.store()
 require_model(store, "05")  # a run on activations from a file stops here
 loaded = stages.load_language_model(run, store.manifest["model"])
-stimuli = stages.stimuli(loaded, max_items)  # the project's set, or a planted model's own
+stimuli = stages.stimuli(loaded, max_items, stimulus_set)  # the project's set, or a planted model's own
 scored = manipulation.score_texts(stimuli)
 print(f"{stimuli.item_id.nunique()} items × 4 variants, {stimuli.topic.nunique()} topics")
 effects = manipulation.effect_table(scored, n_boot=n_boot)
@@ -158,6 +159,40 @@ for family, table in effects.items():  # the 6 strongest features named by their
 # layer only where an item's variants differ in nothing but the two factors (a planted model's minimal pairs):
 # written variants use different words, and on the project's stimuli the same directions read in the token
 # embeddings already flag 1,737 of 4,096 (`benchmarks/lexical_baseline.py`; 2,027 at MiniLM's layer 3).
+# On minimal pairs, the next section asks the question of every family: what part of its interaction did the
+# layer make?
+
+# %% [markdown]
+# ## Which part of an interaction the layer made
+# On **token-aligned minimal pairs** (an item's four variants differ only in one formality word and one
+# emotion word, each the same number of tokens: a planted model's stimuli, or `stimulus_set="minimal_pairs"`)
+# an additive layer would hold, at every token of the formal-emotional variant, the formal-neutral activation
+# plus what emotion adds to the casual one: `x_FE* = x_FN + (x_CE - x_CN)`. Reading every family on that
+# *additive counterfactual* splits each feature's interaction contrast exactly into a **layer-made** part,
+# `f(FE) - f(FE*)`, which is zero on every item wherever the layer is additive, however non-linear the
+# instrument, and an **instrument-made** part, what the top-k, the NFM's products or the secondary SAE make
+# from an additive layer. The layer-made part is tested across items (t-test, BH across each family's
+# features), so a flag here is evidence of the layer's integration whatever the family. The four variants
+# run in float64 so that an additive layer's counterfactual is exact at the float32 precision the encoders
+# read (`featint_utils/integration/counterfactual.py`). On variants that differ in more words (the project's
+# default set) the counterfactual is not an additive layer, and this part is not measured.
+
+# %%
+try:
+    pairs = counterfactual.minimal_pairs(loaded.tokenizer, stimuli)
+except counterfactual.NotMinimalPairs as reason:
+    pairs = None
+    print(f"Not measured, the stimuli are not token-aligned minimal pairs: {reason}.")
+if pairs is not None:
+    values = counterfactual.additive_counterfactual(loaded, store.layer, pairs, encoders)
+    for family, v in values.items():
+        split = counterfactual.layer_made_effects(v["cells"], v["additive"]).drop(columns=["interaction_effect"])
+        effects[family] = effects[family].merge(split, on="feature")
+        effects[family].to_csv(run.effects_path(nfm_seed, family), index=False)
+    layer_made = counterfactual.split_summary(effects, fdr_q)
+    display(layer_made.style.format("{:.0f}").format("{:.3f}", subset=["instrument-made share"]))
+    fig = stimulus_effects.interaction_split(effects, fdr_q)
+    figure.save(fig, run.root, "05_interaction_split")
 
 # %% [markdown]
 # The strongest features per effect (q < the level), with their condition means.
@@ -211,6 +246,15 @@ update_metrics(
         },
         **{f"{family}.interaction_replicated": int(replication[family]["replicated"].sum()) for family in replication},
         **{f"{family}.interaction_selected_on_half": len(replication[family]) for family in replication},
+        **(
+            {
+                f"{family}.layer_made_selective": int(row[f"layer-made (q < {fdr_q})"])
+                for family, row in layer_made.iterrows()
+            }
+            if pairs is not None
+            else {}
+        ),
+        "minimal_pairs": pairs is not None,
         "fdr_q": fdr_q,
     },
 )

@@ -36,6 +36,7 @@ nfm_seed: int = 0  # the NFM (one of 02's nfm_seeds) that 03-06 take apart
 clamp_features: int = 3  # strongest interaction-selective secondary features to clamp
 clamp_levels: str = "-1,-0.5,0.5,1"  # added multiples of each feature's largest observed activation
 max_items: int = 0  # stimulus items measured (0: all)
+stimulus_set: str = "default"  # "default" (a planted model's own, else the project's), "minimal_pairs" or a CSV path
 n_permutations: int = 10_000  # sign-flip permutations per test
 n_boot: int = 2000  # bootstrap resamples for every interval
 fdr_q: float = 0.05  # false-discovery (05) or family-wise (06) level
@@ -112,7 +113,7 @@ if loaded.is_causal_lm:
             loaded, store.layer, frames, bucket_ids, decomposition, clamp, control, clamp_seed, prefix
         )
 else:
-    stimuli = stages.stimuli(loaded, max_items)
+    stimuli = stages.stimuli(loaded, max_items, stimulus_set)
     texts = stimuli["text"].tolist()
     clean_pooled = clamping.pooled_embeddings(loaded, store.layer, texts, prefix=prefix)
     centroids = clamping.leave_item_out_centroids(clean_pooled, stimuli)

@@ -242,12 +242,38 @@ def figure_calls():
             "effect_volcano",
             lambda: stimulus_effects.effect_volcano(feature_effects(), "interaction", 0.05, title="secondary features"),
         ),
+        ("interaction_split", lambda: stimulus_effects.interaction_split(interaction_splits(), 0.05)),
         ("dose_response", lambda: clamps.dose_response(tidy, "cosine to the condition centroid")),
         ("effect_forest", lambda: clamps.effect_forest(clamp_statistics(tidy))),
         ("interaction_2x2", lambda: clamps.interaction_2x2(tidy, -1.0, "cosine to the condition centroid")),
         ("sweep_comparison", lambda: comparisons.sweep_comparison(sweep, ["layer", "sae_k"])),
         ("flag_rates", lambda: comparisons.flag_rates(flag_rates())),
     ]
+
+
+def interaction_splits() -> dict[str, pd.DataFrame]:
+    def table(n, layer_scale):
+        q = RNG.uniform(size=n)
+        return pd.DataFrame(
+            {
+                "feature": np.arange(n),
+                "layer_made_effect": RNG.normal(scale=layer_scale, size=n),
+                "instrument_made_effect": RNG.normal(size=n),
+                "layer_made_q": q,
+            }
+        )
+
+    return {"primary": table(64, 0.1), "primary_pre": table(64, 1.0), "secondary": table(32, 0.0)}
+
+
+def test_interaction_split_colours_the_layer_made_features_and_counts_them_per_family():
+    tables = interaction_splits()
+    fig = stimulus_effects.interaction_split(tables, 0.05)
+    assert len(fig.axes) == 3
+    for ax, (family, table) in zip(fig.axes, tables.items()):
+        flagged = int((table["layer_made_q"] < 0.05).sum())
+        assert ax.get_title() == f"{family}: {flagged} of {len(table)} layer-made"
+        assert [len(c.get_offsets()) for c in ax.collections] == [len(table) - flagged, flagged]
 
 
 def flag_rates() -> pd.DataFrame:

@@ -19,6 +19,8 @@ from ..io import REPOSITORY, from_repository
 
 DATA_DIR = REPOSITORY / "data"
 STIMULI_CSV = DATA_DIR / "stimuli" / "stimuli.csv"
+MINIMAL_PAIRS_CSV = DATA_DIR / "stimuli" / "minimal_pairs.csv"
+"""Token-aligned 2x2s for MiniLM's tokenizer: each item's variants differ in one formality and one emotion word."""
 WORDLISTS_DIR = DATA_DIR / "wordlists"
 
 FORMALITIES = ("formal", "casual")

@@ -187,3 +187,32 @@ def _label_slots(ax: plt.Axes, ys: np.ndarray, gap: float = 0.075) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@themed
+def interaction_split(effects: Mapping[str, pd.DataFrame], q: float = 0.05) -> plt.Figure:
+    """Per family, every feature's interaction contrast split on the additive counterfactual: what the
+    instrument makes from an additive layer (x) against what the layer made (y); features whose layer-made
+    part is significant (BH, q < ``q``) in colour. An instrument that only reshapes an additive layer puts
+    its features on the x axis; a layer that integrates lifts them off it."""
+    fig, axes = plt.subplots(1, len(effects), figsize=(4.2 * len(effects), 4.0), squeeze=False)
+    for ax, (family, table) in zip(axes[0], effects.items()):
+        flagged = table["layer_made_q"] < q
+        x, y = table["instrument_made_effect"], table["layer_made_effect"]
+        ax.scatter(x[~flagged], y[~flagged], s=6, color=style.MUTED, alpha=0.6, lw=0, label="layer-made part n.s.")
+        ax.scatter(x[flagged], y[flagged], s=9, color=style.ACCENT, lw=0, label=f"layer-made part q < {q}")
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.axvline(0, color="0.5", lw=0.8)
+        ax.set(
+            xlabel="made by the instrument",
+            title=f"{family}: {int(flagged.sum())} of {len(table)} layer-made",
+        )
+    axes[0][0].set_ylabel("made by the layer")
+    fig.suptitle(
+        "interaction contrast = layer-made f(FE) − f(FE*) + instrument-made f(FE*) − f(FN) − f(CE) + f(CN)",
+        fontsize=9,
+    )
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig

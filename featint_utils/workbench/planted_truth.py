@@ -13,6 +13,7 @@ on the model's own stimulus set (what 05 and 06 measure):
   its rank among the secondary latents by 05's interaction effect size);
 * **05**: whether that latent is flagged interaction-selective, and how many of each family are (for the
   pre-activations, also how many of those flagged have an encoder direction at |cos| >= 0.3 to ``u_AB``);
+  and, where 05 split each interaction on the additive counterfactual, the same for its layer-made part;
 * **06**: the contrast of its clamp at every level (when it was clamped), beside the oracle: the contrast of
   the same readout when the planted integration itself is removed (:func:`oracle_contrast`).
 """
@@ -141,7 +142,15 @@ def score_run(run_dir: str | Path, nfm_seed: int = 0, fdr_q: float = 0.05) -> di
     reads = _cosines(primary.W_enc.detach(), torch.from_numpy(truth.integration_direction)).abs()
     pre = effects["primary_pre"].set_index("feature")
     flagged_pre = pre.index[pre["interaction_q"] < fdr_q].to_numpy()
-    out["primary_pre.flagged_reading_integration"] = int((reads[torch.from_numpy(flagged_pre)] >= 0.3).sum())
+    out["primary_pre.flagged_reading_integration"] = int((reads[torch.tensor(flagged_pre)] >= 0.3).sum())
+    if "layer_made_q" in pre:  # 05 split each interaction on the additive counterfactual (minimal pairs)
+        for family, table in effects.items():
+            out[f"{family}.layer_made_flagged"] = int((table["layer_made_q"] < fdr_q).sum())
+        layer_made_pre = pre.index[pre["layer_made_q"] < fdr_q].to_numpy()
+        out["primary_pre.layer_made_reading_integration"] = int((reads[torch.tensor(layer_made_pre)] >= 0.3).sum())
+        out["secondary.aligned_layer_made_flagged"] = bool(row["layer_made_q"] < fdr_q)
+        out["secondary.aligned_layer_made_effect"] = float(row["layer_made_effect"])
+        out["secondary.aligned_instrument_made_effect"] = float(row["instrument_made_effect"])
 
     statistics = pd.read_csv(run.clamping_table(nfm_seed, "statistics"))
     clamped = statistics[statistics["condition"].str.startswith("secondary ")]

@@ -18,7 +18,7 @@ import torch
 
 from ..data import activation_store, distributed, extraction, models
 from ..data.activation_store import ActivationStore
-from ..data.corpus import Split, first_items, load_corpus, load_stimuli, split_by_group
+from ..data.corpus import MINIMAL_PAIRS_CSV, Split, first_items, load_corpus, load_stimuli, split_by_group
 from ..data.distributed import Dist
 from ..dictionary.sae import TopKSAE
 from ..dictionary.sae_training import SAETrainer, TrainConfig
@@ -39,10 +39,15 @@ def load_language_model(run: Run, name: str, device: torch.device | str | None =
     return models.load_model(name, device=device, dtype=MODEL_DTYPES[run.params["model_dtype"]])
 
 
-def stimuli(loaded: models.LoadedModel, max_items: int = 0) -> pd.DataFrame:
-    """The stimulus set stages 05 and 06 measure: the model's own (a planted model's) or the project's, its
-    first ``max_items`` items (0: all)."""
-    return load_stimuli(max_items=max_items) if loaded.stimuli is None else first_items(loaded.stimuli, max_items)
+def stimuli(loaded: models.LoadedModel, max_items: int = 0, stimulus_set: str = "default") -> pd.DataFrame:
+    """The stimulus set stages 05 and 06 measure, its first ``max_items`` items (0: all): with ``"default"``
+    the model's own (a planted model's) or the project's, with ``"minimal_pairs"`` the project's token-aligned
+    2x2s, else the stimulus CSV at that path."""
+    if stimulus_set == "default":
+        if loaded.stimuli is not None:
+            return first_items(loaded.stimuli, max_items)
+        return load_stimuli(max_items=max_items)
+    return load_stimuli(MINIMAL_PAIRS_CSV if stimulus_set == "minimal_pairs" else stimulus_set, max_items)
 
 
 class Built(NamedTuple):
