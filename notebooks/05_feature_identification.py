@@ -110,8 +110,10 @@ per_text = identification.text_activations(loaded, store.layer, stimuli["text"].
 
 # %% [markdown]
 # ## Formality × emotion, feature by feature
-# For every feature: `activation ~ item + formality * emotion` (item as a blocking factor; the closed form
-# of `statsmodels`' OLS for this balanced design), partial η² per effect, and Benjamini-Hochberg q-values
+# For every feature: the within-item (repeated-measures) ANOVA of `activation ~ formality * emotion`, each
+# effect tested against its own interaction with the items (`statsmodels`' `AnovaRM`, in closed form: each
+# item's variants use their own words, so items differ in how much each factor moves them, and a pooled error
+# term would put that spread into every test), partial η² per effect, and Benjamini-Hochberg q-values
 # across the features of each family. Features that never fire on the stimuli are tested too (p = 1).
 
 # %%

@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from featint_utils import stats
@@ -18,21 +19,32 @@ def planted_cells(n_items=200, n_null=300, bump=1.0, seed=0):
     return cells
 
 
-def test_block_anova_matches_statsmodels():
+def test_block_anova_matches_statsmodels_repeated_measures_anova():
+    """Items whose factor effects differ from item to item (as written variants do): every effect is tested
+    against its own item interaction, as ``AnovaRM`` does."""
     rng = np.random.default_rng(1)
     cells = rng.normal(size=(30, 4, 3)) + np.array([0.5, 0.0, 0.2, 0.0])[None, :, None]
+    cells += rng.normal(size=(30, 1, 3)) * stats.CONTRASTS["formality"][None, :, None]  # item x formality
     ours = stats.block_anova(cells)
     for f in range(3):
         reference = stats.block_anova_statsmodels(cells[:, :, f])
-        for effect, term in (
-            ("formality", "C(formality)"),
-            ("emotion", "C(emotion)"),
-            ("interaction", "C(formality):C(emotion)"),
-        ):
-            assert ours[f"{effect}_F"][f] == pytest.approx(reference.loc[term, "F"], rel=1e-6)
-            assert ours[f"{effect}_p"][f] == pytest.approx(reference.loc[term, "PR(>F)"], rel=1e-6)
-            ss, ss_res = reference.loc[term, "sum_sq"], reference.loc["Residual", "sum_sq"]
-            assert ours[f"{effect}_eta2"][f] == pytest.approx(ss / (ss + ss_res), rel=1e-6)
+        for effect, term in (("formality", "formality"), ("emotion", "emotion"), ("interaction", "formality:emotion")):
+            assert ours[f"{effect}_F"][f] == pytest.approx(reference.loc[term, "F Value"], rel=1e-9)
+            assert ours[f"{effect}_p"][f] == pytest.approx(reference.loc[term, "Pr > F"], rel=1e-9)
+            contrast = cells[:, :, f] @ stats.CONTRASTS[effect]
+            assert ours[f"{effect}_F"][f] == pytest.approx(scipy.stats.ttest_1samp(contrast, 0).statistic ** 2)
+
+
+def test_an_interaction_hidden_by_item_differences_in_the_main_effects_is_found():
+    """The pooled error term this ANOVA had put the items' spread in formality and emotion into the
+    interaction's denominator: here it gave p = 0.51 where each effect's own error gives p = 2e-6."""
+    rng = np.random.default_rng(0)
+    n = 60
+    formality, emotion = rng.normal(1, 1.0, n), rng.normal(1, 1.0, n)
+    interaction, base = 0.15 + rng.normal(0, 0.2, n), rng.normal(0, 1, n)
+    cells = np.stack([base + formality + emotion + interaction, base + formality, base + emotion, base], 1)
+    table = stats.block_anova(cells)
+    assert table["interaction_p"][0] < 1e-5
 
 
 def test_constant_features_are_not_significant():
@@ -57,7 +69,8 @@ def test_each_planted_effect_is_found_on_its_own_effect_only_and_item_effects_ar
     """Features 0, 1, 2 carry a pure formality, emotion and interaction pattern of +-1 over the four cells
     (the rows of ``stats.CONTRASTS``); features 3..22 are nulls. Known answers: formality and emotion effects
     of 2 (mean of +1 cells minus mean of -1 cells), an interaction effect of 4 ((FE - FN) - (CE - CN)), and
-    partial eta-squared ~ 0.84 on the planted effect (SS = n * 4^2 / 4 against a residual 0.25 * 3 (n - 1))."""
+    partial eta-squared ~ 0.94 on the planted effect (SS = n * 4^2 / 4 against its item interaction, the spread
+    of the per-item contrast: (n - 1) * 4 * 0.5^2 / 4)."""
     rng = np.random.default_rng(0)
     n_items, n_features = 120, 23
     cells = rng.normal(size=(n_items, 4, n_features)) * 0.5
@@ -68,7 +81,7 @@ def test_each_planted_effect_is_found_on_its_own_effect_only_and_item_effects_ar
     for f, effect in enumerate(stats.EFFECTS):
         planted = effects.iloc[f]
         assert planted[f"{effect}_effect"] == pytest.approx(4.0 if effect == "interaction" else 2.0, abs=0.3)
-        assert 0.75 < planted[f"{effect}_eta2"] < 0.92 and planted[f"{effect}_q"] < 1e-10, effect
+        assert 0.9 < planted[f"{effect}_eta2"] < 0.98 and planted[f"{effect}_q"] < 1e-10, effect
         others = [e for e in stats.EFFECTS if e != effect]
         assert all(planted[f"{e}_eta2"] < 0.05 for e in others), (effect, planted)
         assert effects[f"{effect}_eta2"].drop(f).max() < 0.05  # no other feature shows this effect

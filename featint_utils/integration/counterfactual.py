@@ -197,7 +197,7 @@ def layer_made_effects(cells: np.ndarray, additive: np.ndarray) -> pd.DataFrame:
 
 def split_summary(tables: dict[str, pd.DataFrame], q: float = 0.05) -> pd.DataFrame:
     """Per family (tables from :func:`layer_made_effects` joined to 05's effect tables): features with an
-    interaction (the item-blocked ANOVA, q < ``q``), features with a layer-made part (q < ``q``), and the
+    interaction (the within-item ANOVA, q < ``q``), features with a layer-made part (q < ``q``), and the
     share of the features' summed |interaction| that the instrument makes from an additive layer."""
     rows = {}
     for family, table in tables.items():

@@ -2,8 +2,9 @@
 
 * :func:`text_activations`: run texts through the model, encode each real token (padding and special
   tokens never count), and pool each feature over a text's tokens: the mean and the max.
-* :func:`feature_effects`: per feature, the item-blocked two-way ANOVA of :mod:`featint_utils.stats`
-  on the per-text activation, with Benjamini-Hochberg q-values across the features of one family.
+* :func:`feature_effects`: per feature, the within-item (repeated-measures) two-way ANOVA of
+  :mod:`featint_utils.stats` on the per-text activation, with Benjamini-Hochberg q-values across the features
+  of one family.
 * :func:`split_half_replication`: features selected on one half of the items, their effects measured on
   the other half (a selection's effect sizes on the data that selected it are biased upwards).
 """
@@ -87,7 +88,7 @@ def cells(per_text: np.ndarray, stimuli: pd.DataFrame) -> tuple[np.ndarray, np.n
 
 
 def feature_effects(cell_values: np.ndarray, features: np.ndarray | None = None) -> pd.DataFrame:
-    """Per feature: the item-blocked ANOVA, BH q-values across these features per effect, condition means."""
+    """Per feature: the within-item ANOVA, BH q-values across these features per effect, condition means."""
     table = block_anova(cell_values)
     table.insert(0, "feature", np.arange(cell_values.shape[2]) if features is None else np.asarray(features))
     for effect in EFFECTS:
