@@ -6,7 +6,10 @@ means' 2x2 interaction. On a planted model's minimal pairs that contrast is zero
 their text means can be non-additive before any layer computes anything. This reads the same directions in
 the token embeddings (``hidden_states[0]``) and in the run's layer, on the same texts, with the same test:
 
-    python benchmarks/lexical_baseline.py runs/minilm-wikitext
+    python benchmarks/lexical_baseline.py runs/minilm-wikitext [--stimulus-set minimal_pairs]
+
+On token-aligned minimal pairs (``--stimulus-set minimal_pairs``) each token embedding depends on its own token
+and position only, so the token embeddings' contrast is zero and nothing there should be flagged.
 
 Writes ``benchmarks/results/lexical_baseline.json``.
 """
@@ -29,14 +32,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a finished run (stages 00-04)")
     parser.add_argument("--fdr-q", type=float, default=0.05)
+    parser.add_argument("--stimulus-set", default="default", help="as the run parameter stimulus_set")
     args = parser.parse_args()
     run = Run(args.run_dir)
     store = run.store()
     decomposition = run.decomposition(secondary=False)
     loaded = models.load_model(store.manifest["model"])
-    stimuli = stages.stimuli(loaded)
+    stimuli = stages.stimuli(loaded, stimulus_set=args.stimulus_set)
     n = decomposition.primary.cfg.n_latents
     out = {"run": Path(args.run_dir).name, "model": store.manifest["model"], "directions": n, "texts": len(stimuli)}
+    out["stimulus_set"] = args.stimulus_set
     for layer in (0, store.layer):
         per_text = identification.text_activations(
             loaded, layer, stimuli["text"].tolist(), {"pre": (decomposition.primary_pre_activation, n)}
@@ -48,7 +53,8 @@ def main():
         }
         print(f"hidden_states[{layer}]: {out[f'hidden_states[{layer}]']}", flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[out["run"]] = out
+    key = out["run"] if args.stimulus_set == "default" else f"{out['run']} ({args.stimulus_set})"
+    results[key] = out
     RESULTS.write_text(json.dumps(results, indent=1))
 
 

@@ -17,6 +17,12 @@ import pandas as pd
 from scipy import stats as sps
 
 EFFECTS = ("formality", "emotion", "interaction")
+RESOLUTION = 2.0**-16
+"""An effect whose per-item contrast is within this fraction of a response's largest value in every item is
+zero to the precision of the numbers: per-text activations are float32 (2^-24 relative), and the forward pass,
+the encoder and the text mean add a few hundred roundings at most (measured: at most 1.1e-6 of the largest value
+on a planted layer whose contrast is exactly zero). Tested against its own spread, such rounding can be
+"significant" (p = 2e-11 there), so it gets p = 1."""
 # +1/-1 contrasts over the four cells (FE, FN, CE, CN): formal - casual, emotional - neutral, and the
 # difference of differences (FE - FN) - (CE - CN)
 CONTRASTS = {
@@ -38,8 +44,8 @@ def block_anova(cells: np.ndarray) -> pd.DataFrame:
     finds 1,526 (q < 0.05). Returns one row per response with, per effect: ``F``, ``p``, partial eta-squared
     ``SS_effect / (SS_effect + SS_effect x item)``, and the signed effect (``formality``: mean formal - mean
     casual; ``emotion``: emotional - neutral; ``interaction``: (FE - FN) - (CE - CN), averaged over items).
-    Responses that do not vary get p = 1 and eta-squared 0; an effect that is the same non-zero amount in every
-    item gets F = inf and p = 0."""
+    Responses that do not vary, and effects that are zero to the numbers' precision (:data:`RESOLUTION`), get
+    p = 1 and eta-squared 0; an effect that is the same non-zero amount in every item gets F = inf and p = 0."""
     cells = np.asarray(cells, dtype=np.float64)
     if cells.ndim == 2:
         cells = cells[:, :, None]
@@ -51,19 +57,20 @@ def block_anova(cells: np.ndarray) -> pd.DataFrame:
     grand = cells.mean(axis=(0, 1))
     ss_total = ((cells - grand) ** 2).sum(axis=(0, 1))
     constant = ss_total <= 1e-12 * np.maximum(1.0, np.abs(grand) ** 2 * 4 * n_items)
+    largest = np.abs(cells).max(axis=(0, 1))
     out = {}
     for effect, contrast in CONTRASTS.items():
         per_item = np.einsum("c,icf->if", contrast, cells)  # each item's +-sum of its four cells
         estimate = per_item.mean(0)
         ss = n_items * estimate**2 / 4  # one df: n * (c . mean)^2 / (c . c)
         ss_error = ((per_item - estimate) ** 2).sum(0) / 4  # the effect x item interaction
+        zero = constant | (np.abs(per_item).max(0) <= RESOLUTION * largest)  # rounding only (RESOLUTION)
         with np.errstate(divide="ignore", invalid="ignore"):
-            F = np.where(constant, 0.0, ss / (ss_error / (n_items - 1)))
-            eta = np.where(constant, 0.0, ss / (ss + ss_error))
-        F = np.where(np.isnan(F), 0.0, F)  # no effect and no spread: nothing to test
+            F = np.where(zero, 0.0, ss / (ss_error / (n_items - 1)))
+            eta = np.where(zero, 0.0, ss / (ss + ss_error))
         out[f"{effect}_effect"] = estimate / (2 if effect != "interaction" else 1)
         out[f"{effect}_F"] = F
-        out[f"{effect}_p"] = np.where(constant, 1.0, sps.f.sf(F, 1, n_items - 1))
+        out[f"{effect}_p"] = np.where(zero, 1.0, sps.f.sf(F, 1, n_items - 1))
         out[f"{effect}_eta2"] = np.nan_to_num(eta, nan=0.0)
     return pd.DataFrame(out)
 

@@ -215,3 +215,23 @@ def test_feature_panel_and_browser_build_without_a_front_end(monkeypatch):
     shown.clear()
     feature_choice.value = "x"  # not an index: nothing is rendered
     assert shown == []
+
+
+def test_a_contrast_that_is_zero_but_for_float32_rounding_is_not_an_effect():
+    """An exactly additive response computed in float32 (the FE cell rounds its own sum) has per-item
+    interaction contrasts of pure rounding, consistent in sign; tested against their own spread they would be
+    'significant'. Below stats.RESOLUTION of the response's largest value they are zero; a contrast of 1e-3 of
+    it is not."""
+    rng = np.random.default_rng(3)
+    n = 200
+    base, formality, emotion = (rng.uniform(1, 2, (n, 50)).astype(np.float32) for _ in range(3))
+    fe = (base + formality) + emotion  # float32 sums, rounded in another order than the contrast undoes them
+    cells = np.stack([fe, base + formality, base + emotion, base], 1).astype(np.float64)
+    contrast = np.einsum("c,icf->if", [1, -1, -1, 1], cells)
+    assert np.abs(contrast).max() > 0  # rounding is there
+    t = scipy.stats.ttest_1samp(contrast, 0.0)
+    assert (t.pvalue < 0.05).any()  # and a t-test of it alone finds "effects"
+    table = stats.block_anova(cells)
+    assert (table["interaction_p"] == 1.0).all() and (table["interaction_eta2"] == 0.0).all()
+    cells[:, 0] += 1e-3 * np.abs(cells).max(axis=(0, 1))
+    assert (stats.block_anova(cells)["interaction_p"] < 1e-10).all()
