@@ -153,16 +153,15 @@ for family, table in effects.items():  # the 6 strongest features named by their
 # pre-activation the null is "the layer is additive in the two factors along this direction"; for a code it is
 # "this code is additive", which a TopK code or a code of the NFM's pairwise products is not, even where the
 # layer is. `benchmarks/planted_integration.py` ran this notebook on planted models with the same features
-# and no integration at all (10 models, with and without per-text noise): the pre-activations flagged nothing
-# in any of them, while the primary codes flagged 195-300 features and the secondary family 4-93 in every
-# one (the README's "The second half on planted truth"). So only a `primary_pre` flag is evidence that the
-# layer itself is non-additive along that direction; a primary or secondary flag says that the feature's code
-# is, which the SAE's top-k and the NFM's products make on their own. And a `primary_pre` flag is about the
-# layer only where an item's variants differ in nothing but the two factors (a planted model's minimal pairs):
-# written variants use different words, and on the project's stimuli the same directions read in the token
-# embeddings already flag 1,737 of 4,096 (`benchmarks/lexical_baseline.py`; 2,027 at MiniLM's layer 3).
-# On minimal pairs, the next section asks the question of every family: what part of its interaction did the
-# layer make?
+# and no integration at all: the pre-activations flagged nothing in any of them, while the primary codes and
+# the secondary features were "interaction-selective" in every one (the README's "The second half on planted
+# truth"). So only a `primary_pre` flag says that the layer itself is non-additive along that direction; a
+# primary or secondary flag says that the feature's code is, which the SAE's top-k and the NFM's products make
+# on their own. And a `primary_pre` flag is about the layer only where an item's variants differ in nothing but
+# the two factors: written variants use different words, so their 2x2 is non-additive in the token embeddings
+# already (`benchmarks/lexical_baseline.py`: on the project's stimuli as many directions are flagged there as
+# at MiniLM's layer 3; on the minimal pairs, none). On minimal pairs, the next section asks the question of
+# every family: what part of its interaction did the layer make?
 
 # %% [markdown]
 # ## Which part of an interaction the layer made
