@@ -95,8 +95,8 @@ figure.save(fig, run.root, "05_manipulation_checks")
 # A third family, `primary_pre`, reads the layer itself along each primary feature's **encoder direction**
 # (its pre-activation, before ReLU and top-k). It is linear in the activation, so the SAE's own thresholding
 # cannot make it non-additive: a code can be non-additive in the two factors only because the top-k lets
-# features crowd each other out where both factors add theirs (on a planted model with no integration at
-# all, 252 of 512 primary codes were interaction-selective), whereas the pre-activation's text mean is
+# features crowd each other out where both factors add theirs (on five planted models with no integration at
+# all, 248-337 of 512 primary codes were interaction-selective), whereas the pre-activation's text mean is
 # non-additive only where the layer's activations are.
 
 # %%

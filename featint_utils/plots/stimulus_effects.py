@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 from . import style
 from .figure import EMOTION_ORDER, REGISTER_ORDER, as_text, error_bars, feature_name, themed
@@ -203,6 +204,7 @@ def interaction_split(effects: Mapping[str, pd.DataFrame], q: float = 0.05) -> p
         ax.scatter(x[flagged], y[flagged], s=9, color=style.ACCENT, lw=0, label=f"layer-made part q < {q}")
         ax.axhline(0, color="0.5", lw=0.8)
         ax.axvline(0, color="0.5", lw=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # four-decimal ticks stay apart on a 4-inch panel
         ax.set(
             xlabel="made by the instrument",
             title=f"{family}: {int(flagged.sum())} of {len(table)} layer-made",
