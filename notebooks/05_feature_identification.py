@@ -247,14 +247,12 @@ update_metrics(
         },
         **{f"{family}.interaction_replicated": int(replication[family]["replicated"].sum()) for family in replication},
         **{f"{family}.interaction_selected_on_half": len(replication[family]) for family in replication},
-        **(
-            {
-                f"{family}.layer_made_selective": int(row[f"layer-made (q < {fdr_q})"])
-                for family, row in layer_made.iterrows()
-            }
-            if pairs is not None
-            else {}
-        ),
+        **{  # None where not measured, so that no count from another stimulus set stays behind
+            f"{family}.layer_made_selective": None
+            if pairs is None
+            else int(layer_made.loc[family, f"layer-made (q < {fdr_q})"])
+            for family in encoders
+        },
         "minimal_pairs": pairs is not None,
         "fdr_q": fdr_q,
     },

@@ -79,6 +79,9 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tiny_run):
     for section, keys in headline.items():
         assert set(keys) <= set(metrics[section]), (section, set(keys) - set(metrics[section]))
     undefined_allowed = {"detection_limit", "detection_limit.pair_ridge", "interaction_share.of_explained"}
+    if not metrics["identification"]["minimal_pairs"]:  # the layer-made split needs token-aligned minimal pairs
+        undefined_allowed |= {f"{family}.layer_made_selective" for family in ("primary", "primary_pre", "secondary")}
+        assert all(metrics["identification"][key] is None for key in undefined_allowed if "layer_made" in key)
     if not metrics["secondary_sae"]["nfm_learnt"]:  # an NFM at its start has no interaction part to rank
         undefined_allowed |= {"top_overlap", "top_overlap_chance"}
     numbers = [
@@ -182,3 +185,8 @@ def test_05_on_minimal_pairs_splits_every_familys_interaction_into_layer_and_ins
         assert (split - table["interaction_effect"]).abs().max() <= 1e-5 * scale
         if family == "primary_pre":  # linear in the layer: the instrument makes nothing but rounding
             assert table["instrument_made_effect"].abs().max() <= 1e-6 * scale
+    # back on the default stimuli, no count of the minimal pairs stays behind in metrics.json
+    runner.run("embedded", only=["05"], overrides=TINY_RUN, run_dir=run_dir, reports=False)
+    identification = json.loads((run_dir / "metrics.json").read_text())["identification"]
+    assert identification["minimal_pairs"] is False
+    assert all(identification[f"{family}.layer_made_selective"] is None for family in ("primary", "primary_pre"))
