@@ -32,6 +32,20 @@ CONTRASTS = {
 }
 
 
+def item_contrast_test(per_item: np.ndarray, largest: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two-sided one-sample t-test that per-item contrasts [n_items, n] have mean 0: their mean, t and p per
+    column (n_items - 1 degrees of freedom). A column within :data:`RESOLUTION` of ``largest`` (the response's
+    largest value) in every item is zero to the numbers' precision: t = 0, p = 1. One with the same non-zero
+    value in every item has t = +-inf, p = 0."""
+    per_item = np.asarray(per_item, dtype=np.float64)
+    n_items = len(per_item)
+    mean, sd = per_item.mean(0), per_item.std(0, ddof=1)
+    zero = np.abs(per_item).max(0) <= RESOLUTION * largest
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(zero, 0.0, mean / (sd / np.sqrt(n_items)))
+    return mean, t, np.where(zero, 1.0, 2 * sps.t.sf(np.abs(t), n_items - 1))
+
+
 def block_anova(cells: np.ndarray) -> pd.DataFrame:
     """The within-item (repeated-measures) two-way ANOVA for every column of ``cells`` [n_items, 4,
     n_responses]: each effect is tested against its own interaction with the items, the variation of the
@@ -61,17 +75,14 @@ def block_anova(cells: np.ndarray) -> pd.DataFrame:
     out = {}
     for effect, contrast in CONTRASTS.items():
         per_item = np.einsum("c,icf->if", contrast, cells)  # each item's +-sum of its four cells
-        estimate = per_item.mean(0)
-        ss = n_items * estimate**2 / 4  # one df: n * (c . mean)^2 / (c . c)
-        ss_error = ((per_item - estimate) ** 2).sum(0) / 4  # the effect x item interaction
-        zero = constant | (np.abs(per_item).max(0) <= RESOLUTION * largest)  # rounding only (RESOLUTION)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            F = np.where(zero, 0.0, ss / (ss_error / (n_items - 1)))
-            eta = np.where(zero, 0.0, ss / (ss + ss_error))
+        estimate, t, p = item_contrast_test(per_item, largest)  # F = t^2 against the effect x item interaction
+        F = np.where(constant, 0.0, t**2)
+        with np.errstate(invalid="ignore"):
+            eta = np.where(np.isinf(F), 1.0, F / (F + n_items - 1))  # SS_effect / (SS_effect + SS_effect x item)
         out[f"{effect}_effect"] = estimate / (2 if effect != "interaction" else 1)
         out[f"{effect}_F"] = F
-        out[f"{effect}_p"] = np.where(zero, 1.0, sps.f.sf(F, 1, n_items - 1))
-        out[f"{effect}_eta2"] = np.nan_to_num(eta, nan=0.0)
+        out[f"{effect}_p"] = np.where(constant, 1.0, p)
+        out[f"{effect}_eta2"] = eta
     return pd.DataFrame(out)
 
 

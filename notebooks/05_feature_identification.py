@@ -191,7 +191,11 @@ if pairs is not None:
         effects[family] = effects[family].merge(split, on="feature")
         effects[family].to_csv(run.effects_path(nfm_seed, family), index=False)
     layer_made = counterfactual.split_summary(effects, fdr_q)
-    display(layer_made.style.format("{:.0f}").format("{:.3f}", subset=["instrument-made share"]))
+    display(
+        layer_made.style.format("{:.0f}").format(
+            "{:.3f}", subset=["instrument-made share", "interaction / main effect"]
+        )
+    )
     fig = stimulus_effects.interaction_split(effects, fdr_q)
     figure.save(fig, run.root, "05_interaction_split")
 

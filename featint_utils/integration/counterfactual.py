@@ -31,14 +31,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-import scipy.stats as sps
 import torch
 
 from ..data.corpus import CONDITIONS
 from ..data.extraction import special_frame
 from ..data.models import LoadedModel, forward_to_layer
 from ..progress import progress
-from ..stats import RESOLUTION, benjamini_hochberg
+from ..stats import benjamini_hochberg, item_contrast_test
 from .identification import Encoder
 
 FE, FN, CE, CN = (
@@ -159,9 +158,9 @@ def _text_sums(encode: Encoder, x: torch.Tensor, owner: torch.Tensor, n_texts: i
 def layer_made_effects(cells: np.ndarray, additive: np.ndarray) -> pd.DataFrame:
     """Per feature: the interaction contrast split into its layer-made part ``f(FE) - f(FE*)`` and its
     instrument-made part ``f(FE*) - f(FN) - f(CE) + f(CN)`` (means over items), and a two-sided one-sample
-    t-test of the layer-made part across items with BH q-values across the features. A feature whose
-    layer-made part is zero on every item (an additive layer), to within :data:`featint_utils.stats.RESOLUTION`
-    of its largest value, gets p = 1; one with the same nonzero value on every item, p = 0."""
+    t-test of the layer-made part across items (:func:`featint_utils.stats.item_contrast_test`, as the ANOVA
+    tests each effect) with BH q-values across the features. A feature whose layer-made part is zero on every
+    item (an additive layer), to float32 precision, gets p = 1; one with the same non-zero value, p = 0."""
     cells, additive = np.asarray(cells, np.float64), np.asarray(additive, np.float64)
     if cells.ndim != 3 or cells.shape[1] != 4 or additive.shape != (cells.shape[0], cells.shape[2]):
         raise ValueError(
@@ -172,13 +171,7 @@ def layer_made_effects(cells: np.ndarray, additive: np.ndarray) -> pd.DataFrame:
         raise ValueError("the layer-made test needs at least two items")
     layer_made = cells[:, FE] - additive
     instrument_made = additive - cells[:, FN] - cells[:, CE] + cells[:, CN]
-    rounding = np.abs(layer_made).max(0) <= RESOLUTION * np.abs(cells).max(axis=(0, 1))  # as the ANOVA's
-    layer_made[:, rounding] = 0.0
-    mean, sd = layer_made.mean(0), layer_made.std(0, ddof=1)
-    varies = sd > 0
-    t = np.where(mean == 0, 0.0, np.copysign(np.inf, mean))  # no spread: exactly additive, or a constant part
-    t[varies] = mean[varies] / (sd[varies] / np.sqrt(n_items))
-    p = np.where(varies, 2 * sps.t.sf(np.abs(t), n_items - 1), np.where(mean == 0, 1.0, 0.0))
+    mean, t, p = item_contrast_test(layer_made, np.abs(cells).max(axis=(0, 1)))
     return pd.DataFrame(
         {
             "feature": np.arange(cells.shape[2]),
@@ -194,15 +187,21 @@ def layer_made_effects(cells: np.ndarray, additive: np.ndarray) -> pd.DataFrame:
 
 def split_summary(tables: dict[str, pd.DataFrame], q: float = 0.05) -> pd.DataFrame:
     """Per family (tables from :func:`layer_made_effects` joined to 05's effect tables): features with an
-    interaction (the within-item ANOVA, q < ``q``), features with a layer-made part (q < ``q``), and the
-    share of the features' summed |interaction| that the instrument makes from an additive layer."""
+    interaction (the within-item ANOVA, q < ``q``), features with a layer-made part (q < ``q``), the share of
+    the features' summed |interaction| that the instrument makes from an additive layer, and, over the
+    features with a layer-made part, the median of |interaction| over the larger of the two main effects."""
     rows = {}
     for family, table in tables.items():
         layer, instrument = table["layer_made_effect"].abs().sum(), table["instrument_made_effect"].abs().sum()
+        made = table[table["layer_made_q"] < q]
+        main = np.maximum(made["formality_effect"].abs(), made["emotion_effect"].abs())
         rows[family] = {
             "features": len(table),
             f"interaction (q < {q})": int((table["interaction_q"] < q).sum()),
             f"layer-made (q < {q})": int((table["layer_made_q"] < q).sum()),
             "instrument-made share": instrument / (layer + instrument) if layer + instrument > 0 else float("nan"),
+            "interaction / main effect": float(np.median(made["interaction_effect"].abs() / main))
+            if len(made)
+            else float("nan"),
         }
     return pd.DataFrame(rows).T.rename_axis("family")
