@@ -60,13 +60,17 @@ def seeds_of(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def run_model(size: float, seed: int, n_items: int, noise: float, work: Path) -> dict:
+def run_model(size: float, seed: int, n_items: int, noise: float, work: Path, only: list[str] | None = None) -> dict:
+    """Stages 00-06 (or ``only`` these, on a run already in ``work``) on one planted model, scored."""
     model = f"planted:seed={seed},integration={size:g},n_items={n_items},noise={noise:g}"
     started = time.time()
     run_dir = work / f"n{noise:g}_g{size:g}_s{seed}"
-    root = runner.run("planted", overrides=FAST | {"model": model}, run_dir=run_dir, reports=False)
+    if only and not (run_dir / "run.json").exists():
+        raise SystemExit(f"--only {','.join(only)}: no finished run at {run_dir} (give --work where the runs are)")
+    root = runner.run("planted", only=only, overrides=FAST | {"model": model}, run_dir=run_dir, reports=False)
     scores = planted_truth.score_run(root)
-    return scores | {"size": size, "seed": seed, "noise": noise, "seconds": round(time.time() - started, 1)}
+    seconds = "seconds" if not only else f"seconds_{'_'.join(only)}"  # a rerun keeps the full run's time
+    return scores | {"size": size, "seed": seed, "noise": noise, seconds: round(time.time() - started, 1)}
 
 
 def noise_of(row: dict) -> float:
@@ -111,6 +115,16 @@ def summarise_sizes(rows: list[dict]) -> dict:
             summary["aligned_layer_made_flagged"] = float(
                 np.mean([r["secondary.aligned_layer_made_flagged"] for r in split])
             )
+        clamp_split = [r for r in runs if "clamp.layer_made_own" in r]  # 06 split each clamp's effect
+        if clamp_split:
+            summary["clamp_layer_made_models"] = len(clamp_split)
+            summary["clamp_layer_made_own_flagged"] = float(
+                np.mean([r["clamp.layer_made_own_p"] < 0.05 for r in clamp_split])
+            )
+            for kind in ("secondary", "random", "linear", "beats_random"):
+                summary[f"clamp_layer_made_{kind}_any"] = float(
+                    np.mean([r[f"clamp.layer_made_{kind}"] > 0 for r in clamp_split])
+                )
         if size > 0:
             summary["absorbed_median"] = float(np.median([r["absorbed"] for r in runs]))
             summary["nfm_recovered_median"] = float(np.median([r["nfm_recovered"] or 0.0 for r in runs]))
@@ -184,20 +198,60 @@ def layer_made_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def clamp_layer_made_table(rows: list[dict]) -> str:
+    """Per noise and size, over the models whose 06 split each clamp's effect on the additive counterfactual:
+    the layer's own layer-made readout contrast against the oracle's (the readout's change when the planted
+    integration is removed: its negative), and in how many models a secondary, random or linear-path condition
+    has a layer-made part, and a secondary one's exceeds its random control's (median count of conditions)."""
+    rows = [r for r in rows if "clamp.layer_made_own" in r]
+    lines = [
+        "| noise | integration | models | the layer's own: flagged / mean contrast / minus the oracle's | "
+        "secondary clamps with a layer-made part | random edits | linear-path edits | a secondary clamp's part "
+        "beats its random edit's | ... the latent nearest the NFM's image (clamped) |",
+        "|---" * 9 + "|",
+    ]
+
+    def count(runs, key) -> str:
+        return f"{sum(r[key] > 0 for r in runs)}/{len(runs)} ({np.median([r[key] for r in runs]):.0f})"
+
+    for noise in sorted({noise_of(r) for r in rows}):
+        for size in sorted({r["size"] for r in rows if noise_of(r) == noise}):
+            runs = [r for r in rows if noise_of(r) == noise and r["size"] == size]
+            own = np.mean([r["clamp.layer_made_own"] for r in runs])
+            oracle = f"{-np.mean([r['oracle.removed'] for r in runs]):+.5f}" if size > 0 else "0"
+            aligned = [r for r in runs if r["clamp.aligned_clamped"]]
+            beats = sum(any(v for k, v in r.items() if k.endswith("_beats_random") and "aligned" in k) for r in aligned)
+            cells = [
+                f"{noise:g}",
+                f"{size:g}",
+                str(len(runs)),
+                f"{sum(r['clamp.layer_made_own_p'] < 0.05 for r in runs)}/{len(runs)} / {own:+.5f} / {oracle}",
+                count(runs, "clamp.layer_made_secondary"),
+                count(runs, "clamp.layer_made_random"),
+                count(runs, "clamp.layer_made_linear"),
+                count(runs, "clamp.layer_made_beats_random"),
+                f"{beats}/{len(aligned)}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 TESTS = {  # what counts as a flag of each test, per run (None: the run did not measure it)
     "05 pre-activations (primary_pre)": lambda r: r["primary_pre.flagged"] > 0,
     "05 primary codes": lambda r: r["primary.flagged"] > 0,
     "05 secondary features": lambda r: r["secondary.flagged"] > 0,
     "05 secondary latent nearest the NFM's image": lambda r: r["secondary.aligned_flagged"],
     "06 a secondary clamp beats its random edit": lambda r: r.get("clamp.beats_random", 0) > 0,
-    "05 layer-made: primary codes": lambda r: _layer_made(r, "primary"),
-    "05 layer-made: secondary features": lambda r: _layer_made(r, "secondary"),
+    "05 layer-made: primary codes": lambda r: _any(r, "primary.layer_made_flagged"),
+    "05 layer-made: secondary features": lambda r: _any(r, "secondary.layer_made_flagged"),
+    "06 layer-made: a secondary clamp beats its random edit": lambda r: _any(r, "clamp.layer_made_beats_random"),
 }
 
 
-def _layer_made(row: dict, family: str) -> bool | None:
-    flagged = row.get(f"{family}.layer_made_flagged")
-    return None if flagged is None else flagged > 0
+def _any(row: dict, key: str) -> bool | None:
+    """Whether a count is above zero; None where the run did not measure it (absent, or NaN in a frame's row)."""
+    count = row.get(key)
+    return None if count is None or count != count else count > 0
 
 
 def flag_rates(rows: list[dict]) -> pd.DataFrame:
@@ -221,6 +275,11 @@ def main():
     parser.add_argument("--noise", type=float, default=0.0, help="each text's own context (planted_model)")
     parser.add_argument("--work", default="", help="where the runs go (default: a temporary directory)")
     parser.add_argument(
+        "--only",
+        default="",
+        help="rerun only these stages (e.g. 06) on the runs already in --work, and score them again",
+    )
+    parser.add_argument(
         "--table", action="store_true", help="print the results' table (markdown), draw its figure, and stop"
     )
     args = parser.parse_args()
@@ -229,27 +288,34 @@ def main():
         print(table(rows))
         print()
         print(layer_made_table(rows))
+        print()
+        print(clamp_layer_made_table(rows))
         print(figure.save(comparisons.flag_rates(flag_rates(rows)), FIGURE_DIR, "planted_integration")[0])
         return
     sizes, seeds = [float(v) for v in args.sizes.split(",")], seeds_of(args.seeds)
     rows = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
     key = lambda r: (r["size"], r["seed"], r.get("items"), noise_of(r))  # noqa: E731
-    # a model whose row predates 05's layer-made split is run again and its row replaced
-    done = {key(r) for r in rows if "primary.layer_made_flagged" in r}
+    # a model whose row predates 06's layer-made split is run again and its row replaced
+    done = {key(r) for r in rows if "clamp.layer_made_own" in r}
+    only = [v for v in args.only.split(",") if v] or None
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
         for size in sizes:
             for seed in seeds:
                 if (size, seed, args.items, args.noise) in done:
                     continue
-                row = run_model(size, seed, args.items, args.noise, work) | {"items": args.items}
+                row = run_model(size, seed, args.items, args.noise, work, only) | {"items": args.items}
+                previous = [r for r in rows if key(r) == key(row)]  # a rerun of some stages keeps the rest
+                row = (previous[0] if previous and only else {}) | row
                 rows = [r for r in rows if key(r) != key(row)] + [row]
                 RESULTS.write_text(json.dumps({"runs": rows, "summary": summarise(rows)}, indent=1))
                 print(
                     f"noise {args.noise:g} integration {size:g} seed {seed}: primary_pre flagged "
                     f"{row['primary_pre.flagged']}, secondary flagged {row['secondary.flagged']}, "
                     f"aligned flagged {row['secondary.aligned_flagged']}, clamps beating random "
-                    f"{row.get('clamp.beats_random')}, {row['seconds']:.0f} s",
+                    f"{row.get('clamp.beats_random')}, layer-made: own p {row.get('clamp.layer_made_own_p')}, "
+                    f"secondary {row.get('clamp.layer_made_secondary')} "
+                    f"(beating random {row.get('clamp.layer_made_beats_random')})",
                     flush=True,
                 )
     print(json.dumps(summarise(rows), indent=1))

@@ -51,7 +51,7 @@ from featint_utils.data.activation_store import require_model
 from featint_utils.data.corpus import load_prompt_frames, load_wordlists
 from featint_utils.data.interventions import PrefixCache
 from featint_utils.dictionary import feature_labels, features
-from featint_utils.integration import clamping, identification
+from featint_utils.integration import clamping, counterfactual, identification
 from featint_utils.io import update_metrics
 from featint_utils.params import numbers
 from featint_utils.plots import clamps, figure
@@ -159,15 +159,67 @@ fig = clamps.interaction_2x2(tidy, strongest_level, readout_name, labels)
 figure.save(fig, run.root, "06_interaction_2x2")
 
 # %% [markdown]
-# ## What was and was not shown
+# ## Which part of a clamp's effect the layer made
 # "Larger than its size-matched random control" is not a null for the interaction path: on planted models
 # with no integration at all (`benchmarks/planted_integration.py`), a secondary clamp beat its random edit in
 # every model, because a secondary feature's size differs between the four conditions (its code is
-# non-additive whatever the layer does, notebook 05) and a random edit's does not. These contrasts say how the
-# readout responds to editing the NFM's path, not that the layer integrates the two factors.
+# non-additive whatever the layer does, notebook 05) and a random edit's does not. On **token-aligned minimal
+# pairs** (notebook 05's last section) every condition is read a second time with each item's
+# formal-emotional text at the layer's *additive counterfactual* `x_FE* = x_FN + (x_CE − x_CN)` (every token,
+# from the float64 model) instead of its own activations. The difference is the part the layer made:
+#
+# * **no clamp**: the readout's interaction that exists because the layer is non-additive (the layer's own
+#   non-additive effect on the output);
+# * **each clamp**: the part of its change's interaction contrast that exists because the layer is
+#   non-additive; `share_of_own` puts it against the layer's own.
+#
+# Where the layer is additive both are exactly zero on every item, whatever the clamp, so nothing here can be
+# flagged without integration. A layer-made part says the clamp's effect depends on what the layer made; the
+# random and linear-path edits read that too (the readout is a cosine), so a secondary feature *carries*
+# the layer's integration only where its part exceeds its random control's (`vs_control_p`). Tests:
+# sign-flip over items, Holm over the conditions.
+
+# %%
+pairs = None
+if loaded.is_causal_lm:
+    print("Not measured: a causal LM's readout reads prompt frames, not the 2x2 stimuli.")
+else:
+    try:
+        pairs = counterfactual.minimal_pairs(loaded.tokenizer, stimuli)
+    except counterfactual.NotMinimalPairs as reason:
+        print(f"Not measured, the stimuli are not token-aligned minimal pairs: {reason}.")
+layer_made = None
+run.clamping_table(nfm_seed, "layer_made").unlink(missing_ok=True)  # one from other stimuli must not stay
+if pairs is not None:
+    layer_made, _, _ = clamping.layer_made_clamps(
+        loaded,
+        store.layer,
+        stimuli,
+        pairs,
+        centroids,
+        decomposition,
+        plan,
+        references,
+        clamp_seed,
+        n_permutations,
+        n_boot,
+    )
+    layer_made.to_csv(run.clamping_table(nfm_seed, "layer_made"), index=False)
+    display(layer_made.style.format(precision=4).hide(axis="index"))
+    fig = clamps.effect_forest(
+        layer_made, labels, alpha=fdr_q, what="the part the layer made (real minus additive counterfactual)"
+    )
+    figure.save(fig, run.root, "06_layer_made_effects")
+
+# %% [markdown]
+# ## What was and was not shown
+# The contrasts of the first table say how the readout responds to editing the NFM's path, not that the layer
+# integrates the two factors; where the stimuli are minimal pairs, the layer-made parts above do.
 
 # %%
 print(clamping.summary(table, plan, fdr_q))
+if layer_made is not None:
+    print(clamping.layer_made_summary(layer_made, plan, fdr_q))
 merged = table.merge(plan[["name", "group"]], left_on="condition", right_on="name")
 update_metrics(
     run.root,
@@ -190,6 +242,7 @@ update_metrics(
             for group, rows in merged.groupby("group")
             if rows["vs_control_holm_p"].notna().any()
         },
+        **clamping.layer_made_metrics(layer_made, plan, fdr_q),
     },
 )
 

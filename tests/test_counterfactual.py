@@ -10,8 +10,10 @@ import pytest
 from featint_utils.data import models, planted_model
 from featint_utils.data.corpus import CONDITIONS, load_stimuli
 from featint_utils.data.planted_model import PlantedSpec
-from featint_utils.integration import counterfactual
+from featint_utils.integration import clamping, counterfactual
 from featint_utils.integration.counterfactual import NotMinimalPairs
+from featint_utils.stats import RESOLUTION
+from featint_utils.workbench import planted_truth
 from tests.test_clamping import decomposition
 
 NAME = "planted:seed=3,integration=0.5,n_items=24"
@@ -126,3 +128,46 @@ def test_variants_that_are_not_aligned_minimal_pairs_are_refused_with_the_item_n
     with pytest.raises(NotMinimalPairs, match="item 'mp_1'.*both changes made at positions \\[8\\]"):
         counterfactual.minimal_pairs(embedded.tokenizer, stimuli)
     assert list(CONDITIONS) == ["formal_emotional", "formal_neutral", "casual_emotional", "casual_neutral"]
+
+
+@pytest.mark.parametrize("integration", [0.0, 0.5])
+def test_the_part_of_a_clamp_s_effect_the_layer_made_is_zero_exactly_where_the_layer_is_additive(integration):
+    """06 on minimal pairs: with no integration, the readout's layer-made interaction and every clamp's (the
+    secondary, its random control, the linear path) are zero to float32 rounding, so none is flagged; with one,
+    the unclamped layer-made part is the planted model's own readout interaction, which removing the
+    integration from the model (planted_truth.oracle_contrast) reverses."""
+    spec = dataclasses.replace(PlantedSpec.parse(NAME), integration=integration)
+    loaded = models.load_model(spec.name)
+    stimuli = loaded.stimuli.reset_index(drop=True)
+    dec = decomposition(64, scale=0.7)
+    pairs = counterfactual.minimal_pairs(loaded.tokenizer, stimuli)
+    plan = clamping.clamp_plan([0, 3], np.full(32, 2.0), 5, 1.0, [-1.0, 1.0])
+    texts = stimuli["text"].tolist()
+    centroids = clamping.leave_item_out_centroids(
+        clamping.pooled_embeddings(loaded, planted_model.LAYER, texts), stimuli
+    )
+    references = {r.name: r.name.replace("secondary ", "random, matched to ") for r in plan.itertuples()}
+    references = {k: v for k, v in references.items() if k.startswith("secondary ")}
+    table, own, changes = clamping.layer_made_clamps(
+        loaded, planted_model.LAYER, stimuli, pairs, centroids, dec, plan, references, n_permutations=2000, n_boot=200
+    )
+    # splicing in the layer's own activations (from the float64 model) reproduces the model's readout
+    real, _ = counterfactual.formal_emotional_layers(loaded, planted_model.LAYER, pairs)
+    fe = [texts[r] for r in clamping.formal_emotional_rows(stimuli, pairs.items)]
+    np.testing.assert_allclose(
+        clamping.pooled_embeddings(loaded, planted_model.LAYER, fe, substitutes=real),
+        clamping.pooled_embeddings(loaded, planted_model.LAYER, fe),
+        atol=1e-5,  # float64 vs float32 layer activations of norm ~3: a few float32 ulps
+    )
+    floor = RESOLUTION  # the readout is a cosine: its largest value is at most 1
+    if integration == 0:
+        assert np.abs(own).max() <= floor
+        assert all(np.abs(change).max() <= floor for change in changes.values())
+        assert (table["sign_flip_p"] == 1).all() and (table["vs_control_p"].dropna() == 1).all()
+        return
+    oracle = planted_truth.oracle_contrast(spec, stimuli, 0.0)  # per item, the readout's change without u_AB
+    # float32 cosines of the same embeddings computed two ways (a splice and the model): rounding ~1e-7
+    np.testing.assert_allclose(own @ [1, -1, -1, 1], -oracle, atol=1e-5)
+    assert np.abs(oracle).mean() > 1e-3  # the planted integration moves the readout
+    assert table.loc[0, "condition"] == "no clamp" and table.loc[0, "sign_flip_p"] < 0.01
+    assert (table["sign_flip_p"][1:] < 0.05).any()  # a clamp reads the layer-made difference

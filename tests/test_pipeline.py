@@ -82,6 +82,9 @@ def test_smoke_run_of_every_notebook_with_tiny_parameters(tiny_run):
     if not metrics["identification"]["minimal_pairs"]:  # the layer-made split needs token-aligned minimal pairs
         undefined_allowed |= {f"{family}.layer_made_selective" for family in ("primary", "primary_pre", "secondary")}
         assert all(metrics["identification"][key] is None for key in undefined_allowed if "layer_made" in key)
+        clamp_split = {key for key in metrics["clamping"] if key.startswith("layer_made.")}
+        assert clamp_split and all(metrics["clamping"][key] is None for key in clamp_split)
+        undefined_allowed |= clamp_split
     if not metrics["secondary_sae"]["nfm_learnt"]:  # an NFM at its start has no interaction part to rank
         undefined_allowed |= {"top_overlap", "top_overlap_chance"}
     numbers = [
@@ -160,18 +163,29 @@ def test_a_run_directory_copied_or_moved_elsewhere_is_the_same_run(tiny_run, tmp
         assert not _json_naming(moved, where), (where, _json_naming(moved, where))
 
 
-def test_05_on_minimal_pairs_splits_every_familys_interaction_into_layer_and_instrument_parts(tiny_run, tmp_path):
-    """The smoke run's stimuli are not minimal pairs: 05 says so and records none. Rerun on the token-aligned
-    set (a copy of the tiny run), it adds the split to every family's effect table and metrics, and for the
-    pre-activations (linear in the layer) the layer made the whole contrast."""
+def test_05_and_06_on_minimal_pairs_split_every_interaction_into_layer_and_instrument_parts(tiny_run, tmp_path):
+    """The smoke run's stimuli are not minimal pairs: 05 and 06 say so and record none. Rerun on the
+    token-aligned set (a copy of the tiny run), 05 adds the split to every family's effect table and metrics (for
+    the pre-activations, linear in the layer, the layer made the whole contrast), and 06 splits every clamp
+    condition's effect the same way, beside the layer's own."""
     import pandas as pd
 
     assert json.loads((tiny_run.root / "metrics.json").read_text())["identification"]["minimal_pairs"] is False
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run.root, run_dir, symlinks=True)
     runner.run(
-        "embedded", only=["05"], overrides=TINY_RUN | {"stimulus_set": "minimal_pairs"}, run_dir=run_dir, reports=False
+        "embedded",
+        only=["05", "06"],
+        overrides=TINY_RUN | {"stimulus_set": "minimal_pairs"},
+        run_dir=run_dir,
+        reports=False,
     )
+    clamping = json.loads((run_dir / "metrics.json").read_text())["clamping"]
+    assert isinstance(clamping["layer_made.own_p"], float) and clamping["layer_made.secondary_conditions"] > 0
+    layer_made = pd.read_csv(next(run_dir.glob("clamping/*/layer_made.csv")))
+    statistics = pd.read_csv(next(run_dir.glob("clamping/*/statistics.csv")))
+    assert layer_made["condition"].tolist() == ["no clamp", *statistics["condition"]]
+    assert (run_dir / "figures" / "06_layer_made_effects.png").exists()
     identification = json.loads((run_dir / "metrics.json").read_text())["identification"]
     assert identification["minimal_pairs"] is True
     assert (run_dir / "figures" / "05_interaction_split.png").exists()
@@ -185,8 +199,9 @@ def test_05_on_minimal_pairs_splits_every_familys_interaction_into_layer_and_ins
         assert (split - table["interaction_effect"]).abs().max() <= 1e-5 * scale
         if family == "primary_pre":  # linear in the layer: the instrument makes nothing but rounding
             assert table["instrument_made_effect"].abs().max() <= 1e-6 * scale
-    # back on the default stimuli, no count of the minimal pairs stays behind in metrics.json
-    runner.run("embedded", only=["05"], overrides=TINY_RUN, run_dir=run_dir, reports=False)
-    identification = json.loads((run_dir / "metrics.json").read_text())["identification"]
-    assert identification["minimal_pairs"] is False
-    assert all(identification[f"{family}.layer_made_selective"] is None for family in ("primary", "primary_pre"))
+    # back on the default stimuli, no count of the minimal pairs stays behind in metrics.json or the tables
+    runner.run("embedded", only=["05", "06"], overrides=TINY_RUN, run_dir=run_dir, reports=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["identification"]["minimal_pairs"] is False
+    assert all(metrics["identification"][f"{f}.layer_made_selective"] is None for f in ("primary", "primary_pre"))
+    assert metrics["clamping"]["layer_made.own_p"] is None and not list(run_dir.glob("clamping/*/layer_made.csv"))

@@ -407,12 +407,18 @@ def test_effect_forest_has_one_legend_entry_per_kind_and_kind_colours():
     fig = clamps.effect_forest(clamp_statistics(tidy))
     legend = fig.axes[0].get_legend()
     texts = [t.get_text() for t in legend.get_texts()]
-    assert texts == list(clamps.CLAMP_KIND_LEGEND.values())
+    assert texts == [clamps.CLAMP_KIND_LEGEND[k] for k in ("interaction", "control", "linear")]
     point_colours = {tuple(np.round(c.get_edgecolor()[0][:3], 3)) for c in _points(fig.axes[0]) if len(c.get_offsets())}
     assert len(point_colours) == 3  # not every point red
     without_linear = clamp_statistics(tidy).query("not condition.str.startswith('linear')")
     fig = clamps.effect_forest(without_linear)
     assert len(fig.axes[0].get_legend().get_texts()) == 2
+    # 06's layer-made table leads with the layer's own row ("no clamp"), drawn in a colour of its own
+    layer_made = pd.concat([clamp_statistics(tidy).iloc[:1].assign(condition="no clamp"), clamp_statistics(tidy)])
+    fig = clamps.effect_forest(layer_made, what="the part the layer made")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == list(clamps.CLAMP_KIND_LEGEND.values())
+    assert fig.axes[0].get_yticklabels()[0].get_text() == "no clamp"
+    assert "the part the layer made" in fig.axes[0].get_xlabel()
 
 
 def test_effect_forest_marks_significance_by_fill():

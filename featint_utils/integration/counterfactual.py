@@ -103,6 +103,32 @@ def minimal_pairs(tokenizer, stimuli: pd.DataFrame, context_tokens: int = 128) -
     return MinimalPairs(items, input_ids, attention_mask, keep)
 
 
+def _float64_layer(loaded: LoadedModel, layer: int, pairs: MinimalPairs, batch_items: int):
+    """Per batch of items: its rows of ``pairs`` and the layer's activations of their four variants
+    [b, 4 conditions, width, d], computed by the model in float64 (a float64 copy when it is not)."""
+    model = loaded.model
+    if next(model.parameters()).dtype != torch.float64:  # a copy: 8 bytes a weight (MiniLM: 180 MB)
+        model = copy.deepcopy(model).double()
+    device = next(model.parameters()).device
+    n_items = len(pairs.items)
+    for start in progress(range(0, n_items, batch_items), desc="additive counterfactual", unit="batch"):
+        rows = slice(start, min(start + batch_items, n_items))
+        ids, mask = pairs.input_ids[rows], pairs.attention_mask[rows]
+        b, _, width = ids.shape
+        hidden = forward_to_layer(
+            model,
+            layer,
+            input_ids=ids.reshape(b * 4, width).to(device),
+            attention_mask=mask.reshape(b * 4, width).to(device),
+        )
+        yield rows, hidden.reshape(b, 4, width, -1).double().cpu()
+
+
+def _additive(hidden: torch.Tensor) -> torch.Tensor:
+    """The additive counterfactual of the formal-emotional variant, from [b, 4, width, d] activations."""
+    return hidden[:, FN] + (hidden[:, CE] - hidden[:, CN])
+
+
 @torch.no_grad()
 def additive_counterfactual(
     loaded: LoadedModel,
@@ -116,27 +142,15 @@ def additive_counterfactual(
 
     The model runs in float64 (a float64 copy when it is not), the counterfactual is formed in float64, and
     the encoders read both in float32, as they read every activation."""
-    model = loaded.model
-    if next(model.parameters()).dtype != torch.float64:  # a copy: 8 bytes a weight (MiniLM: 180 MB)
-        model = copy.deepcopy(model).double()
-    device = next(model.parameters()).device
     n_items = len(pairs.items)
     out = {
         name: {"cells": np.zeros((n_items, 4, n)), "additive": np.zeros((n_items, n))}
         for name, (_, n) in encoders.items()
     }
-    for start in progress(range(0, n_items, batch_items), desc="additive counterfactual", unit="batch"):
-        rows = slice(start, min(start + batch_items, n_items))
-        ids, mask, keep = pairs.input_ids[rows], pairs.attention_mask[rows], pairs.keep[rows]
-        b, _, width = ids.shape
-        hidden = forward_to_layer(
-            model,
-            layer,
-            input_ids=ids.reshape(b * 4, width).to(device),
-            attention_mask=mask.reshape(b * 4, width).to(device),
-        )
-        hidden = hidden.reshape(b, 4, width, -1).double().cpu()
-        additive = hidden[:, FN] + (hidden[:, CE] - hidden[:, CN])
+    for rows, hidden in _float64_layer(loaded, layer, pairs, batch_items):
+        keep = pairs.keep[rows]
+        b, width = keep.shape
+        additive = _additive(hidden)
         tokens = keep.sum(1, dtype=torch.float64)[:, None]  # [b, 1]
         owner = torch.arange(b)[:, None].expand(b, width)[keep]  # each kept token's item in this batch
         for name, (encode, n) in encoders.items():
@@ -145,6 +159,24 @@ def additive_counterfactual(
                 x = hidden[:, condition][keep].float()
                 out[name]["cells"][rows, condition] = (_text_sums(encode, x, owner, b, n) / tokens).numpy()
     return out
+
+
+@torch.no_grad()
+def formal_emotional_layers(
+    loaded: LoadedModel, layer: int, pairs: MinimalPairs, batch_items: int = 16
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per item, the layer's activations at every token of its formal-emotional variant (special tokens
+    included: they are aligned too, and a pooled readout reads them) and of that variant's additive
+    counterfactual ([n_tokens, d] each), both from the float64 model and rounded to float32, so that on an
+    additive layer the two are equal to float32 rounding and anything computed from them differs by no more
+    than that. 06 splices them in to split a clamp's effect as 05 splits a feature's."""
+    real, additive = [], []
+    for rows, hidden in _float64_layer(loaded, layer, pairs, batch_items):
+        counterfactual = _additive(hidden)
+        for n, attended in enumerate(pairs.attention_mask[rows, FE].bool()):
+            real.append(hidden[n, FE][attended].float())
+            additive.append(counterfactual[n][attended].float())
+    return real, additive
 
 
 def _text_sums(encode: Encoder, x: torch.Tensor, owner: torch.Tensor, n_texts: int, n: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .figure import EMOTION_ORDER, REGISTER_ORDER, as_text, error_bars, n_cols, 
 # 06 · clamping
 
 CLAMP_KIND_LEGEND = {
+    "layer": "no clamp: the layer's own",
     "interaction": "secondary feature (interaction path)",
     "control": "random edit of the same size (control)",
     "linear": "primary feature on the linear path",
@@ -28,7 +29,10 @@ CLAMP_FAMILY = {"interaction": "secondary", "linear": "primary"}  # whose labels
 
 def clamp_kind(name: str) -> str:
     """``interaction``, ``control`` or ``linear``: what a clamp group or condition (``clamping.clamp_plan``'s
-    ``group``/``name``: "secondary 837", "random (size of 837)", "linear-path 3447") edits."""
+    ``group``/``name``: "secondary 837", "random (size of 837)", "linear-path 3447") edits; ``layer`` for the
+    layer-made table's "no clamp" row."""
+    if name == "no clamp":
+        return "layer"
     if name.startswith("random"):
         return "control"
     if name.startswith("linear"):
@@ -149,10 +153,15 @@ def interaction_2x2(
 
 @themed
 def effect_forest(
-    table: pd.DataFrame, labels: Mapping[str, Mapping[int, str]] | None = None, alpha: float = 0.05
+    table: pd.DataFrame,
+    labels: Mapping[str, Mapping[int, str]] | None = None,
+    alpha: float = 0.05,
+    what: str = "of the change",
 ) -> plt.Figure:
     """Mean per-unit interaction contrast with its bootstrap 95% CI for every condition, grouped by what was
-    clamped and coloured by kind (interaction path, random control, linear path); filled: Holm p < ``alpha``."""
+    clamped and coloured by kind (interaction path, random control, linear path); filled: Holm p < ``alpha``.
+    ``what`` says which contrast it is (06's layer-made table gives the part the layer made, and a "no clamp"
+    row: the layer's own)."""
     table = table.reset_index(drop=True)
     prefix = table["condition"].str.rsplit(" @ ", n=1).str[0]
     order = {p: i for i, p in enumerate(dict.fromkeys(prefix))}
@@ -190,7 +199,7 @@ def effect_forest(
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), title="clamped")
     ax.set_title(f"non-additive effects (filled: Holm p < {alpha:g}; hollow: not)")
     # labelpad: the long label goes below the axis's ×10ⁿ, which sits under the right end of the ticks
-    ax.set_xlabel("interaction contrast (FE − FN) − (CE − CN) of the change, 95% CI", labelpad=16)
+    ax.set_xlabel(f"interaction contrast (FE − FN) − (CE − CN) {what}, 95% CI", labelpad=16)
     fig.tight_layout()
     return fig
 

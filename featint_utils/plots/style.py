@@ -18,6 +18,7 @@ KIND_COLORS = {
     "linear": PALETTE[0],  # blue
     "interaction": PALETTE[1],  # orange
     "control": PALETTE[7],  # grey: a control is a reference, not a finding
+    "layer": PALETTE[3],  # the layer's own non-additive effect (06's layer-made table), what clamps are read against
 }
 """The colour of each part of the decomposition, the same in every figure: the first-order (linear) part, the
 pairwise (interaction) part, and controls (null control, random edits, predicting zero)."""

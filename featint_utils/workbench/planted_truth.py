@@ -15,7 +15,10 @@ on the model's own stimulus set (what 05 and 06 measure):
   pre-activations, also how many of those flagged have an encoder direction at |cos| >= 0.3 to ``u_AB``);
   and, where 05 split each interaction on the additive counterfactual, the same for its layer-made part;
 * **06**: the contrast of its clamp at every level (when it was clamped), beside the oracle: the contrast of
-  the same readout when the planted integration itself is removed (:func:`oracle_contrast`).
+  the same readout when the planted integration itself is removed (:func:`oracle_contrast`); and, where 06
+  split each clamp's effect on the additive counterfactual, the layer's own layer-made contrast, how many
+  secondary, random and linear-path conditions have a layer-made part, and how many secondary ones exceed
+  their random control's.
 """
 
 from __future__ import annotations
@@ -163,6 +166,20 @@ def score_run(run_dir: str | Path, nfm_seed: int = 0, fdr_q: float = 0.05) -> di
         level = r.condition.split("@")[1].strip()
         out[f"clamp.aligned_{level}"] = float(r.interaction_contrast)
         out[f"clamp.aligned_{level}_ci"] = [float(r.ci_low), float(r.ci_high)]
+    layer_made_path = run.clamping_table(nfm_seed, "layer_made")
+    if layer_made_path.exists():  # 06 split each clamp's effect on the additive counterfactual (minimal pairs)
+        made = pd.read_csv(layer_made_path)
+        own = made.iloc[0]
+        out["clamp.layer_made_own"] = float(own["interaction_contrast"])
+        out["clamp.layer_made_own_p"] = float(own["sign_flip_p"])
+        for kind in ("secondary", "random", "linear"):
+            rows = made[made["condition"].str.startswith(kind)]
+            out[f"clamp.layer_made_{kind}"] = int((rows["holm_p"] < fdr_q).sum())
+        out["clamp.layer_made_beats_random"] = int((made["vs_control_holm_p"] < fdr_q).sum())
+        for r in made[made["condition"].str.startswith(f"secondary {aligned} @")].itertuples():
+            level = r.condition.split("@")[1].strip()
+            out[f"clamp.aligned_layer_made_{level}"] = float(r.interaction_contrast)
+            out[f"clamp.aligned_layer_made_{level}_beats_random"] = bool(r.vs_control_holm_p < fdr_q)
     if spec.integration > 0:
         oracle = oracle_contrast(spec, stimuli, 0.0)
         out["oracle.removed"] = float(oracle.mean())

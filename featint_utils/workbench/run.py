@@ -226,7 +226,8 @@ class Run:
         return self.root / "clamping" / f"nfm_seed{seed}"
 
     def clamping_table(self, seed: int, name: str) -> Path:
-        """Stage 06's tables: ``changes`` (every readout change) and ``statistics`` (the tests)."""
+        """Stage 06's tables: ``changes`` (every readout change), ``statistics`` (the tests) and, on minimal pairs,
+        ``layer_made`` (the part of each clamp's effect the layer made)."""
         return self.clamping_dir(seed) / f"{name}.csv"
 
     # -- lineage -----------------------------------------------------------------------------------------
