@@ -144,11 +144,7 @@ figure.save(fig, run.root, "06_dose_response")
 # its contrast exceeds that of the random edit of the same size, unit by unit.
 
 # %%
-references = {
-    r.name: r.name.replace("secondary ", "random, matched to ")
-    for r in plan.itertuples()
-    if r.name.startswith("secondary ")
-}
+references = clamping.random_references(plan)
 table = clamping.clamp_statistics(changes, n_permutations, n_boot, clamp_seed, references)
 table.to_csv(run.clamping_table(nfm_seed, "statistics"), index=False)
 display(table.style.format(precision=4).hide(axis="index"))
@@ -171,7 +167,9 @@ figure.save(fig, run.root, "06_interaction_2x2")
 # * **no clamp**: the readout's interaction that exists because the layer is non-additive (the layer's own
 #   non-additive effect on the output);
 # * **each clamp**: the part of its change's interaction contrast that exists because the layer is
-#   non-additive; `share_of_own` puts it against the layer's own.
+#   non-additive; `share_of_own` puts it against the layer's own. Each clamped secondary feature is also
+#   **ablated** (set to 0 at every token, beside a random edit matched to it): if the layer's non-additive
+#   effect went through that feature alone, the ablation's share would be -1.
 #
 # Where the layer is additive both are exactly zero on every item, whatever the clamp, so nothing here can be
 # flagged without integration. A layer-made part says the clamp's effect depends on what the layer made; the
@@ -188,7 +186,7 @@ else:
         pairs = counterfactual.minimal_pairs(loaded.tokenizer, stimuli)
     except counterfactual.NotMinimalPairs as reason:
         print(f"Not measured, the stimuli are not token-aligned minimal pairs: {reason}.")
-layer_made = None
+layer_made, split_plan = None, clamping.with_ablations(plan, chosen)
 run.clamping_table(nfm_seed, "layer_made").unlink(missing_ok=True)  # one from other stimuli must not stay
 if pairs is not None:
     layer_made, _, _ = clamping.layer_made_clamps(
@@ -198,8 +196,8 @@ if pairs is not None:
         pairs,
         centroids,
         decomposition,
-        plan,
-        references,
+        split_plan,
+        clamping.random_references(split_plan),
         clamp_seed,
         n_permutations,
         n_boot,
@@ -219,7 +217,7 @@ if pairs is not None:
 # %%
 print(clamping.summary(table, plan, fdr_q))
 if layer_made is not None:
-    print(clamping.layer_made_summary(layer_made, plan, fdr_q))
+    print(clamping.layer_made_summary(layer_made, split_plan, fdr_q))
 merged = table.merge(plan[["name", "group"]], left_on="condition", right_on="name")
 update_metrics(
     run.root,
@@ -242,7 +240,7 @@ update_metrics(
             for group, rows in merged.groupby("group")
             if rows["vs_control_holm_p"].notna().any()
         },
-        **clamping.layer_made_metrics(layer_made, plan, fdr_q),
+        **clamping.layer_made_metrics(layer_made, split_plan, fdr_q),
     },
 )
 

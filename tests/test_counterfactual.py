@@ -133,7 +133,8 @@ def test_variants_that_are_not_aligned_minimal_pairs_are_refused_with_the_item_n
 @pytest.mark.parametrize("integration", [0.0, 0.5])
 def test_the_part_of_a_clamp_s_effect_the_layer_made_is_zero_exactly_where_the_layer_is_additive(integration):
     """06 on minimal pairs: with no integration, the readout's layer-made interaction and every clamp's (the
-    secondary, its random control, the linear path) are zero to float32 rounding, so none is flagged; with one,
+    secondary at two levels and ablated, its random controls, the linear path) are zero to float32 rounding, so
+    none is flagged; with one,
     the unclamped layer-made part is the planted model's own readout interaction, which removing the
     integration from the model (planted_truth.oracle_contrast) reverses."""
     spec = dataclasses.replace(PlantedSpec.parse(NAME), integration=integration)
@@ -141,13 +142,13 @@ def test_the_part_of_a_clamp_s_effect_the_layer_made_is_zero_exactly_where_the_l
     stimuli = loaded.stimuli.reset_index(drop=True)
     dec = decomposition(64, scale=0.7)
     pairs = counterfactual.minimal_pairs(loaded.tokenizer, stimuli)
-    plan = clamping.clamp_plan([0, 3], np.full(32, 2.0), 5, 1.0, [-1.0, 1.0])
+    plan = clamping.with_ablations(clamping.clamp_plan([0, 3], np.full(32, 2.0), 5, 1.0, [-1.0, 1.0]), [0, 3])
     texts = stimuli["text"].tolist()
     centroids = clamping.leave_item_out_centroids(
         clamping.pooled_embeddings(loaded, planted_model.LAYER, texts), stimuli
     )
-    references = {r.name: r.name.replace("secondary ", "random, matched to ") for r in plan.itertuples()}
-    references = {k: v for k, v in references.items() if k.startswith("secondary ")}
+    references = clamping.random_references(plan)
+    assert references["secondary 3 @ ablated"] == "random, matched to 3 @ ablated" and len(references) == 6
     table, own, changes = clamping.layer_made_clamps(
         loaded, planted_model.LAYER, stimuli, pairs, centroids, dec, plan, references, n_permutations=2000, n_boot=200
     )

@@ -184,7 +184,10 @@ def test_05_and_06_on_minimal_pairs_split_every_interaction_into_layer_and_instr
     assert isinstance(clamping["layer_made.own_p"], float) and clamping["layer_made.secondary_conditions"] > 0
     layer_made = pd.read_csv(next(run_dir.glob("clamping/*/layer_made.csv")))
     statistics = pd.read_csv(next(run_dir.glob("clamping/*/statistics.csv")))
-    assert layer_made["condition"].tolist() == ["no clamp", *statistics["condition"]]
+    conditions = layer_made["condition"].tolist()  # the layer's own, every clamp of 06, then the ablations
+    assert conditions[: len(statistics) + 1] == ["no clamp", *statistics["condition"]]
+    assert len(conditions) == len(statistics) + 1 + 2 * len(clamping["features"])
+    assert all(c.endswith("@ ablated") for c in conditions[len(statistics) + 1 :])
     assert (run_dir / "figures" / "06_layer_made_effects.png").exists()
     identification = json.loads((run_dir / "metrics.json").read_text())["identification"]
     assert identification["minimal_pairs"] is True

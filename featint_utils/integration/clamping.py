@@ -453,6 +453,31 @@ def clamp_plan(
     return pd.DataFrame(rows)
 
 
+def with_ablations(plan: pd.DataFrame, secondary_features: list[int]) -> pd.DataFrame:
+    """``plan`` and, for each secondary feature, its ablation (``set`` to 0 at every token) and a random edit
+    matched to that ablation token by token (``level`` NaN). On minimal pairs an ablation's layer-made part
+    (:func:`layer_made_statistics`) against the layer's own says how much of the layer's non-additive effect
+    on the readout goes through that feature: ``share_of_own`` -1 would be all of it."""
+    rows = []
+    for feature in secondary_features:
+        clamp = Clamp("secondary", int(feature), "set", 0.0)
+        for name, group, control in (
+            (f"secondary {feature} @ ablated", f"secondary {feature}", None),
+            (f"random, matched to {feature} @ ablated", f"random (size of {feature})", "random"),
+        ):
+            rows.append({"name": name, "group": group, "level": np.nan, "clamp": clamp, "control": control})
+    return pd.concat([plan, pd.DataFrame(rows)], ignore_index=True)
+
+
+def random_references(plan: pd.DataFrame) -> dict[str, str]:
+    """Each secondary condition of ``plan`` and its size-matched random edit, the control it is tested against."""
+    return {
+        name: name.replace("secondary ", "random, matched to ")
+        for name in plan["name"]
+        if name.startswith("secondary ")
+    }
+
+
 def matched_linear_unit(
     decomposition: Decomposition,
     secondary_features: list[int],
@@ -560,10 +585,13 @@ def layer_made_summary(table: pd.DataFrame, plan: pd.DataFrame, alpha: float = 0
         made = int((rows["holm_p"] < alpha).sum())
         largest = rows.loc[rows["interaction_contrast"].abs().idxmax()]
         line = (
-            f"- {group}: a layer-made part at {made} of {len(rows)} levels (Holm p < {alpha}); largest "
-            f"{largest['interaction_contrast']:+.5f} at level {largest['level']:+g} "
-            f"({largest['share_of_own']:+.2f} of the layer's own)"
+            f"- {group}: a layer-made part in {made} of {len(rows)} conditions (Holm p < {alpha}); largest "
+            f"{largest['interaction_contrast']:+.5f} ({largest['condition'].rsplit(' @ ', 1)[-1]}; "
+            f"{largest['share_of_own']:+.3f} of the layer's own)"
         )
+        ablated = rows[rows["condition"].str.endswith("@ ablated")]
+        if len(ablated):
+            line += f"; ablated, {ablated['share_of_own'].iloc[0]:+.3f} of the layer's own"
         if rows["vs_control_holm_p"].notna().any():
             line += f"; larger than its random control's at {int((rows['vs_control_holm_p'] < alpha).sum())}"
         lines.append(line + ".")

@@ -176,6 +176,10 @@ def score_run(run_dir: str | Path, nfm_seed: int = 0, fdr_q: float = 0.05) -> di
             rows = made[made["condition"].str.startswith(kind)]
             out[f"clamp.layer_made_{kind}"] = int((rows["holm_p"] < fdr_q).sum())
         out["clamp.layer_made_beats_random"] = int((made["vs_control_holm_p"] < fdr_q).sum())
+        ablated = made[made["condition"].str.match(r"secondary \d+ @ ablated")]
+        out["clamp.ablated_share_of_own"] = {  # per clamped feature: -1, the layer's whole effect goes through it
+            r.condition.split()[1]: float(r.share_of_own) for r in ablated.itertuples()
+        }
         for r in made[made["condition"].str.startswith(f"secondary {aligned} @")].itertuples():
             level = r.condition.split("@")[1].strip()
             out[f"clamp.aligned_layer_made_{level}"] = float(r.interaction_contrast)
