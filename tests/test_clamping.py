@@ -291,3 +291,35 @@ def test_a_prefix_cache_refuses_a_recorded_batch_spliced_at_other_tokens():
     other[0, 0] = False  # the memo holds the decomposition of the first splice's tokens, not of these
     with pytest.raises(ValueError, match="other tokens"):
         clamping._forward(loaded, 3, dict(inputs), other, dec, None, None, 0, prefix, 0)
+
+
+def test_layer_made_statistics_call_rounding_zero_and_test_real_parts_against_their_controls():
+    """A part within 2^-16 of the readout in every unit is float32 rounding: p = 1 (a sign-flip test alone
+    calls a sign-consistent rounding "significant"), and so is the difference of two such parts; a part above
+    it is tested, alone and against its control. Contrasts are of [units, 4] changes: FE's bucket alone."""
+    rng = np.random.default_rng(0)
+    n = 60
+
+    def fe_only(values):  # a change in the FE bucket only: its interaction contrast is the value itself
+        out = np.zeros((n, 4))
+        out[:, 0] = values
+        return out
+
+    # sign-consistent, within 2^-16 (1.5e-5) of a readout of 1; two of opposite sign differ by more than that
+    rounding = 9e-6 * (1 + 0.5 * rng.random(n))
+    changes = {
+        "secondary 1 @ +1": fe_only(rounding),
+        "random, matched to 1 @ +1": fe_only(-rounding),
+        "secondary 2 @ +1": fe_only(1e-3 + 1e-4 * rng.normal(size=n)),
+        "random, matched to 2 @ +1": fe_only(rounding),
+    }
+    own = fe_only(2e-3 + 1e-4 * rng.normal(size=n))
+    references = clamping.random_references(pd.DataFrame({"name": list(changes)}))
+    table = clamping.layer_made_statistics(own, changes, 1.0, references, 2000, 200).set_index("condition")
+    assert clamping.sign_flip_test(rounding, 2000)[0] < 0.01  # what the floor guards against
+    assert table.loc["secondary 1 @ +1", "sign_flip_p"] == 1 and table.loc["secondary 1 @ +1", "vs_control_p"] == 1
+    assert table.loc["no clamp", "sign_flip_p"] < 0.01 and table.loc["secondary 2 @ +1", "holm_p"] < 0.01
+    assert table.loc["secondary 2 @ +1", "vs_control_holm_p"] < 0.01
+    assert table.loc["secondary 2 @ +1", "share_of_own"] == pytest.approx(
+        changes["secondary 2 @ +1"][:, 0].mean() / own[:, 0].mean()
+    )

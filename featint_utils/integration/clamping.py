@@ -335,11 +335,10 @@ def formal_emotional_rows(stimuli: pd.DataFrame, items: np.ndarray) -> np.ndarra
     return np.array([position[item] for item in items])
 
 
-def _floored_sign_flip(contrasts: np.ndarray, floor: float, n_permutations: int, seed: int) -> np.ndarray:
-    """Sign-flip p of each column of per-unit contrasts [n_units, k]; 1 for a column within ``floor`` of zero
-    in every unit (float32 rounding, not an effect: the same rounding in every unit would flip to p ~ 0)."""
-    p = sign_flip_test(contrasts, n_permutations, seed)
-    return np.where(np.abs(contrasts).max(0) <= floor, 1.0, p)
+def _within(contrasts: np.ndarray, floor: float) -> np.ndarray:
+    """Per column of per-unit contrasts [n_units, k]: within ``floor`` of zero in every unit (float32 rounding,
+    not an effect: the same rounding in every unit would be "significant" to a sign-flip test)."""
+    return np.abs(contrasts).max(0) <= floor
 
 
 def layer_made_statistics(
@@ -358,15 +357,16 @@ def layer_made_statistics(
     contrast of ``own``. Every other row is a condition's: the interaction contrast of its change made by the
     layer (the clamp's contrast on the real activations minus that on the additive counterfactual), its mean
     with a bootstrap 95% CI, its sign-flip p (Holm-adjusted over the conditions; 1 where every unit's value is
-    within :data:`featint_utils.stats.RESOLUTION` of ``largest``, the readout's largest value), and its ratio to
-    the layer's own contrast. ``references`` map a condition to its control: the difference of their parts is
-    sign-flip tested per unit (``vs_control_p``, Holm-adjusted). Where the layer is additive every part is
-    exactly zero, so no condition and no control can be flagged."""
+    within :data:`featint_utils.stats.RESOLUTION` of ``largest``, the readout's largest value: float32 rounding),
+    and its ratio to the layer's own contrast. ``references`` map a condition to its control: the difference of
+    their parts is sign-flip tested per unit (``vs_control_p``, Holm-adjusted; 1 where both parts are rounding).
+    Where the layer is additive every part is exactly zero, so no condition and no control can be flagged."""
     floor = RESOLUTION * largest
     rng = np.random.default_rng(seed)
     names = ["no clamp", *changes]
     contrasts = np.stack([own @ CONTRASTS["interaction"]] + [changes[n] @ CONTRASTS["interaction"] for n in changes], 1)
-    p = _floored_sign_flip(contrasts, floor, n_permutations, seed)
+    zero = dict(zip(names, _within(contrasts, floor)))
+    p = np.where(list(zero.values()), 1.0, sign_flip_test(contrasts, n_permutations, seed))
     own_mean = contrasts[:, 0].mean()
     table = pd.DataFrame(
         {
@@ -381,7 +381,8 @@ def layer_made_statistics(
     if references:
         compared = [n for n in changes if n in references]
         differences = np.stack([(changes[n] - changes[references[n]]) @ CONTRASTS["interaction"] for n in compared], 1)
-        p_vs = _floored_sign_flip(differences, floor, n_permutations, seed)
+        both_zero = [zero[n] and zero[references[n]] for n in compared]  # a difference of two roundings
+        p_vs = np.where(both_zero, 1.0, sign_flip_test(differences, n_permutations, seed))
         table["control"] = table["condition"].map(references)
         table["vs_control_p"] = table["condition"].map(dict(zip(compared, p_vs)))
         table["vs_control_holm_p"] = table["condition"].map(dict(zip(compared, holm(p_vs))))
