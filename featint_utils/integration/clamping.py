@@ -579,7 +579,7 @@ def layer_made_summary(table: pd.DataFrame, plan: pd.DataFrame, alpha: float = 0
     own = table.iloc[0]
     lines = [
         f"- The layer's own non-additive effect on the readout (real minus additive counterfactual, no clamp): "
-        f"{own['interaction_contrast']:+.5f} (95% CI {own['ci_low']:+.5f} to {own['ci_high']:+.5f}, "
+        f"{own['interaction_contrast']:+.3g} (95% CI {own['ci_low']:+.3g} to {own['ci_high']:+.3g}, "
         f"sign-flip p {own['sign_flip_p']:.3g})."
     ]
     for group, rows in _layer_made_groups(table, plan).groupby("group", sort=False):
@@ -587,7 +587,7 @@ def layer_made_summary(table: pd.DataFrame, plan: pd.DataFrame, alpha: float = 0
         largest = rows.loc[rows["interaction_contrast"].abs().idxmax()]
         line = (
             f"- {group}: a layer-made part in {made} of {len(rows)} conditions (Holm p < {alpha}); largest "
-            f"{largest['interaction_contrast']:+.5f} ({largest['condition'].rsplit(' @ ', 1)[-1]}; "
+            f"{largest['interaction_contrast']:+.3g} ({largest['condition'].rsplit(' @ ', 1)[-1]}; "
             f"{largest['share_of_own']:+.3f} of the layer's own)"
         )
         ablated = rows[rows["condition"].str.endswith("@ ablated")]
