@@ -169,32 +169,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _by_noise_and_size(rows: list[dict]):
+    """(noise, size, the runs of that noise and size), in order."""
+    for noise in sorted({noise_of(r) for r in rows}):
+        for size in sorted({r["size"] for r in rows if noise_of(r) == noise}):
+            yield noise, size, [r for r in rows if noise_of(r) == noise and r["size"] == size]
+
+
+def _header(*columns: str) -> list[str]:
+    """A markdown table's first two lines: noise, integration, models, then ``columns``."""
+    columns = ("noise", "integration", "models", *columns)
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
+def _count(runs: list[dict], key: str) -> str:
+    """Models with a count above 0, of all, and the median count: "3/5 (2)"."""
+    return f"{sum(r[key] > 0 for r in runs)}/{len(runs)} ({np.median([r[key] for r in runs]):.0f})"
+
+
 def layer_made_table(rows: list[dict]) -> str:
     """Per noise and size, over the models whose 05 split each interaction on the additive counterfactual: in
     how many models each family flags an interaction (ANOVA) and a layer-made part (median count)."""
     rows = [r for r in rows if "primary.layer_made_flagged" in r]
-    lines = [
-        "| noise | integration | models | pre-activations: interaction / layer-made (one reading u_AB) | primary "
-        "codes: interaction / layer-made | secondary: interaction / layer-made | secondary latent nearest the "
-        "NFM's image: layer-made |",
-        "|---" * 7 + "|",
-    ]
-
-    def count(runs, key) -> str:
-        return f"{sum(r[key] > 0 for r in runs)}/{len(runs)} ({np.median([r[key] for r in runs]):.0f})"
-
-    for noise in sorted({noise_of(r) for r in rows}):
-        for size in sorted({r["size"] for r in rows if noise_of(r) == noise}):
-            runs = [r for r in rows if noise_of(r) == noise and r["size"] == size]
-            reading = sum(r["primary_pre.layer_made_reading_integration"] > 0 for r in runs)
-            cells = [f"{noise:g}", f"{size:g}", str(len(runs))]
-            cells += [
-                f"{count(runs, f'{family}.flagged')} / {count(runs, f'{family}.layer_made_flagged')}"
-                + (f" ({reading}/{len(runs)})" if family == "primary_pre" and size > 0 else "")
-                for family in FAMILIES
-            ]
-            cells.append(f"{sum(r['secondary.aligned_layer_made_flagged'] for r in runs)}/{len(runs)}")
-            lines.append("| " + " | ".join(cells) + " |")
+    lines = _header(
+        "pre-activations: interaction / layer-made (one reading u_AB)",
+        "primary codes: interaction / layer-made",
+        "secondary: interaction / layer-made",
+        "secondary latent nearest the NFM's image: layer-made",
+    )
+    for noise, size, runs in _by_noise_and_size(rows):
+        reading = sum(r["primary_pre.layer_made_reading_integration"] > 0 for r in runs)
+        cells = [f"{noise:g}", f"{size:g}", str(len(runs))]
+        cells += [
+            f"{_count(runs, f'{family}.flagged')} / {_count(runs, f'{family}.layer_made_flagged')}"
+            + (f" ({reading}/{len(runs)})" if family == "primary_pre" and size > 0 else "")
+            for family in FAMILIES
+        ]
+        cells.append(f"{sum(r['secondary.aligned_layer_made_flagged'] for r in runs)}/{len(runs)}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -204,35 +216,28 @@ def clamp_layer_made_table(rows: list[dict]) -> str:
     integration is removed: its negative), and in how many models a secondary, random or linear-path condition
     has a layer-made part, and a secondary one's exceeds its random control's (median count of conditions)."""
     rows = [r for r in rows if "clamp.layer_made_own" in r]
-    lines = [
-        "| noise | integration | models | the layer's own: flagged / mean contrast / minus the oracle's | "
-        "secondary clamps with a layer-made part | random edits | linear-path edits | a secondary clamp's part "
-        "beats its random edit's | ... the latent nearest the NFM's image (clamped) |",
-        "|---" * 9 + "|",
-    ]
-
-    def count(runs, key) -> str:
-        return f"{sum(r[key] > 0 for r in runs)}/{len(runs)} ({np.median([r[key] for r in runs]):.0f})"
-
-    for noise in sorted({noise_of(r) for r in rows}):
-        for size in sorted({r["size"] for r in rows if noise_of(r) == noise}):
-            runs = [r for r in rows if noise_of(r) == noise and r["size"] == size]
-            own = np.mean([r["clamp.layer_made_own"] for r in runs])
-            oracle = f"{-np.mean([r['oracle.removed'] for r in runs]):+.5f}" if size > 0 else "0"
-            aligned = [r for r in runs if r["clamp.aligned_clamped"]]
-            beats = sum(any(v for k, v in r.items() if k.endswith("_beats_random") and "aligned" in k) for r in aligned)
-            cells = [
-                f"{noise:g}",
-                f"{size:g}",
-                str(len(runs)),
-                f"{sum(r['clamp.layer_made_own_p'] < 0.05 for r in runs)}/{len(runs)} / {own:+.5f} / {oracle}",
-                count(runs, "clamp.layer_made_secondary"),
-                count(runs, "clamp.layer_made_random"),
-                count(runs, "clamp.layer_made_linear"),
-                count(runs, "clamp.layer_made_beats_random"),
-                f"{beats}/{len(aligned)}",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+    lines = _header(
+        "the layer's own: flagged / mean contrast / minus the oracle's",
+        "secondary clamps with a layer-made part",
+        "random edits",
+        "linear-path edits",
+        "a secondary clamp's part beats its random edit's",
+        "... the latent nearest the NFM's image (clamped)",
+    )
+    for noise, size, runs in _by_noise_and_size(rows):
+        own = np.mean([r["clamp.layer_made_own"] for r in runs])
+        oracle = f"{-np.mean([r['oracle.removed'] for r in runs]):+.5f}" if size > 0 else "0"
+        aligned = [r for r in runs if r["clamp.aligned_clamped"]]
+        beats = sum(any(v for k, v in r.items() if k.endswith("_beats_random") and "aligned" in k) for r in aligned)
+        cells = [
+            f"{noise:g}",
+            f"{size:g}",
+            str(len(runs)),
+            f"{sum(r['clamp.layer_made_own_p'] < 0.05 for r in runs)}/{len(runs)} / {own:+.5f} / {oracle}",
+            *(_count(runs, f"clamp.layer_made_{kind}") for kind in ("secondary", "random", "linear", "beats_random")),
+            f"{beats}/{len(aligned)}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
