@@ -128,6 +128,13 @@ def holm(p: np.ndarray) -> np.ndarray:
     return _multipletests_ignoring_nan(p, "holm")
 
 
+def bootstrap_mean_ci(contrasts: np.ndarray, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """[2, k] percentile 95% interval of the mean of each column of per-unit contrasts [n_units, k]."""
+    contrasts = np.asarray(contrasts, dtype=np.float64).reshape(len(contrasts), -1)
+    boot = rng.integers(0, len(contrasts), size=(n_boot, len(contrasts)))
+    return np.percentile(contrasts[boot].mean(1), [2.5, 97.5], axis=0)
+
+
 def sign_flip_test(contrasts: np.ndarray, n_permutations: int = 10_000, seed: int = 0) -> np.ndarray:
     """Two-sided sign-flip permutation p-value of the mean of per-item contrasts [n_items, n_tests] being 0.
 

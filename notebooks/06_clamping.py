@@ -51,7 +51,7 @@ from featint_utils.data.activation_store import require_model
 from featint_utils.data.corpus import load_prompt_frames, load_wordlists
 from featint_utils.data.interventions import PrefixCache
 from featint_utils.dictionary import feature_labels, features
-from featint_utils.integration import clamping, counterfactual, identification
+from featint_utils.integration import clamp_split, clamping, counterfactual, identification
 from featint_utils.io import update_metrics
 from featint_utils.params import numbers
 from featint_utils.plots import clamps, figure
@@ -189,7 +189,7 @@ else:
 layer_made, split_plan = None, clamping.with_ablations(plan, chosen)
 run.clamping_table(nfm_seed, "layer_made").unlink(missing_ok=True)  # one from other stimuli must not stay
 if pairs is not None:
-    layer_made, _, _ = clamping.layer_made_clamps(
+    layer_made, _, _ = clamp_split.layer_made_clamps(
         loaded,
         store.layer,
         stimuli,
@@ -222,7 +222,7 @@ if pairs is not None:
 # %%
 print(clamping.summary(table, plan, fdr_q))
 if layer_made is not None:
-    print(clamping.layer_made_summary(layer_made, split_plan, fdr_q))
+    print(clamp_split.layer_made_summary(layer_made, split_plan, fdr_q))
 merged = table.merge(plan[["name", "group"]], left_on="condition", right_on="name")
 update_metrics(
     run.root,
@@ -245,7 +245,7 @@ update_metrics(
             for group, rows in merged.groupby("group")
             if rows["vs_control_holm_p"].notna().any()
         },
-        **clamping.layer_made_metrics(layer_made, split_plan, fdr_q),
+        **clamp_split.layer_made_metrics(layer_made, split_plan, fdr_q),
     },
 )
 

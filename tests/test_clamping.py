@@ -7,9 +7,10 @@ from featint_utils.data import models
 from featint_utils.data.corpus import CONDITIONS
 from featint_utils.data.interventions import PrefixCache
 from featint_utils.dictionary.sae import SAEConfig, TopKSAE
-from featint_utils.integration import clamping
+from featint_utils.integration import clamp_split, clamping
 from featint_utils.integration.clamping import Clamp, Decomposition
 from featint_utils.residual.nfm import NFM, NFMConfig
+from featint_utils.stats import sign_flip_test
 
 from .conftest import count_forwards_below
 
@@ -315,8 +316,8 @@ def test_layer_made_statistics_call_rounding_zero_and_test_real_parts_against_th
     }
     own = fe_only(2e-3 + 1e-4 * rng.normal(size=n))
     references = clamping.random_references(pd.DataFrame({"name": list(changes)}))
-    table = clamping.layer_made_statistics(own, changes, 1.0, references, 2000, 200).set_index("condition")
-    assert clamping.sign_flip_test(rounding, 2000)[0] < 0.01  # what the floor guards against
+    table = clamp_split.layer_made_statistics(own, changes, 1.0, references, 2000, 200).set_index("condition")
+    assert sign_flip_test(rounding, 2000)[0] < 0.01  # what the floor guards against
     assert table.loc["secondary 1 @ +1", "sign_flip_p"] == 1 and table.loc["secondary 1 @ +1", "vs_control_p"] == 1
     assert table.loc["no clamp", "sign_flip_p"] < 0.01 and table.loc["secondary 2 @ +1", "holm_p"] < 0.01
     assert table.loc["secondary 2 @ +1", "vs_control_holm_p"] < 0.01

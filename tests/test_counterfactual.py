@@ -10,7 +10,7 @@ import pytest
 from featint_utils.data import models, planted_model
 from featint_utils.data.corpus import CONDITIONS, load_stimuli
 from featint_utils.data.planted_model import PlantedSpec
-from featint_utils.integration import clamping, counterfactual
+from featint_utils.integration import clamp_split, clamping, counterfactual
 from featint_utils.integration.counterfactual import NotMinimalPairs
 from featint_utils.stats import RESOLUTION
 from featint_utils.workbench import planted_truth
@@ -149,12 +149,12 @@ def test_the_part_of_a_clamp_s_effect_the_layer_made_is_zero_exactly_where_the_l
     )
     references = clamping.random_references(plan)
     assert references["secondary 3 @ ablated"] == "random, matched to 3 @ ablated" and len(references) == 6
-    table, own, changes = clamping.layer_made_clamps(
+    table, own, changes = clamp_split.layer_made_clamps(
         loaded, planted_model.LAYER, stimuli, pairs, centroids, dec, plan, references, n_permutations=2000, n_boot=200
     )
     # splicing in the layer's own activations (from the float64 model) reproduces the model's readout
     real, _ = counterfactual.formal_emotional_layers(loaded, planted_model.LAYER, pairs)
-    fe = [texts[r] for r in clamping.formal_emotional_rows(stimuli, pairs.items)]
+    fe = [texts[r] for r in clamp_split.formal_emotional_rows(stimuli, pairs.items)]
     np.testing.assert_allclose(
         clamping.pooled_embeddings(loaded, planted_model.LAYER, fe, substitutes=real),
         clamping.pooled_embeddings(loaded, planted_model.LAYER, fe),

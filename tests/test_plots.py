@@ -453,8 +453,8 @@ def test_cross_effects_get_their_own_scale():
 
 
 def test_one_palette_and_kind_colours_everywhere():
-    assert style.KIND_COLORS.keys() == {"linear", "interaction", "control"}
-    assert len(set(style.KIND_COLORS.values())) == 3
+    assert style.KIND_COLORS.keys() == {"linear", "interaction", "control", "layer"}
+    assert len(set(style.KIND_COLORS.values())) == 4
     assert all(c in style.PALETTE for c in style.KIND_COLORS.values())
     fig = residual_fits.top_feature_bars(figure_calls_attribution(), 5)
     colours = [matplotlib.colors.to_hex(ax.patches[0].get_facecolor()) for ax in fig.axes]
