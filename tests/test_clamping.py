@@ -239,6 +239,33 @@ CONDITIONS_TO_REPLAY = [  # (clamped?, clamp, control), in the order 06 runs the
 ]
 
 
+def test_texts_are_read_in_batches_of_similar_length_and_returned_in_their_own_order(embedded):
+    texts = [
+        "ok",
+        "The committee regrets to inform you of a long and entirely unavoidable delay in the proceedings.",
+        "hi there",
+        "Dear Sir, kindly find the attached documents enclosed herewith for your perusal at your convenience.",
+    ]
+    lengths = [len(embedded.tokenizer(t)["input_ids"]) for t in texts]
+    shapes = []
+    hook = embedded.model.embeddings.register_forward_hook(lambda _m, _i, output: shapes.append(output.shape[:2]))
+    try:
+        batched = clamping.pooled_embeddings(embedded, 3, texts, batch_size=2)
+    finally:
+        hook.remove()
+    short, long = sorted(lengths)[:2], sorted(lengths)[2:]
+    assert [tuple(s) for s in shapes] == [(2, max(short)), (2, max(long))]  # unsorted: both batches pad to a long text
+    # each text's row is its own: equal to reading it alone (no padding) up to float32 rounding of the same sums
+    alone = torch.cat([clamping.pooled_embeddings(embedded, 3, [t], batch_size=1) for t in texts])
+    assert (batched - alone).abs().max() <= 1e-5
+    # a substitute follows its text: each text's own layer activations put back give the model's own readout
+    own = [models.forward_to_layer(embedded.model, 3, **embedded.tokenizer(t, return_tensors="pt"))[0] for t in texts]
+    substituted = clamping.pooled_embeddings(embedded, 3, texts, batch_size=2, substitutes=own)
+    assert (substituted - batched).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="3 substitutes for 4 texts"):
+        clamping.pooled_embeddings(embedded, 3, texts, batch_size=2, substitutes=own[:3])
+
+
 @pytest.mark.parametrize("layer", [0, 3, 6])
 def test_a_prefix_cache_replays_the_layers_below_the_splice_bit_for_bit(layer):
     loaded = models.load_model("embedded")  # its own copy: hooks are added to count the blocks' forwards

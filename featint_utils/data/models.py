@@ -323,19 +323,39 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def by_length(tokenizer, texts: list[str]) -> list[int]:
+    """Positions of ``texts`` from the fewest tokens to the most (ties in their order): batches of neighbours in
+    this order pad only to their own longest text (06's stimulus texts: 36,160 tokens a pass instead of 55,296
+    in their own order, for 35,075 real ones)."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True)["input_ids"]]
+    return sorted(range(len(texts)), key=lengths.__getitem__)
+
+
+def in_order(rows: list[torch.Tensor], order: list[int]) -> torch.Tensor:
+    """Row batches computed for the texts in ``order`` (:func:`by_length`), back in the texts' own order."""
+    computed = torch.cat(rows)
+    restored = torch.empty_like(computed)
+    restored[torch.as_tensor(order, dtype=torch.long)] = computed
+    return restored
+
+
 @torch.inference_mode()
 def sentence_embeddings(loaded: LoadedModel, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled final hidden states over each text's tokens (sentence-transformers' pooling), [n, d]."""
+    """Mean-pooled final hidden states over each text's tokens (sentence-transformers' pooling), [n, d]; the
+    texts are batched by length."""
     model, device = loaded.model, next(loaded.model.parameters()).device
     if loaded.tokenizer.pad_token is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before pooling batches")
+    order = by_length(loaded.tokenizer, texts)
+    ordered = [texts[i] for i in order]
     out = []
-    for start in range(0, len(texts), batch_size):
-        batch = loaded.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
+    for start in range(0, len(ordered), batch_size):
+        texts_of_batch = ordered[start : start + batch_size]
+        batch = loaded.tokenizer(texts_of_batch, return_tensors="pt", padding=True, truncation=True)
         batch = {k: v.to(device) for k, v in batch.items()}
         hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
         out.append(mean_pool(hidden, batch["attention_mask"]).float().cpu())
-    return torch.cat(out)
+    return in_order(out, order)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

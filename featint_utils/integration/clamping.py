@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..data.corpus import CONDITIONS
 from ..data.interventions import PrefixCache, splice
-from ..data.models import LoadedModel, mean_pool
+from ..data.models import LoadedModel, by_length, in_order, mean_pool
 from ..progress import progress
 from ..residual.decomposition import Clamp, Decomposition
 from ..stats import CONTRASTS, block_anova, bootstrap_mean_ci, holm, sign_flip_test
@@ -134,10 +134,16 @@ def pooled_embeddings(
     """Mean-pooled output embeddings of ``texts`` (sentence-transformers' pooling), spliced when a
     decomposition is given (at real tokens only), clean otherwise. Calls that share a ``prefix`` cache (the same
     texts and batch size) compute the layers below the splice, and the clean decomposition, once.
-    ``substitutes`` (per text, [n_attended_tokens, d]) are the layer's activations to use instead of the model's."""
+    ``substitutes`` (per text, [n_attended_tokens, d]) are the layer's activations to use instead of the model's.
+    The texts are batched by length (:func:`~featint_utils.data.models.by_length`), and returned in their order."""
     out = []
     device = next(loaded.model.parameters()).device
-    for b, (inputs, keep) in enumerate(_real_token_batches(loaded.tokenizer, texts, batch_size)):
+    order = by_length(loaded.tokenizer, texts)
+    if substitutes is not None:
+        if len(substitutes) != len(texts):
+            raise ValueError(f"{len(substitutes)} substitutes for {len(texts)} texts")
+        substitutes = [substitutes[i] for i in order]
+    for b, (inputs, keep) in enumerate(_real_token_batches(loaded.tokenizer, [texts[i] for i in order], batch_size)):
         inputs = {k: v.to(device) for k, v in inputs.items()}
         substitute = None
         if substitutes is not None:
@@ -146,7 +152,7 @@ def pooled_embeddings(
             loaded, layer, inputs, keep.to(device), decomposition, clamp, control, seed, prefix, b, substitute
         ).last_hidden_state
         out.append(mean_pool(hidden, inputs["attention_mask"]).float().cpu())
-    return torch.cat(out)
+    return in_order(out, order)
 
 
 def leave_item_out_centroids(embeddings: torch.Tensor, stimuli: pd.DataFrame) -> torch.Tensor:
