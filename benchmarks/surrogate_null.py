@@ -16,6 +16,9 @@ the SAE-made share off it. This measures, for several surrogate constructions, t
   encoder, so the generator's own error is small), each atom's magnitudes permuted among the tokens where it
   is chosen (firing and co-firing kept, any product of two atoms' magnitudes broken), decoded, plus noise
   matched to OMP's error;
+* ``womp<m>``: ``omp`` (at the SAE's k) over the dictionary of a generator SAE with ``m`` times the latents, trained
+  on the same activations: atoms finer than the SAE's, so that the SAE trained on the surrogate has to
+  approximate its generator's atoms as the real SAE does the data's;
 * ``redraw``: another draw of the same planted generator (a perfect surrogate: the spread of the SAE-made
   share between draws, which any surrogate's excess must be judged against).
 
@@ -162,6 +165,13 @@ def surrogate(kind: str, store, sae, cfg: TrainConfig, work: Path):
         generator_cfg = replace(cfg, seed=cfg.seed + 1)
         wide = SAETrainer(store, multiple * sae.cfg.n_latents, sae.cfg.k, generator_cfg, work / "generator").train()
         reconstruct, fraction = wide.reconstruct_raw, 1.0
+    elif kind.startswith("womp"):  # omp over a finer dictionary than the SAE's: its own mismatch to the data
+        multiple = int(kind[4:])
+        generator_cfg = replace(cfg, seed=cfg.seed + 1)
+        wide = SAETrainer(store, multiple * sae.cfg.n_latents, sae.cfg.k, generator_cfg, work / "generator").train()
+        return _position_transform(
+            store, lambda split, raw: omp_surrogate(wide, raw, sae.cfg.k, 7 if split == "train" else 8)
+        )
     elif kind.startswith("omp"):
         k = int(kind[3:] or sae.cfg.k)
         return _position_transform(store, lambda split, raw: omp_surrogate(sae, raw, k, 7 if split == "train" else 8))
@@ -182,7 +192,9 @@ def surrogate(kind: str, store, sae, cfg: TrainConfig, work: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "kinds", nargs="+", help="surrogates: gauss1, gauss0.3, gauss0, perm, k2, wide2, wide4, omp, omp16, redraw"
+        "kinds",
+        nargs="+",
+        help="surrogates: gauss1, gauss0.3, gauss0, perm, k2, wide2, wide4, omp, omp16, womp4, redraw",
     )
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--train-tokens", type=int, default=3_000_000)
