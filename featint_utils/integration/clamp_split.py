@@ -22,7 +22,7 @@ from ..data.interventions import PrefixCache
 from ..data.models import LoadedModel
 from ..residual.decomposition import Clamp, Decomposition
 from ..stats import CONTRASTS, RESOLUTION, bootstrap_mean_ci, holm, sign_flip_test
-from .clamping import pooled_embeddings, run_clamps, text_readout
+from .clamping import pooled_embeddings, run_clamps, text_readout, versus_controls
 from .counterfactual import MinimalPairs, formal_emotional_layers
 
 
@@ -144,15 +144,7 @@ def layer_made_statistics(
             "share_of_own": contrasts.mean(0) / own_mean if own_mean != 0 else np.nan,
         }
     )
-    if references:
-        compared = [n for n in changes if n in references]
-        differences = np.stack([(changes[n] - changes[references[n]]) @ CONTRASTS["interaction"] for n in compared], 1)
-        both_zero = [zero[n] and zero[references[n]] for n in compared]  # a difference of two roundings
-        p_vs = np.where(both_zero, 1.0, sign_flip_test(differences, n_permutations, seed))
-        table["control"] = table["condition"].map(references)
-        table["vs_control_p"] = table["condition"].map(dict(zip(compared, p_vs)))
-        table["vs_control_holm_p"] = table["condition"].map(dict(zip(compared, holm(p_vs))))
-    return table
+    return versus_controls(table, changes, references, n_permutations, seed, rounding=zero) if references else table
 
 
 def _layer_made_groups(table: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:

@@ -255,13 +255,29 @@ def clamp_statistics(
         )
     table = pd.DataFrame(rows)
     table["holm_p"] = holm(table["sign_flip_p"].to_numpy())
-    if references:
-        compared = [name for name in table["condition"] if name in references]
-        differences = np.stack([(changes[n] - changes[references[n]]) @ CONTRASTS["interaction"] for n in compared], 1)
-        p_vs = sign_flip_test(differences, n_permutations, seed)
-        table["control"] = table["condition"].map(references)
-        table["vs_control_p"] = table["condition"].map(dict(zip(compared, p_vs)))
-        table["vs_control_holm_p"] = table["condition"].map(dict(zip(compared, holm(p_vs))))
+    return versus_controls(table, changes, references, n_permutations, seed) if references else table
+
+
+def versus_controls(
+    table: pd.DataFrame,
+    changes: dict[str, np.ndarray],
+    references: dict[str, str],
+    n_permutations: int = 10_000,
+    seed: int = 0,
+    rounding: dict[str, bool] | None = None,
+) -> pd.DataFrame:
+    """``table`` (one row per ``condition``) with each condition's ``control`` (``references``) and the sign-flip
+    test of the per-unit difference of their interaction contrasts (``vs_control_p``, Holm-adjusted over the
+    compared conditions). With ``rounding`` (condition: its contrast is float32 rounding in every unit), a
+    condition and a control that are both rounding differ by rounding: p = 1."""
+    compared = [name for name in table["condition"] if name in references]
+    differences = np.stack([(changes[n] - changes[references[n]]) @ CONTRASTS["interaction"] for n in compared], 1)
+    p_vs = sign_flip_test(differences, n_permutations, seed)
+    if rounding is not None:
+        p_vs = np.where([rounding[n] and rounding[references[n]] for n in compared], 1.0, p_vs)
+    table["control"] = table["condition"].map(references)
+    table["vs_control_p"] = table["condition"].map(dict(zip(compared, p_vs)))
+    table["vs_control_holm_p"] = table["condition"].map(dict(zip(compared, holm(p_vs))))
     return table
 
 
