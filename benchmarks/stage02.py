@@ -1,6 +1,6 @@
 """Stage 02 of a finished run, refitted by an earlier commit's code and by a later one's, side by side.
 
-    .venv/bin/python benchmarks/stage02.py runs/minilm-wikitext --before COMMIT [--after COMMIT] [--threads 2]
+    .venv/bin/python benchmarks/stage02.py runs/minilm-wikitext --before COMMIT [--after COMMIT] [--threads 2] [--tag T]
 
 Each arm runs the pipeline's :func:`featint_utils.residual.interaction.run` (what stage 02 runs: the residual's
 ladder, the null controls, the planted sizes) in its own process, on the run's own residual sets (its cached
@@ -11,7 +11,8 @@ inside ``interaction.run``, the speed-up, and whether the two arms' tables are e
 its timing column, ``test_sse.csv``, ``planted.json``, ``learning_rates.json``: byte for byte, the ladder's
 columns that differ and its largest difference, and every weights file the arms wrote), with both arms'
 headline numbers (what 03 reports). Parameters the run did not record (added since) take their defaults.
-Writes ``benchmarks/results/stage02_<run name>.json``.
+Writes ``benchmarks/results/stage02_<run name>[_<tag>].json``. ``--before`` may be a commit from before the package
+was split into subpackages (the code #24 started from, 2fe126e): its arm imports the flat modules.
 """
 
 from __future__ import annotations
@@ -40,9 +41,15 @@ def fit(run_dir: Path, out: Path) -> None:
     import torch
 
     from featint_utils.params import defaults, numbers
-    from featint_utils.residual import interaction, interaction_results
-    from featint_utils.residual.code_data import open_residual_data, split_fit_tune_test
-    from featint_utils.workbench import stages
+
+    try:  # the package's layout since the subpackages
+        from featint_utils.residual import interaction, interaction_results
+        from featint_utils.residual.code_data import open_residual_data, split_fit_tune_test
+        from featint_utils.workbench import stages
+    except ImportError:  # a commit from before them (e.g. the code #24 started from): one flat package
+        from featint_utils import interaction, stages
+        from featint_utils import interaction as interaction_results
+        from featint_utils.residuals import open_residual_data, split_fit_tune_test
 
     p = defaults("02_nfm") | json.loads((run_dir / "run.json").read_text())["stages"]["02_nfm"]["parameters"]
     data = open_residual_data(run_dir / "nfm" / "residuals")
@@ -87,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run whose stage 02 has run (its residual cache is read)")
     add_commit_arguments(parser)
+    parser.add_argument("--tag", default="", help="written to stage02_<run name>_<tag>.json instead of stage02_<run name>.json")
     args = parser.parse_args()
     run_dir = args.run.resolve()
     if not (run_dir / "nfm" / "residuals").is_dir():
@@ -99,7 +107,10 @@ def main() -> None:
             result["arms"][name] = arm(run_dir, trees[name], out, args.threads) | {"commit": commits[name]}
             print(name, f"{result['arms'][name]['seconds']:.1f} s", flush=True)
         ladders = [pd.read_csv(scratch / n / "ladder.csv").drop(columns="seconds") for n in ("before", "after")]
-        numeric = [c for c in ladders[0].columns if pd.api.types.is_numeric_dtype(ladders[0][c])]
+        shared = [c for c in ladders[0].columns if c in ladders[1].columns]  # an older ladder may lack a column
+        result["ladder_columns_in_one_arm"] = sorted(set(ladders[0].columns) ^ set(ladders[1].columns))
+        ladders = [ladder[shared] for ladder in ladders]
+        numeric = [c for c in shared if pd.api.types.is_numeric_dtype(ladders[0][c])]
         result["equal"] = {
             "ladder.csv": bool(ladders[0].equals(ladders[1])),
             "ladder_largest_difference": float(
@@ -109,7 +120,7 @@ def main() -> None:
             **{t: (scratch / "before" / t).read_bytes() == (scratch / "after" / t).read_bytes() for t in TABLES},
             "weights": _same_weights(scratch / "before", scratch / "after"),
         }
-    report(result, f"stage02_{run_dir.name}")
+    report(result, f"stage02_{run_dir.name}" + (f"_{args.tag}" if args.tag else ""))
 
 
 if __name__ == "__main__":
