@@ -40,16 +40,20 @@ def fit(run_dir: Path, out: Path) -> None:
 
     import torch
 
+    import featint_utils
     from featint_utils.params import defaults, numbers
 
-    try:  # the package's layout since the subpackages
+    # by the arm's own tree, not by trying an import: the editable install would find a module missing from an
+    # older tree in the working tree's package
+    if (Path(featint_utils.__file__).parent / "residual").is_dir():  # the package's layout since the subpackages
         from featint_utils.residual import interaction, interaction_results
         from featint_utils.residual.code_data import open_residual_data, split_fit_tune_test
         from featint_utils.workbench import stages
-    except ImportError:  # a commit from before them (e.g. the code #24 started from): one flat package
+    else:  # a commit from before them (e.g. the code #24 started from): one flat package
+        from featint_utils.residuals import open_residual_data, split_fit_tune_test
+
         from featint_utils import interaction, stages
         from featint_utils import interaction as interaction_results
-        from featint_utils.residuals import open_residual_data, split_fit_tune_test
 
     p = defaults("02_nfm") | json.loads((run_dir / "run.json").read_text())["stages"]["02_nfm"]["parameters"]
     data = open_residual_data(run_dir / "nfm" / "residuals")
@@ -94,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run whose stage 02 has run (its residual cache is read)")
     add_commit_arguments(parser)
-    parser.add_argument("--tag", default="", help="written to stage02_<run name>_<tag>.json instead of stage02_<run name>.json")
+    parser.add_argument("--tag", default="", help="write stage02_<run name>_<tag>.json (not stage02_<run name>.json)")
     args = parser.parse_args()
     run_dir = args.run.resolve()
     if not (run_dir / "nfm" / "residuals").is_dir():
