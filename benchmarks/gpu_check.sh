@@ -52,9 +52,9 @@ if "$GPU" == "cuda":
 EOF
 
 if [ "$GPU" = cuda ]; then
-  widths=(16384 65536); tokens=2000000; epochs=3; ladder_arm=cuda; ladder_limit=150
+  widths=(16384 65536); tokens=2000000; epochs=3; ladder_arm=cuda; ladder_limit=150; members=(1 2 4 8)
 else
-  widths=(4096); tokens=100000; epochs=1; ladder_arm=single; ladder_limit=600
+  widths=(4096); tokens=100000; epochs=1; ladder_arm=single; ladder_limit=600; members=(1 2)
 fi
 peers=()
 $PY -c "import sparsify" 2>/dev/null || peers+=(sparsify)
@@ -64,11 +64,13 @@ $PY -c "import sae_lens" 2>/dev/null || peers+=(saelens)
 step tests 90 $PY -m pytest -q -p no:cacheprovider -n 0 tests/test_distributed.py -k "$GPU"
 # featint's SAETrainer step vs sparsify (and SAELens if present) at 16k and 64k latents, k=32 and 128
 for k in 32 128; do
-  step "sae_train_k$k" 100 $PY benchmarks/sae_train.py --device "$GPU" --widths "${widths[@]}" --k "$k" \
+  step "sae_train_k$k" 90 $PY benchmarks/sae_train.py --device "$GPU" --widths "${widths[@]}" --k "$k" \
     --tokens "$tokens" --lrs 3e-3 --skip "${peers[@]}"
 done
 # extraction vs a bare forward on the same batches
 step extraction 60 $PY benchmarks/extraction.py --device "$GPU" --repeats 2 --throughput-only
+# the ladder's members trained together (stacked) vs one by one (the pipeline's trainer), on the GPU
+step stacked 45 $PY benchmarks/stacked_members.py --device "$GPU" --members "${members[@]}" --epochs 1
 # stage 02's ladder (the pipeline's interaction.run) on the GPU vs every host core
 step ladder "$ladder_limit" $PY benchmarks/ladder.py --epochs "$epochs" --arms single_all_cores "$ladder_arm"
 
