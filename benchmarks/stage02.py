@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from worktrees import add_commit_arguments, checked_out, report, resolve
+from worktrees import add_commit_arguments, check_imported_from, checked_out, report, resolve, tree_imports_only
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("test_sse.csv", "planted.json", "learning_rates.json")
@@ -40,11 +40,10 @@ def fit(run_dir: Path, out: Path) -> None:
 
     import torch
 
+    tree_imports_only()
     import featint_utils
     from featint_utils.params import defaults, numbers
 
-    # by the arm's own tree, not by trying an import: the editable install would find a module missing from an
-    # older tree in the working tree's package
     if (Path(featint_utils.__file__).parent / "residual").is_dir():  # the package's layout since the subpackages
         from featint_utils.residual import interaction, interaction_results
         from featint_utils.residual.code_data import open_residual_data, split_fit_tune_test
@@ -63,6 +62,7 @@ def fit(run_dir: Path, out: Path) -> None:
     interaction.run(sets, cfg, out, numbers(p["power_shares"]), n_planted=p["power_pairs"], resume=False)
     seconds = time.perf_counter() - started
     headline = interaction_results.headline(interaction_results.Results(out))
+    check_imported_from(Path(featint_utils.__file__).parent.parent)
     (out / "arm.json").write_text(
         json.dumps({"seconds": seconds, "threads": torch.get_num_threads(), "headline": headline}, indent=1)
     )

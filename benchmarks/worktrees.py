@@ -41,6 +41,30 @@ def checked_out(commits: dict[str, str]) -> Iterator[tuple[Path, dict[str, Path]
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
 
 
+def tree_imports_only() -> None:
+    """In an arm's process, before it imports ``featint_utils`` from its worktree (``PYTHONPATH``): drop the editable
+    install's import hook, which would otherwise answer an import the older tree cannot (a module it does not
+    have) with the working tree's module, silently timing the wrong code."""
+    import sys
+
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+
+
+def check_imported_from(code: Path) -> None:
+    """Raise unless every ``featint_utils`` module this process imported comes from the worktree ``code``."""
+    import sys
+
+    strays = [
+        name
+        for name, module in sys.modules.items()
+        if name.split(".")[0] == "featint_utils"
+        and getattr(module, "__file__", None)
+        and not Path(module.__file__).resolve().is_relative_to(code.resolve())
+    ]
+    if strays:
+        raise RuntimeError(f"modules imported from outside the arm's tree {code}: {sorted(strays)}")
+
+
 def report(result: dict, name: str) -> None:
     """Add the speed-up of the ``after`` arm over the ``before`` arm, print the result (its arms aside) and write
     it to ``benchmarks/results/<name>.json``."""
