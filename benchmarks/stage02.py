@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("test_sse.csv", "planted.json", "learning_rates.json")
 
 
-def fit(run_dir: Path, out: Path) -> None:
-    """One arm, in this process: the run's stage 02 refitted into ``out`` (whichever ``featint_utils`` is first
-    on the path)."""
+def fit(run_dir: Path, out: Path, code: Path) -> None:
+    """One arm, in this process: the run's stage 02 refitted into ``out`` by the ``featint_utils`` of the worktree
+    ``code`` (first on the path; an import from anywhere else is an error)."""
     from types import SimpleNamespace
 
     import torch
@@ -62,7 +62,7 @@ def fit(run_dir: Path, out: Path) -> None:
     interaction.run(sets, cfg, out, numbers(p["power_shares"]), n_planted=p["power_pairs"], resume=False)
     seconds = time.perf_counter() - started
     headline = interaction_results.headline(interaction_results.Results(out))
-    check_imported_from(Path(featint_utils.__file__).parent.parent)
+    check_imported_from(code)
     (out / "arm.json").write_text(
         json.dumps({"seconds": seconds, "threads": torch.get_num_threads(), "headline": headline}, indent=1)
     )
@@ -70,7 +70,7 @@ def fit(run_dir: Path, out: Path) -> None:
 
 def arm(run_dir: Path, code: Path, out: Path, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS=str(threads), FEATINT_TENSORBOARD="0")
-    env["STAGE02_ARM"] = json.dumps({"run": str(run_dir), "out": str(out)})
+    env["STAGE02_ARM"] = json.dumps({"run": str(run_dir), "out": str(out), "code": str(code)})
     done = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the arm with {code} failed:\n{done.stderr[-4000:]}")
@@ -93,7 +93,7 @@ def _same_weights(before: Path, after: Path) -> dict:
 def main() -> None:
     if "STAGE02_ARM" in os.environ:  # a worker: one arm
         job = json.loads(os.environ["STAGE02_ARM"])
-        fit(Path(job["run"]), Path(job["out"]))
+        fit(Path(job["run"]), Path(job["out"]), Path(job["code"]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run whose stage 02 has run (its residual cache is read)")
