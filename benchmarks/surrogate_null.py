@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument(
         "kinds",
         nargs="+",
-        help="surrogates: gauss1, gauss0.3, gauss0, perm, k2, wide2, wide4, omp, omp16, womp4, redraw",
+        help="surrogates: gauss1, gauss0.3, gauss0, perm, k2, wide2, wide4, omp, omp6, omp16, womp4, redraw",
     )
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--train-tokens", type=int, default=3_000_000)
