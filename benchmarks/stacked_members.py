@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from featint_utils.residual import planted
 from featint_utils.residual.code_data import split_fit_tune_test
-from featint_utils.residual.nfm import NFM, NFMConfig
+from featint_utils.residual.nfm import NFM, NFMConfig, bi_interaction
 from featint_utils.residual.nfm_training import FitConfig, ResidualTrainer
 
 SHAPE = {"n_tokens": 48_000, "n_latents": 4096, "k": 32, "d": 384}
@@ -77,12 +77,10 @@ class Stacked(torch.nn.Module):
     def forward(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """[M, batch, d]: every member's prediction."""
         m, n = self.embeddings.shape[:2]
+        # member j's rows of the one table are j * n_latents + its latents: one pooling over M x batch tokens
         rows = (indices.unsqueeze(0) + n * torch.arange(m, device=indices.device).view(-1, 1, 1)).flatten(0, 1)
-        weights = values.repeat(m, 1)
-        table = self.embeddings.flatten(0, 1)
-        total = F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
-        squares = F.embedding_bag(rows, table.square(), per_sample_weights=weights.square(), mode="sum")
-        pooled = F.dropout(0.5 * (total.square() - squares), self.dropout, self.training).view(m, len(values), -1)
+        pooled = bi_interaction(values.repeat(m, 1), rows, self.embeddings.flatten(0, 1))
+        pooled = F.dropout(pooled, self.dropout, self.training).view(m, len(values), -1)
         hidden = torch.relu(torch.baddbmm(self.b1.unsqueeze(1), pooled, self.w1.transpose(1, 2)))
         interaction = torch.baddbmm(self.b2.unsqueeze(1), hidden, self.w2.transpose(1, 2)) * self.scale
         return self.members[0].first_order(values, indices).unsqueeze(0) + interaction
