@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from worktrees import add_commit_arguments, check_imported_from, checked_out, report, resolve, tree_imports_only
+from worktrees import add_commit_arguments, arm_environment, check_imported_from, checked_out, report, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("test_sse.csv", "planted.json", "learning_rates.json")
@@ -40,7 +40,6 @@ def fit(run_dir: Path, out: Path, code: Path) -> None:
 
     import torch
 
-    tree_imports_only()
     import featint_utils
     from featint_utils.params import defaults, numbers
 
@@ -69,7 +68,7 @@ def fit(run_dir: Path, out: Path, code: Path) -> None:
 
 
 def arm(run_dir: Path, code: Path, out: Path, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS=str(threads), FEATINT_TENSORBOARD="0")
+    env = arm_environment(code, threads)
     env["STAGE02_ARM"] = json.dumps({"run": str(run_dir), "out": str(out), "code": str(code)})
     done = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True)
     if done.returncode:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from worktrees import add_commit_arguments, checked_out, report, resolve
+from worktrees import add_commit_arguments, arm_environment, checked_out, report, resolve
 
 PROVENANCE = ("run.json", ".lock", "notebooks/", ".log", "events.out.tfevents", "tensorboard/")
 
@@ -31,7 +31,7 @@ PROVENANCE = ("run.json", ".lock", "notebooks/", ".log", "events.out.tfevents", 
 def rerun(run_dir: Path, stage: str, code: Path, copy: Path, threads: int) -> float:
     """The stage rerun in ``copy`` of the run by the code in ``code``; its seconds as ``run.json`` records them."""
     shutil.copytree(run_dir, copy, symlinks=True)
-    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS=str(threads), FEATINT_TENSORBOARD="0")
+    env = arm_environment(code, threads)
     command = [sys.executable, "-m", "featint_utils", "run", "--run-dir", str(copy), "--only", stage, "--no-reports"]
     done = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
     if done.returncode:

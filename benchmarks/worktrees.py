@@ -41,13 +41,23 @@ def checked_out(commits: dict[str, str]) -> Iterator[tuple[Path, dict[str, Path]
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
 
 
-def tree_imports_only() -> None:
-    """In an arm's process, before it imports ``featint_utils`` from its worktree (``PYTHONPATH``): drop the editable
-    install's import hook, which would otherwise answer an import the older tree cannot (a module it does not
-    have) with the working tree's module, silently timing the wrong code."""
-    import sys
+# run by every Python process of an arm at start-up (``site`` imports ``sitecustomize`` after the ``.pth`` files):
+# the editable install's import hook would answer an import that the arm's older tree cannot serve (a module
+# it does not have) with the working tree's module, silently timing the wrong code; without it, such an import fails
+_SHIM = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+"""
 
-    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+
+def arm_environment(code: Path, threads: int) -> dict[str, str]:
+    """The environment of an arm's processes (notebook kernels included): ``featint_utils`` from the worktree
+    ``code`` only, ``threads`` threads, no TensorBoard."""
+    shim = code.parent / f"{code.name}_imports"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(_SHIM)
+    return dict(
+        os.environ, PYTHONPATH=f"{shim}{os.pathsep}{code}", OMP_NUM_THREADS=str(threads), FEATINT_TENSORBOARD="0"
+    )
 
 
 def check_imported_from(code: Path) -> None:
