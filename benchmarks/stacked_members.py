@@ -16,7 +16,9 @@ the most) on the same planted code and residual, on the
 stage's shapes (embedded and minilm-wikitext: 4096 latents, k=32, d=384, K=256, batch 1024). ``one_by_one``
 times the pipeline's own ``ResidualTrainer.train_epoch`` for each member; ``stacked`` times the stacked step
 written here (the candidate, not pipeline code), after checking that its forward equals every member's own to
-float tolerance. Each arm's first epoch is a warm-up and is not timed. Reported per ``M``: milliseconds per
+float tolerance. The candidate leaves out two things the trainer does per step: its host sync (reading the
+batch's error for the epoch's loss) and, on CUDA, its background prefetch; on a GPU read its ratio with that in
+mind. Each arm's first epoch is a warm-up and is not timed. Reported per ``M``: milliseconds per
 member and step in each arm and their ratio. Writes ``benchmarks/results/stacked_members.json``
 (``stacked_members_<device>.json`` off the CPU).
 """
